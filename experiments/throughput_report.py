@@ -1,0 +1,68 @@
+"""Turns a pretraining run's summary into experiments/results/pretrain_throughput.{json,md}.
+
+  python -m experiments.throughput_report --workdir=runs/pretrain_100m \
+      --command="python -m experiments.pretrain --config=configs/pretrain_100m.py"
+"""
+import csv
+import json
+import os
+
+import jax
+from absl import app, flags
+
+from experiments.pretrain import _CONFIG  # noqa: F401  (reuses the --config flag)
+from sparsejax.model import matmul_flops_per_token
+from sparsejax.config import ModelConfig
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain_100m", "The run's workdir.")
+_OUT = flags.DEFINE_string("out", "experiments/results/pretrain_throughput", "Output path stem.")
+_COMMAND = flags.DEFINE_string("command", "", "The command that produced the run.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  with open(os.path.join(_WORKDIR.value, "summary.json")) as f:
+    summary = json.load(f)
+  with open(os.path.join(_WORKDIR.value, "logs", "train_metrics.csv")) as f:
+    rows = list(csv.DictReader(f))
+  model_cfg = ModelConfig.from_dict(config.model)
+  seq_len = config.data.seq_len
+  result = {
+      "device": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(),
+      "jax": jax.__version__,
+      "params": summary["params"],
+      "seq_len": seq_len,
+      "global_batch": config.train.batch_size,
+      "steps": summary["step"],
+      "tokens_per_s": summary["tokens_per_s"],
+      "mfu": summary.get("mfu"),
+      "flops_per_token": matmul_flops_per_token(model_cfg, seq_len),
+      "mfu_definition": "tokens/s x (6 x matmul params + 6 x layers x seq x heads x head_dim) / "
+                        "(989 TFLOP/s dense bf16 x devices); timing excludes the first logging "
+                        "window (compilation)",
+      "first_loss": float(rows[0]["loss"]),
+      "last_loss": float(rows[-1]["loss"]),
+      "command": _COMMAND.value,
+      "model": model_cfg.to_dict(),
+  }
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+  mfu = "n/a" if result["mfu"] is None else f"{result['mfu']:.1%}"
+  with open(_OUT.value + ".md", "w") as f:
+    f.write("# Pretraining throughput\n\n")
+    f.write(f"Command: `{result['command']}`\n\n")
+    f.write("| device | jax | params | seq_len | global batch | steps | tokens/s | MFU | loss first -> last |\n")
+    f.write("|---|---|---|---|---|---|---|---|---|\n")
+    f.write(f"| {result['device']} x{result['num_devices']} | {result['jax']} | "
+            f"{result['params'] / 1e6:.1f}M | {seq_len} | {result['global_batch']} | "
+            f"{result['steps']} | {result['tokens_per_s']:,.0f} | {mfu} | "
+            f"{result['first_loss']:.3f} -> {result['last_loss']:.3f} |\n\n")
+    f.write(f"MFU: {result['mfu_definition']}.\n")
+  print(open(_OUT.value + ".md").read())
+
+
+if __name__ == "__main__":
+  app.run(main)

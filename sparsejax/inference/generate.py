@@ -1,0 +1,78 @@
+"""Batched generation: one prefill over right-padded prompts, then a jitted decode loop."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsejax.inference.sampling import sample_next
+from sparsejax.layers.kv_cache import KVCache
+
+
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, rng: jax.Array | None = None, eos_id: int | None = None,
+             pad_id: int = 0) -> list[list[int]]:
+  """Completes each prompt (a list of token ids; prompts may differ in length).
+
+  Returns the new tokens of each prompt, cut after the first `eos_id` when one is given.
+  The KV cache holds max(prompt length) + max_new_tokens slots; each row writes at its own
+  offset, so a short prompt's padding is overwritten by its continuation.
+  """
+  cfg = model.config
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  width = int(lengths.max())
+  if width + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f"generate: longest prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds "
+        f"ModelConfig.max_seq_len={cfg.max_seq_len}")
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    if min(p) < 0 or max(p) >= cfg.vocab_size:
+      raise ValueError(f"generate: prompt {i} has token ids outside [0, {cfg.vocab_size})")
+    tokens[i, :len(p)] = p
+  segment_ids = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+  rng = jax.random.key(0) if rng is None else rng
+  graphdef, state = nnx.split(model)
+  out = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids),
+                      jnp.asarray(lengths), rng, max_new_tokens=max_new_tokens,
+                      temperature=float(temperature), top_p=float(top_p))
+  results = []
+  for row in np.asarray(out).tolist():
+    if eos_id is not None and eos_id in row:
+      row = row[:row.index(eos_id)]
+    results.append(row)
+  return results
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
+def _generate_jit(graphdef, state, tokens, segment_ids, lengths, rng, *, max_new_tokens,
+                  temperature, top_p):
+  model = nnx.merge(graphdef, state)
+  cfg = model.config
+  batch, width = tokens.shape
+  cache = KVCache.init(num_layers=cfg.num_layers, batch=batch, capacity=width + max_new_tokens,
+                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                       dtype=cfg.compute_dtype)
+  logits, _, cache = model(tokens, segment_ids=segment_ids, cache=cache)
+  cache = cache.replace(lengths=lengths)  # padding slots get overwritten by the continuation
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  rng, sub = jax.random.split(rng)
+  first = sample_next(last, sub, temperature=temperature, top_p=top_p)
+  out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+
+  def body(i, carry):
+    cache, out, rng = carry
+    prev = out[:, i - 1][:, None]
+    logits, _, cache = model(prev, positions=cache.lengths[:, None],
+                             segment_ids=jnp.ones_like(prev), cache=cache)
+    rng, sub = jax.random.split(rng)
+    nxt = sample_next(logits[:, 0], sub, temperature=temperature, top_p=top_p)
+    return cache, out.at[:, i].set(nxt), rng
+
+  _, out, _ = jax.lax.fori_loop(1, max_new_tokens, body, (cache, out, rng))
+  return out

@@ -1,0 +1,71 @@
+"""Attention kinds for the model's attention slot.
+
+`GroupedQueryAttention` owns the projections, RoPE and the KV-cache bookkeeping; the way queries
+meet keys lives in `attend`, which sparse kinds override (InfLLM-V2 adds no parameters: it only
+changes `attend`).
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.config import ModelConfig
+from sparsejax.layers.common import param
+from sparsejax.layers.kv_cache import LayerKV, write_rows
+from sparsejax.layers.registry import register_attention
+from sparsejax.ops.attention import dense_attention
+from sparsejax.ops.rope import apply_rope
+
+
+@register_attention("dense")
+class GroupedQueryAttention(nnx.Module):
+  """Multi-head attention with num_kv_heads KV heads shared by groups of query heads."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, n, k, h = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    std, dt = config.init_std, config.params_dtype
+    self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std=std, dtype=dt)
+    self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std=std, dtype=dt)
+    self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std=std, dtype=dt)
+    self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"),
+                    std=std / (2 * config.num_layers) ** 0.5, dtype=dt)
+    self.config = config
+
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      positions: jax.Array,
+      segment_ids: jax.Array | None,
+      cache: LayerKV | None = None,
+      cache_lengths: jax.Array | None = None,
+      cache_segment_ids: jax.Array | None = None,
+  ) -> tuple[jax.Array, LayerKV | None]:
+    """x: [batch, seq, d_model] -> ([batch, seq, d_model], updated cache or None).
+
+    With a cache, this call's tokens are written at slots cache_lengths[b]... of row b and
+    attend to everything cached before them; `cache_segment_ids` [batch, capacity] are the
+    cache's segment ids after the write (the model computes them once for all layers).
+    """
+    cfg, dt = self.config, self.config.compute_dtype
+    q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+    q = apply_rope(q, positions, cfg.rope_base)
+    k = apply_rope(k, positions, cfg.rope_base)
+    if cache is None:
+      out = self.attend(q, k, v, segment_ids=segment_ids)
+      new_cache = None
+    else:
+      new_cache = LayerKV(write_rows(cache.k, k, cache_lengths),
+                          write_rows(cache.v, v, cache_lengths))
+      out = self.attend(q, new_cache.k.astype(dt), new_cache.v.astype(dt),
+                        segment_ids=segment_ids, kv_segment_ids=cache_segment_ids,
+                        q_start=cache_lengths, kv_lengths=cache_lengths + x.shape[1])
+    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), new_cache
+
+  def attend(self, q, k, v, *, segment_ids, kv_segment_ids=None, q_start=None, kv_lengths=None):
+    """The attention proper; see `sparsejax.ops.attention` for the shapes and the mask."""
+    return dense_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                           q_start=q_start, kv_lengths=kv_lengths,
+                           implementation=self.config.attention_kwargs().get("implementation"),
+                           max_segments=self.config.max_segments_per_row + 1)  # + the padding run
