@@ -78,3 +78,17 @@ def test_trains_and_generates(tmp_path):
 def test_unknown_option_is_named():
   with pytest.raises(ValueError, match=r"unknown keys \['top_k'\]"):
     DecoderLM(sparse_config(top_k=3), rngs=nnx.Rngs(0))
+
+
+def test_kernel_path_equals_reference_path():
+  dense = DecoderLM(small_config(), rngs=nnx.Rngs(4))
+  options = dict(block_size=16, compress_window=8, compress_stride=4, lse_window=16, lse_stride=8,
+                 topk=2, local_blocks=1)
+  reference = with_params_of(dense, sparse_config(kernel="reference", **options))
+  kernel = with_params_of(dense, sparse_config(kernel="interpret", **options))
+  tokens = jax.random.randint(jax.random.key(4), (2, 56), 0, 97)
+  seg = jnp.array([[1] * 20 + [2] * 36, [1] * 56], jnp.int32)
+  pos = jnp.array([list(range(20)) + list(range(36)), list(range(56))], jnp.int32)
+  np.testing.assert_allclose(kernel(tokens, positions=pos, segment_ids=seg)[0],
+                             reference(tokens, positions=pos, segment_ids=seg)[0],
+                             rtol=2e-4, atol=2e-4)

@@ -7,25 +7,31 @@ longer ones select blocks per query token and KV head and attend to them
 """
 import dataclasses
 
+import jax
 from flax import nnx
+
+from pallas_kernels.sparse_attention import sparse_attention as sparse_attention_kernel
 
 from sparsejax.config import ModelConfig
 from sparsejax.layers.attention import GroupedQueryAttention
 from sparsejax.layers.registry import register_attention
-from sparsejax.ops.infllmv2 import InfLLMv2Config, infllmv2_attention
+from sparsejax.ops.infllmv2 import (InfLLMv2Config, block_scores, infllmv2_attention,
+                                    select_blocks)
 
-# attention_options keys that belong to the dense path rather than to InfLLMv2Config.
-DENSE_OPTIONS = ("implementation",)
+# attention_options keys that are not InfLLMv2Config fields: "implementation" picks the dense
+# attention ("xla" | "cudnn" | None), "kernel" the sparse one ("pallas" | "interpret" |
+# "reference" | None = the Pallas kernel on a GPU, the jnp reference elsewhere).
+LAYER_OPTIONS = ("implementation", "kernel")
 
 
 def infllmv2_config(config: ModelConfig) -> InfLLMv2Config:
   """The InfLLMv2Config carried in ModelConfig.attention_options (unknown keys are errors)."""
   options = config.attention_kwargs()
   fields = {f.name for f in dataclasses.fields(InfLLMv2Config)}
-  unknown = sorted(set(options) - fields - set(DENSE_OPTIONS))
+  unknown = sorted(set(options) - fields - set(LAYER_OPTIONS))
   if unknown:
     raise ValueError(f"ModelConfig.attention_options has unknown keys {unknown} for "
-                     f"attention='infllmv2'; known: {sorted(fields | set(DENSE_OPTIONS))}")
+                     f"attention='infllmv2'; known: {sorted(fields | set(LAYER_OPTIONS))}")
   return InfLLMv2Config(**{k: v for k, v in options.items() if k in fields})
 
 
@@ -35,11 +41,23 @@ class InfLLMv2Attention(GroupedQueryAttention):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
     self.sparse = infllmv2_config(config)
+    self.kernel = config.attention_kwargs().get("kernel")
 
   def attend(self, q, k, v, *, segment_ids, kv_segment_ids=None, q_start=None, kv_lengths=None):
     if k.shape[1] < self.sparse.dense_len:
       return super().attend(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                             q_start=q_start, kv_lengths=kv_lengths)
-    return infllmv2_attention(q, k, v, self.sparse, segment_ids=segment_ids,
-                              kv_segment_ids=kv_segment_ids, q_start=q_start,
-                              kv_lengths=kv_lengths)
+    kernel = self.kernel or ("pallas" if jax.default_backend() == "gpu" else "reference")
+    if kernel == "reference" or q_start is not None:  # decoding has no kernel yet (issue 3)
+      return infllmv2_attention(q, k, v, self.sparse, segment_ids=segment_ids,
+                                kv_segment_ids=kv_segment_ids, q_start=q_start,
+                                kv_lengths=kv_lengths)
+    # Selection is discrete (no gradient), then the block-sparse kernel attends.
+    scores = block_scores(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), self.sparse,
+                          segment_ids=segment_ids)
+    block_idx, block_valid = select_blocks(scores, self.sparse, q_len=q.shape[1],
+                                           kv_len=k.shape[1], segment_ids=segment_ids)
+    out, _ = sparse_attention_kernel(q, k, v, block_idx, block_valid,
+                                     block_size=self.sparse.block_size, segment_ids=segment_ids,
+                                     implementation=kernel)
+    return out

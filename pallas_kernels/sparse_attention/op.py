@@ -1,0 +1,109 @@
+"""The public op: per-token block-sparse causal attention with an implementation switch.
+
+  sparse_attention(q, k, v, block_idx, block_valid, block_size=64, segment_ids=None,
+                   implementation="pallas" | "interpret" | "reference")
+
+q [b, t, heads, d]; k, v [b, t, kv_heads, d] (self-attention over a row; heads % kv_heads == 0);
+block_idx / block_valid [b, t, kv_heads, topk]: the key blocks (of `block_size` tokens) each query
+token may see, per KV head. Query t sees key s when s's block is one of its valid selected blocks,
+s <= t, and both carry the same segment id. Returns (out [b, t, heads, d] in q.dtype,
+lse [b, t, heads] float32, natural log). Lengths need not be multiples of the block: the op pads.
+
+Differentiable: the backward pass currently recomputes the jnp reference's VJP (correct, memory
+O(t^2) per head: fine to moderate lengths); the backward kernel replaces it (issue 3).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.sparse_attention.forward import sparse_attention_forward
+from pallas_kernels.sparse_attention.index import next_power_of_2, query_block_unions
+from pallas_kernels.sparse_attention.reference import sparse_attention_reference
+
+IMPLEMENTATIONS = ("pallas", "interpret", "reference")
+
+
+def _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation):
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"sparse_attention: implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+    raise ValueError(f"sparse_attention: q, k, v must be [batch, seq, heads, head_dim] with k and v "
+                     f"alike; got q{q.shape} k{k.shape} v{v.shape}")
+  if k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+    raise ValueError(f"sparse_attention: self-attention needs k{k.shape} to match q{q.shape} in "
+                     "batch, seq and head_dim")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"sparse_attention: num_heads={q.shape[2]} must be a multiple of "
+                     f"num_kv_heads={k.shape[2]}")
+  want = (*q.shape[:2], k.shape[2])
+  if block_idx.ndim != 4 or block_idx.shape[:3] != want or block_valid.shape != block_idx.shape:
+    raise ValueError(f"sparse_attention: block_idx and block_valid must be [batch, seq, kv_heads, "
+                     f"topk] = {want + ('topk',)}; got {block_idx.shape} and {block_valid.shape}")
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    raise ValueError(f"sparse_attention: segment_ids must be {q.shape[:2]}, got {segment_ids.shape}")
+  if block_size < 16 or block_size & (block_size - 1):
+    raise ValueError(f"sparse_attention: block_size must be a power of two >= 16, got {block_size}")
+
+
+def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
+                     segment_ids=None, implementation: str = "pallas", block_q: int | None = None,
+                     poison_outputs: bool = False):
+  """See the module docstring. block_q: query tokens per kernel program (default block_size);
+  poison_outputs: run the kernel on NaN-filled output buffers (a test of full coverage)."""
+  _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation)
+  if segment_ids is None:
+    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+  block_q = block_size if block_q is None else block_q
+  return _sparse_attention(q, k, v, block_idx, block_valid.astype(bool),
+                           segment_ids.astype(jnp.int32),
+                           (block_size, block_q, implementation, poison_outputs))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _sparse_attention(q, k, v, block_idx, block_valid, segment_ids, static):
+  return _forward(q, k, v, block_idx, block_valid, segment_ids, static)
+
+
+def _forward(q, k, v, block_idx, block_valid, segment_ids, static):
+  block_size, block_q, implementation, poison = static
+  if implementation == "reference":
+    return sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids,
+                                      block_size=block_size)
+  batch, seq, heads, head_dim = q.shape
+  tile = max(block_q, block_size)
+  padded = -(-seq // tile) * tile
+  pad = padded - seq
+  pad_tokens = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+  qp, kp, vp = pad_tokens(q), pad_tokens(k), pad_tokens(v)
+  # Padded queries and keys get segment ids that match nothing real (and not each other).
+  q_seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+  kv_seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-2)
+  topk = block_idx.shape[-1]
+  idx = jnp.where(block_valid, block_idx, -1).astype(jnp.int32)
+  idx = jnp.pad(idx, ((0, 0), (0, pad), (0, 0), (0, next_power_of_2(topk) - topk)),
+                constant_values=-1)
+  unions = query_block_unions(idx, idx >= 0, num_kv_blocks=padded // block_size, block_q=block_q)
+  out, lse = sparse_attention_forward(qp, kp, vp, idx, q_seg, kv_seg, unions, block_q=block_q,
+                                      block_k=block_size, poison=poison,
+                                      interpret=implementation == "interpret")
+  return out[:, :seq], jnp.transpose(lse, (0, 2, 1))[:, :seq]
+
+
+def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
+  out = _forward(q, k, v, block_idx, block_valid, segment_ids, static)
+  return out, (q, k, v, block_idx, block_valid, segment_ids)
+
+
+def _bwd_rule(static, residuals, cotangents):
+  block_size = static[0]
+  q, k, v, block_idx, block_valid, segment_ids = residuals
+  reference = lambda q, k, v: sparse_attention_reference(q, k, v, block_idx, block_valid,
+                                                         segment_ids, block_size=block_size)
+  _, vjp = jax.vjp(reference, q, k, v)
+  dq, dk, dv = vjp(cotangents)
+  return dq, dk, dv, None, None, None
+
+
+_sparse_attention.defvjp(_fwd_rule, _bwd_rule)

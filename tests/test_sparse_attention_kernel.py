@@ -1,0 +1,108 @@
+"""The block-sparse attention kernel (Pallas, interpret mode on the CPU) against sparsejax's
+InfLLM-V2 reference: several shapes, ragged lengths, GQA 1/2/16, batch 2, packed documents,
+poisoned outputs, gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.sparse_attention import query_block_unions, sparse_attention
+from sparsejax.ops import infllmv2 as ref_ops
+from sparsejax.ops.attention import dense_attention
+
+
+def inputs(seed, batch, seq, heads, kv_heads, dim, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(keys[0], (batch, seq, heads, dim), dtype),
+          jax.random.normal(keys[1], (batch, seq, kv_heads, dim), dtype),
+          jax.random.normal(keys[2], (batch, seq, kv_heads, dim), dtype))
+
+
+def selection(q, k, cfg, segment_ids):
+  scores = ref_ops.block_scores(q, k, cfg, segment_ids=segment_ids)
+  return ref_ops.select_blocks(scores, cfg, q_len=q.shape[1], kv_len=k.shape[1],
+                               segment_ids=segment_ids)
+
+
+def config(topk, block=16):
+  return ref_ops.InfLLMv2Config(block_size=block, compress_window=8, compress_stride=4,
+                                lse_window=16, lse_stride=8, init_blocks=1, local_blocks=1,
+                                topk=topk, dense_len=0)
+
+
+CASES = [  # batch, seq, heads, kv_heads, dim, topk, packed
+    (2, 100, 4, 2, 16, 3, True),    # ragged: 100 = 6.25 blocks of 16
+    (1, 128, 16, 1, 32, 4, False),  # GQA 16
+    (2, 77, 2, 2, 16, 2, True),     # GQA 1, ragged
+    (1, 160, 8, 4, 16, 5, True),
+]
+
+
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,dim,topk,packed", CASES)
+def test_interpret_matches_reference(batch, seq, heads, kv_heads, dim, topk, packed):
+  q, k, v = inputs(seq + heads, batch, seq, heads, kv_heads, dim)
+  rng = np.random.default_rng(seq)
+  seg = None
+  if packed:
+    cut = int(rng.integers(seq // 4, 3 * seq // 4))
+    seg = jnp.asarray(np.stack([np.r_[np.ones(cut), 2 * np.ones(seq - cut)]] * batch), jnp.int32)
+  cfg = config(topk)
+  idx, valid = selection(q, k, cfg, seg)
+  want, want_lse = ref_ops.sparse_attention(q, k, v, idx, valid, cfg, segment_ids=seg,
+                                            return_lse=True)
+  got, got_lse = sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
+                                  implementation="interpret", poison_outputs=True)
+  assert np.isfinite(np.asarray(got)).all() and np.isfinite(np.asarray(got_lse)).all()
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got_lse, want_lse, rtol=2e-5, atol=2e-5)
+
+
+def test_every_block_selected_equals_dense():
+  q, k, v = inputs(7, 2, 90, 4, 2, 16)
+  n_blocks = 6
+  idx = jnp.broadcast_to(jnp.arange(n_blocks), (2, 90, 2, n_blocks))
+  got, _ = sparse_attention(q, k, v, idx, jnp.ones_like(idx, bool), block_size=16,
+                            implementation="interpret")
+  np.testing.assert_allclose(got, dense_attention(q, k, v, implementation="xla"), rtol=2e-5,
+                             atol=2e-5)
+
+
+def test_bf16_inputs():
+  q, k, v = inputs(3, 1, 64, 4, 2, 16, jnp.bfloat16)
+  cfg = config(2)
+  idx, valid = selection(q, k, cfg, None)
+  got, _ = sparse_attention(q, k, v, idx, valid, block_size=16, implementation="interpret")
+  want = ref_ops.sparse_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                  v.astype(jnp.float32), idx, valid, cfg)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_gradients_match_reference():
+  q, k, v = inputs(5, 1, 48, 4, 2, 16)
+  cfg = config(2)
+  idx, valid = selection(q, k, cfg, None)
+  w = jax.random.normal(jax.random.key(9), q.shape)
+  kernel_loss = lambda q, k, v: jnp.sum(sparse_attention(
+      q, k, v, idx, valid, block_size=16, implementation="interpret")[0] * w)
+  ref_loss = lambda q, k, v: jnp.sum(ref_ops.sparse_attention(q, k, v, idx, valid, cfg) * w)
+  for got, want in zip(jax.grad(kernel_loss, (0, 1, 2))(q, k, v),
+                       jax.grad(ref_loss, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_query_block_unions():
+  idx = jnp.array([[[[0, 2]], [[2, 1]], [[3, 3]], [[0, -1]]]])  # [1, 4 tokens, 1 head, 2]
+  unions = query_block_unions(idx, idx >= 0, num_kv_blocks=4, block_q=2)
+  np.testing.assert_array_equal(unions[0, 0, :, :4], [[3, 0, 1, 2], [2, 0, 3, 0]])
+
+
+def test_bad_inputs_are_named():
+  q, k, v = inputs(0, 1, 32, 4, 2, 16)
+  idx = jnp.zeros((1, 32, 2, 2), jnp.int32)
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    sparse_attention(q, k, v, idx, idx >= 0, implementation="cuda")
+  with pytest.raises(ValueError, match="block_idx and block_valid must be"):
+    sparse_attention(q, k, v, idx[:, :, :1], idx[:, :, :1] >= 0)
+  with pytest.raises(ValueError, match="block_size must be a power of two"):
+    sparse_attention(q, k, v, idx, idx >= 0, block_size=24)
