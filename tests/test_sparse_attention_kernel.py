@@ -1,6 +1,6 @@
-"""The block-sparse attention kernel (Pallas, interpret mode on the CPU) against sparsejax's
+"""The block-sparse attention kernels (Pallas, interpret mode on the CPU) against sparsejax's
 InfLLM-V2 reference: several shapes, ragged lengths, GQA 1/2/16, batch 2, packed documents,
-poisoned outputs, gradients."""
+poisoned outputs, and the backward kernels' gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,14 +78,31 @@ def test_bf16_inputs():
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
-def test_gradients_match_reference():
-  q, k, v = inputs(5, 1, 48, 4, 2, 16)
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,packed", [(1, 48, 4, 2, False),
+                                                           (2, 70, 4, 4, True),
+                                                           (1, 64, 16, 1, True)])
+def test_gradients_match_reference(batch, seq, heads, kv_heads, packed):
+  """The dq and dk/dv kernels (through the custom_vjp), including the lse output's cotangent."""
+  q, k, v = inputs(seq, batch, seq, heads, kv_heads, 16)
+  seg = None
+  if packed:
+    seg = jnp.asarray(np.stack([np.r_[np.ones(seq // 3), 2 * np.ones(seq - seq // 3)]] * batch),
+                      jnp.int32)
   cfg = config(2)
-  idx, valid = selection(q, k, cfg, None)
+  idx, valid = selection(q, k, cfg, seg)
   w = jax.random.normal(jax.random.key(9), q.shape)
-  kernel_loss = lambda q, k, v: jnp.sum(sparse_attention(
-      q, k, v, idx, valid, block_size=16, implementation="interpret")[0] * w)
-  ref_loss = lambda q, k, v: jnp.sum(ref_ops.sparse_attention(q, k, v, idx, valid, cfg) * w)
+  w_lse = jax.random.normal(jax.random.key(10), q.shape[:3])
+
+  def kernel_loss(q, k, v):
+    out, lse = sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
+                                implementation="interpret")
+    return jnp.sum(out * w) + jnp.sum(lse * w_lse)
+
+  def ref_loss(q, k, v):
+    out, lse = ref_ops.sparse_attention(q, k, v, idx, valid, cfg, segment_ids=seg,
+                                        return_lse=True)
+    return jnp.sum(out * w) + jnp.sum(lse * w_lse)
+
   for got, want in zip(jax.grad(kernel_loss, (0, 1, 2))(q, k, v),
                        jax.grad(ref_loss, (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -19,13 +19,12 @@ def next_power_of_2(x: int) -> int:
   return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def query_block_unions(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,
-                       block_q: int) -> jax.Array:
-  """int32 [batch, kv_heads, q_len // block_q, width]: per query block, the count then the
-  ascending union of the blocks its tokens selected. q_len must be a multiple of block_q."""
+def _selection_bitmap(block_idx, block_valid, num_kv_blocks, block_q):
+  """bool [batch, kv_heads, q_blocks, num_kv_blocks]: some token of the query block selected
+  the key block."""
   batch, q_len, kv_heads, topk = block_idx.shape
   if q_len % block_q:
-    raise ValueError(f"query_block_unions: q_len={q_len} is not a multiple of block_q={block_q}")
+    raise ValueError(f"block index: q_len={q_len} is not a multiple of block_q={block_q}")
   nqb = q_len // block_q
   live = block_valid & (block_idx >= 0) & (block_idx < num_kv_blocks)
   idx = jnp.where(live, block_idx, num_kv_blocks)  # dead slots land in a spare column
@@ -35,11 +34,36 @@ def query_block_unions(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_b
   h_ix = jnp.arange(kv_heads)[None, :, None, None]
   q_ix = jnp.arange(nqb)[None, None, :, None]
   bitmap = jnp.zeros((batch, kv_heads, nqb, num_kv_blocks + 1), bool)
-  bitmap = bitmap.at[b_ix, h_ix, q_ix, idx].set(True)[..., :num_kv_blocks]
+  return bitmap.at[b_ix, h_ix, q_ix, idx].set(True)[..., :num_kv_blocks]
+
+
+def _count_and_list(bitmap, max_len: int) -> jax.Array:
+  """[..., n] bool -> int32 [..., width]: the count, then the ascending indices of the set bits."""
   count = jnp.sum(bitmap, axis=-1, dtype=jnp.int32)
-  max_union = min(num_kv_blocks, block_q * topk)
-  order = jnp.argsort(~bitmap, axis=-1, stable=True)[..., :max_union].astype(jnp.int32)
-  order = jnp.where(jnp.arange(max_union) < count[..., None], order, 0)
-  width = next_power_of_2(max_union + 1)
-  pad = jnp.zeros((batch, kv_heads, nqb, width - max_union - 1), jnp.int32)
+  order = jnp.argsort(~bitmap, axis=-1, stable=True)[..., :max_len].astype(jnp.int32)
+  order = jnp.where(jnp.arange(max_len) < count[..., None], order, 0)
+  width = next_power_of_2(max_len + 1)
+  pad = jnp.zeros((*count.shape, width - max_len - 1), jnp.int32)
   return jnp.concatenate([count[..., None], order, pad], axis=-1)
+
+
+def query_block_unions(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,
+                       block_q: int) -> jax.Array:
+  """int32 [batch, kv_heads, q_len // block_q, width]: per query block, the count then the
+  ascending union of the blocks its tokens selected. q_len must be a multiple of block_q."""
+  bitmap = _selection_bitmap(block_idx, block_valid, num_kv_blocks, block_q)
+  return _count_and_list(bitmap, min(num_kv_blocks, block_q * block_idx.shape[-1]))
+
+
+def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,
+                block_q: int) -> tuple[jax.Array, jax.Array]:
+  """(query_block_unions, kv_block_queries) for the forward/dq and the dk/dv kernels.
+
+  kv_block_queries[b, h, kb, 0] is the number of query blocks whose union holds key block kb,
+  followed by those query blocks ascending: the transposed index, so that each key block's
+  program loops only over the query rows that selected it (no atomics).
+  """
+  bitmap = _selection_bitmap(block_idx, block_valid, num_kv_blocks, block_q)
+  unions = _count_and_list(bitmap, min(num_kv_blocks, block_q * block_idx.shape[-1]))
+  transposed = jnp.swapaxes(bitmap, -1, -2)
+  return unions, _count_and_list(transposed, transposed.shape[-1])

@@ -9,16 +9,17 @@ token may see, per KV head. Query t sees key s when s's block is one of its vali
 s <= t, and both carry the same segment id. Returns (out [b, t, heads, d] in q.dtype,
 lse [b, t, heads] float32, natural log). Lengths need not be multiples of the block: the op pads.
 
-Differentiable: the backward pass currently recomputes the jnp reference's VJP (correct, memory
-O(t^2) per head: fine to moderate lengths); the backward kernel replaces it (issue 3).
+Differentiable (jax.custom_vjp): the "pallas" and "interpret" implementations run the dq and dk/dv
+kernels of backward.py, the "reference" one the jnp reference's VJP.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.sparse_attention.backward import sparse_attention_backward
 from pallas_kernels.sparse_attention.forward import sparse_attention_forward
-from pallas_kernels.sparse_attention.index import next_power_of_2, query_block_unions
+from pallas_kernels.sparse_attention.index import block_index, next_power_of_2
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
@@ -63,20 +64,16 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _sparse_attention(q, k, v, block_idx, block_valid, segment_ids, static):
-  return _forward(q, k, v, block_idx, block_valid, segment_ids, static)
+  return _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static)[0]
 
 
-def _forward(q, k, v, block_idx, block_valid, segment_ids, static):
-  block_size, block_q, implementation, poison = static
-  if implementation == "reference":
-    return sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids,
-                                      block_size=block_size)
-  batch, seq, heads, head_dim = q.shape
+def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q):
+  """Pads the sequence to whole tiles and builds the kernels' index (see index.py)."""
+  seq = q.shape[1]
   tile = max(block_q, block_size)
   padded = -(-seq // tile) * tile
   pad = padded - seq
   pad_tokens = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-  qp, kp, vp = pad_tokens(q), pad_tokens(k), pad_tokens(v)
   # Padded queries and keys get segment ids that match nothing real (and not each other).
   q_seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
   kv_seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-2)
@@ -84,26 +81,47 @@ def _forward(q, k, v, block_idx, block_valid, segment_ids, static):
   idx = jnp.where(block_valid, block_idx, -1).astype(jnp.int32)
   idx = jnp.pad(idx, ((0, 0), (0, pad), (0, 0), (0, next_power_of_2(topk) - topk)),
                 constant_values=-1)
-  unions = query_block_unions(idx, idx >= 0, num_kv_blocks=padded // block_size, block_q=block_q)
-  out, lse = sparse_attention_forward(qp, kp, vp, idx, q_seg, kv_seg, unions, block_q=block_q,
-                                      block_k=block_size, poison=poison,
-                                      interpret=implementation == "interpret")
-  return out[:, :seq], jnp.transpose(lse, (0, 2, 1))[:, :seq]
+  unions, kv_queries = block_index(idx, idx >= 0, num_kv_blocks=padded // block_size,
+                                   block_q=block_q)
+  return (pad_tokens(q), pad_tokens(k), pad_tokens(v), idx, q_seg, kv_seg, unions), kv_queries
 
 
 def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
-  out = _forward(q, k, v, block_idx, block_valid, segment_ids, static)
-  return out, (q, k, v, block_idx, block_valid, segment_ids)
+  block_size, block_q, implementation, poison = static
+  if implementation == "reference":
+    out = sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids,
+                                     block_size=block_size)
+    return out, (q, k, v, block_idx, block_valid, segment_ids)
+  seq = q.shape[1]
+  inputs, kv_queries = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size,
+                                      block_q)
+  out, lse = sparse_attention_forward(*inputs, block_q=block_q, block_k=block_size, poison=poison,
+                                      interpret=implementation == "interpret")
+  result = (out[:, :seq], jnp.transpose(lse, (0, 2, 1))[:, :seq])
+  return result, (inputs, kv_queries, out, lse)
 
 
 def _bwd_rule(static, residuals, cotangents):
-  block_size = static[0]
-  q, k, v, block_idx, block_valid, segment_ids = residuals
-  reference = lambda q, k, v: sparse_attention_reference(q, k, v, block_idx, block_valid,
-                                                         segment_ids, block_size=block_size)
-  _, vjp = jax.vjp(reference, q, k, v)
-  dq, dk, dv = vjp(cotangents)
-  return dq, dk, dv, None, None, None
+  block_size, block_q, implementation, _ = static
+  d_out, d_lse = cotangents
+  if implementation == "reference":
+    q, k, v, block_idx, block_valid, segment_ids = residuals
+    reference = lambda q, k, v: sparse_attention_reference(q, k, v, block_idx, block_valid,
+                                                           segment_ids, block_size=block_size)
+    _, vjp = jax.vjp(reference, q, k, v)
+    return (*vjp(cotangents), None, None, None)
+  inputs, kv_queries, out, lse = residuals
+  seq, padded = d_out.shape[1], out.shape[1]
+  pad = ((0, 0), (0, padded - seq))
+  d_out = jnp.pad(d_out, pad + ((0, 0), (0, 0)))
+  d_lse = jnp.pad(jnp.transpose(d_lse, (0, 2, 1)), ((0, 0), (0, 0), (0, padded - seq)))
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32)) - d_lse
+  q, k, v, idx, q_seg, kv_seg, unions = inputs
+  dq, dk, dv = sparse_attention_backward(q, k, v, idx, q_seg, kv_seg, unions, kv_queries, lse,
+                                         delta, d_out.astype(q.dtype), block_q=block_q,
+                                         block_k=block_size,
+                                         interpret=implementation == "interpret")
+  return dq[:, :seq], dk[:, :seq], dv[:, :seq], None, None, None
 
 
 _sparse_attention.defvjp(_fwd_rule, _bwd_rule)

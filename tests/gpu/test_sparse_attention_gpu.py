@@ -35,3 +35,29 @@ def test_pallas_matches_reference(seq, heads, kv_heads, packed):
   assert np.isfinite(np.asarray(got, np.float32)).all()
   assert rel_err(got, want) < 1e-2
   assert rel_err(got_lse, want_lse) < 1e-3
+
+
+@pytest.mark.parametrize("seq,heads,kv_heads", [(4096, 32, 2), (3000, 8, 8)])
+def test_pallas_gradients_match_reference(seq, heads, kv_heads):
+  keys = jax.random.split(jax.random.key(seq + 1), 4)
+  q = jax.random.normal(keys[0], (1, seq, heads, 128), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (1, seq, kv_heads, 128), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (1, seq, kv_heads, 128), jnp.bfloat16)
+  w = jax.random.normal(keys[3], q.shape, jnp.float32)
+  cfg = ref_ops.InfLLMv2Config(init_blocks=1, local_blocks=8, topk=16, dense_len=0)
+  scores = jax.jit(lambda q, k: ref_ops.block_scores(q, k, cfg))(q, k)
+  idx, valid = ref_ops.select_blocks(scores, cfg, q_len=seq, kv_len=seq)
+  segments = jnp.ones((1, seq), jnp.int32)
+
+  def loss(impl, q, k, v):
+    if impl == "pallas":
+      out, _ = sparse_attention(q, k, v, idx, valid)
+    else:
+      out, _ = sparse_attention_reference(q, k, v, idx, valid, segments, block_size=64)
+    return jnp.sum(out.astype(jnp.float32) * w)
+
+  got = jax.jit(jax.grad(lambda *a: loss("pallas", *a), (0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(lambda *a: loss("reference", *a), (0, 1, 2)))(q, k, v)
+  for g, r in zip(got, want):
+    assert np.isfinite(np.asarray(g, np.float32)).all()
+    assert rel_err(g, r) < 2e-2
