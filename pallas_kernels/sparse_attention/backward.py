@@ -31,6 +31,14 @@ def _visible(selected_blocks, block, q_pos, k_pos, q_seg, k_seg):
           & (q_seg[:, None] == k_seg[None, :]))
 
 
+def _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale):
+  """Recomputed probabilities P and dS = P * (dP - delta) for one (query rows x key block) tile."""
+  logits2 = plgpu.dot(q, k.T) * (scale * LOG2E)
+  p = jnp.where(visible, jnp.exp2(logits2 - lse2[:, None]), 0.0)
+  dp = plgpu.dot(do, v.T)
+  return p, p * (dp - delta[:, None])
+
+
 def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, do_ref, lse_ref,
                delta_ref, dq_ref, *, scale: float, block_q: int, block_k: int):
   query_block = pl.program_id(0)
@@ -47,12 +55,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, d
     keys = pl.ds(block * block_k, block_k)
     k = k_ref[keys, :]
     v = v_ref[keys, :]
-    logits2 = plgpu.dot(q, k.T) * (scale * LOG2E)
     visible = _visible(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
                        q_seg, kv_seg_ref[keys])
-    p = jnp.where(visible, jnp.exp2(logits2 - lse2[:, None]), 0.0)
-    dp = plgpu.dot(do, v.T)
-    ds = p * (dp - delta[:, None])
+    _, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale)
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, union_ref[0], body, jnp.zeros(q.shape, jnp.float32))
@@ -82,11 +87,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, queries_re
       do = do_ref[rows, head, :]
       lse2 = lse_ref[head, rows] * LOG2E
       delta = delta_ref[head, rows]
-      logits2 = plgpu.dot(q, k.T) * (scale * LOG2E)
-      p = jnp.where(visible, jnp.exp2(logits2 - lse2[:, None]), 0.0)
+      p, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale)
       dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
-      dp = plgpu.dot(do, v.T)
-      ds = p * (dp - delta[:, None])
       dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
       return dk, dv
 
