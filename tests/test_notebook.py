@@ -18,4 +18,4 @@ def test_quickstart_notebook_runs():
     os.environ["PYTHONPATH"] = env_path
   outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                     for o in cell.get("outputs", []))
-  assert "validation bits/byte before:" in outputs and "restored step 60" in outputs
+  assert "validation bits/byte before:" in outputs and "restored step 150" in outputs

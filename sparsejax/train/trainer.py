@@ -225,7 +225,7 @@ class Trainer:
       self.writer.write("eval", 0, summary["initial_eval"])
     bar = None
     if self.progress:
-      from tqdm.auto import tqdm
+      from tqdm import tqdm
       bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
     history, window_start, window_steps, timed = [], time.perf_counter(), 0, []
     data_seconds = 0.0  # host time spent waiting for input in the current logging window
