@@ -15,13 +15,13 @@ from pallas_kernels.sparse_attention import sparse_attention as sparse_attention
 from sparsejax.config import ModelConfig
 from sparsejax.layers.attention import GroupedQueryAttention
 from sparsejax.layers.registry import register_attention
-from sparsejax.ops.infllmv2 import (InfLLMv2Config, block_scores, infllmv2_attention,
-                                    select_blocks)
+from sparsejax.ops.infllmv2 import InfLLMv2Config, infllmv2_attention, score_and_select
 
 # attention_options keys that are not InfLLMv2Config fields: "implementation" picks the dense
 # attention ("xla" | "cudnn" | None), "kernel" the sparse one ("pallas" | "interpret" |
-# "reference" | None = the Pallas kernel on a GPU, the jnp reference elsewhere).
-LAYER_OPTIONS = ("implementation", "kernel")
+# "reference" | None = the Pallas kernel on a GPU, the jnp reference elsewhere), and
+# "selection_chunk" how many queries the (jnp) block selection scores at a time.
+LAYER_OPTIONS = ("implementation", "kernel", "selection_chunk")
 
 
 def infllmv2_config(config: ModelConfig) -> InfLLMv2Config:
@@ -42,6 +42,7 @@ class InfLLMv2Attention(GroupedQueryAttention):
     super().__init__(config, rngs=rngs)
     self.sparse = infllmv2_config(config)
     self.kernel = config.attention_kwargs().get("kernel")
+    self.selection_chunk = config.attention_kwargs().get("selection_chunk", 2048)
 
   def attend(self, q, k, v, *, segment_ids, kv_segment_ids=None, q_start=None, kv_lengths=None):
     if k.shape[1] < self.sparse.dense_len:
@@ -53,10 +54,9 @@ class InfLLMv2Attention(GroupedQueryAttention):
                                 kv_segment_ids=kv_segment_ids, q_start=q_start,
                                 kv_lengths=kv_lengths)
     # Selection is discrete (no gradient), then the block-sparse kernel attends.
-    scores = block_scores(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), self.sparse,
-                          segment_ids=segment_ids)
-    block_idx, block_valid = select_blocks(scores, self.sparse, q_len=q.shape[1],
-                                           kv_len=k.shape[1], segment_ids=segment_ids)
+    block_idx, block_valid = score_and_select(
+        jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), self.sparse, segment_ids=segment_ids,
+        query_chunk=self.selection_chunk)
     out, _ = sparse_attention_kernel(q, k, v, block_idx, block_valid,
                                      block_size=self.sparse.block_size, segment_ids=segment_ids,
                                      implementation=kernel)
