@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -170,8 +171,7 @@ class Trainer:
     metrics = summarize(sums) | {k: jnp.mean(v) for k, v in aux.items()}
     metrics["z_loss"] = sums["z"] / total_tokens
     metrics["real_token_fraction"] = sums["tokens"] / batch["loss_mask"].size  # 1 - padding
-    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                                        for g in jax.tree.leaves(grads)))
+    metrics["grad_norm"] = optax.global_norm(grads)  # before clipping
     return params, opt_state, metrics
 
   def _eval_step_impl(self, params, batch):
