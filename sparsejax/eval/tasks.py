@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections import Counter
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -91,8 +91,7 @@ def _var_name(rng: np.random.Generator) -> str:
 # ---------------------------------------------------------------------------------------------
 # Haystacks: endless streams of text pieces; needles go between pieces.
 
-def _noise_pieces(rng: np.random.Generator) -> Iterator[str]:
-  del rng
+def _noise_pieces() -> Iterator[str]:
   while True:
     yield from NOISE_SENTENCES
 
@@ -106,10 +105,8 @@ def _validation_texts(corpus: str) -> tuple[str, ...]:
   return texts
 
 
-def _corpus_pieces(rng: np.random.Generator, corpus: str) -> Iterator[str]:
-  """Lines of the validation split, from a random file on, wrapping around."""
-  texts = _validation_texts(corpus)
-  start = int(rng.integers(len(texts)))
+def _corpus_pieces(texts: Sequence[str], start: int) -> Iterator[str]:
+  """Non-blank lines of the validation split, from file `start` on, wrapping around."""
   while True:
     for i in range(len(texts)):
       for line in texts[(start + i) % len(texts)].splitlines(keepends=True):
@@ -118,11 +115,14 @@ def _corpus_pieces(rng: np.random.Generator, corpus: str) -> Iterator[str]:
 
 
 def _haystack(kind: str, rng: np.random.Generator, corpus: str):
-  """(piece stream factory, separator after a needle)."""
+  """(piece stream factory, separator after a needle). The factory restarts the same stream, so
+  `_fit` can re-measure the same text with another budget."""
   if kind == "noise":
-    return (lambda: _noise_pieces(rng)), " "
+    return _noise_pieces, " "
   if kind == "corpus":
-    return (lambda: _corpus_pieces(rng, corpus)), "\n"
+    texts = _validation_texts(corpus)
+    start = int(rng.integers(len(texts)))
+    return (lambda: _corpus_pieces(texts, start)), "\n"
   raise ValueError(f"haystack must be one of {HAYSTACKS}, got haystack={kind!r}")
 
 
@@ -132,14 +132,15 @@ def _fit(tokenizer, length: int, *, prefix: str, question: str, pieces: Callable
 
   The haystack is cut at a token boundary to fill the budget left by the fixed parts. Token
   counts of separately encoded pieces add up exactly for the byte tokenizer; a BPE may merge
-  across a boundary, so the whole prompt is re-measured and the budget corrected a few times.
+  across a boundary, so the whole prompt is re-measured and the budget corrected.
   """
   enc = lambda s: len(tokenizer.encode(s))
   fixed = enc(prefix + core + question) + sum(enc(n) for n in needles)
   budget = length - fixed
   best, best_err = None, None
   cache: dict[str, int] = {}
-  for _ in range(5):
+  tried: set[int] = set()
+  for _ in range(12):
     if budget < 0:
       raise ValueError(f"length={length} tokens is too short for this task: its instructions, "
                        f"question and needles alone take {fixed} tokens")
@@ -174,7 +175,12 @@ def _fit(tokenizer, length: int, *, prefix: str, question: str, pieces: Callable
       best, best_err = prompt, err
     if err == 0:
       break
+    # n(budget) is monotone up to merges at the cut; step past budgets already tried so the
+    # correction cannot cycle between two values on either side of the target.
+    tried.add(budget)
     budget += err
+    while budget in tried:
+      budget += 1 if err > 0 else -1
   return best
 
 
@@ -289,12 +295,14 @@ def variable_tracking(tokenizer, length: int, depth: float, rng: np.random.Gener
 # so never among the most frequent) pad the prompt to the exact length.
 
 def _filler_words(rng: np.random.Generator, taken: set[str]) -> Callable[[], Iterator[str]]:
+  """Unique new words; every restart of the stream replays the same words (drawn once)."""
+  drawn: list[str] = []
+
   def stream():
-    while True:
-      w = _pseudo_word(rng, (3, 5))
-      if w not in taken:
-        taken.add(w)
-        yield " " + w
+    for i in itertools.count():
+      if i == len(drawn):
+        drawn.extend(" " + w for w in _distinct(lambda: _pseudo_word(rng, (3, 5)), 1, taken))
+      yield drawn[i]
   return stream
 
 
@@ -302,6 +310,28 @@ def _capacity(tokenizer, rng: np.random.Generator, budget: int) -> int:
   """How many " word" items fit in `budget` tokens, with 10% slack left for the exact fill."""
   per = np.mean([len(tokenizer.encode(" " + _pseudo_word(rng))) for _ in range(64)])
   return int(0.9 * budget / per)
+
+
+def _word_list(tokenizer, length: int, rng: np.random.Generator, prefix: str, question: str,
+               build) -> tuple[str, tuple[str, ...]]:
+  """Fits `build(capacity, taken) -> (core words, answers, question)` into `length` tokens.
+
+  The capacity comes from the mean token count of a random word; the repeated words of one
+  sample can be longer than that mean, so a core over the budget is rebuilt with a smaller one.
+  """
+  budget = length - len(tokenizer.encode(prefix + question))
+  cap = _capacity(tokenizer, rng, budget)
+  for _ in range(8):
+    taken: set[str] = set()
+    words, answers, question_ = build(cap, taken)
+    core = "".join(" " + w for w in words)
+    used = len(tokenizer.encode(prefix + core + question_))
+    if used <= length:
+      prompt = _fit(tokenizer, length, prefix=prefix, core=core, question=question_,
+                    pieces=_filler_words(rng, taken))
+      return prompt, answers
+    cap = int(cap * 0.9 * (length - (used - len(tokenizer.encode(core)))) / max(1, used))
+  raise ValueError(f"length={length} tokens is too short for this word-list task")
 
 
 def common_words(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
@@ -312,23 +342,22 @@ def common_words(tokenizer, length: int, depth: float, rng: np.random.Generator,
   _check(length, depth)
   prefix = "Below is a list of words. Some of them appear more often than the others.\n"
   probe = "\nWhat are the 10 most common words in the list above? Answer: the most common words are"
-  budget = length - len(tokenizer.encode(prefix + probe))
-  cap = _capacity(tokenizer, rng, budget)
-  num_cw = min(10, cap // 8)
-  if num_cw < 1:
-    raise ValueError(f"length={length} tokens is too short for common_words")
-  freq_cw = min(30, max(2, cap // (2 * num_cw)))
-  freq_ucw = min(3, freq_cw - 1)
-  taken: set[str] = set()
-  common = _distinct(lambda: _pseudo_word(rng), num_cw, taken)
-  uncommon = _distinct(lambda: _pseudo_word(rng), (cap - num_cw * freq_cw) // freq_ucw, taken)
-  words = common * freq_cw + uncommon * freq_ucw
-  words = [words[i] for i in rng.permutation(len(words))]
-  question = (f"\nWhat are the {num_cw} most common words in the list above? Answer: the most "
-              "common words are")
-  prompt = _fit(tokenizer, length, prefix=prefix, core="".join(" " + w for w in words),
-                pieces=_filler_words(rng, taken), question=question)
-  return Sample(prompt, tuple(common), "common_words", len(tokenizer.encode(prompt)), 0.0)
+
+  def build(cap, taken):
+    num_cw = min(10, cap // 8)
+    if num_cw < 1:
+      raise ValueError(f"length={length} tokens is too short for common_words")
+    freq_cw = min(30, max(2, cap // (2 * num_cw)))
+    freq_ucw = min(3, freq_cw - 1)
+    common = _distinct(lambda: _pseudo_word(rng), num_cw, taken)
+    uncommon = _distinct(lambda: _pseudo_word(rng), (cap - num_cw * freq_cw) // freq_ucw, taken)
+    words = common * freq_cw + uncommon * freq_ucw
+    question = (f"\nWhat are the {num_cw} most common words in the list above? Answer: the most "
+                "common words are")
+    return [words[i] for i in rng.permutation(len(words))], tuple(common), question
+
+  prompt, answers = _word_list(tokenizer, length, rng, prefix, probe, build)
+  return Sample(prompt, answers, "common_words", len(tokenizer.encode(prompt)), 0.0)
 
 
 def frequent_words(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
@@ -340,25 +369,22 @@ def frequent_words(tokenizer, length: int, depth: float, rng: np.random.Generato
   prefix = "Read the coded text below and count how often each coded word appears.\n"
   question = ("\nWhat are the three most frequently appearing coded words in the text above? "
               "Answer: the three most frequent coded words are")
-  budget = length - len(tokenizer.encode(prefix + question))
-  cap = _capacity(tokenizer, rng, budget)
-  if cap < 9:  # counts 4, 3, 2 at the least
-    raise ValueError(f"length={length} tokens is too short for frequent_words")
-  vocab = max(FWE_TOP + 1, cap // 8)
-  p = 1.0 / np.arange(1, vocab + 1) ** FWE_ALPHA
-  counts = np.floor(cap * p / p.sum()).astype(int)
-  counts[FWE_TOP:] = np.minimum(counts[FWE_TOP:], max(1, counts[FWE_TOP - 1] - 1))
-  for i in range(FWE_TOP - 1, -1, -1):  # strictly decreasing top, each above the rest
-    floor = (counts[i + 1] if i + 1 < vocab else 0) + 1
-    counts[i] = max(counts[i], floor, 2)
-  taken: set[str] = set()
-  words = _distinct(lambda: _pseudo_word(rng), vocab, taken)
-  text = [w for w, c in zip(words, counts) for _ in range(int(c))]
-  text = [text[i] for i in rng.permutation(len(text))]
-  prompt = _fit(tokenizer, length, prefix=prefix, core="".join(" " + w for w in text),
-                pieces=_filler_words(rng, taken), question=question)
-  top = [w for w, _ in Counter(text).most_common(FWE_TOP)]
-  return Sample(prompt, tuple(top), "frequent_words", len(tokenizer.encode(prompt)), 0.0)
+
+  def build(cap, taken):
+    if cap < 9:  # counts 4, 3, 2 at the least
+      raise ValueError(f"length={length} tokens is too short for frequent_words")
+    vocab = max(FWE_TOP + 1, cap // 8)
+    p = 1.0 / np.arange(1, vocab + 1) ** FWE_ALPHA
+    counts = np.floor(cap * p / p.sum()).astype(int)
+    counts[FWE_TOP:] = np.minimum(counts[FWE_TOP:], max(1, counts[FWE_TOP - 1] - 1))
+    for i in range(FWE_TOP - 1, -1, -1):  # strictly decreasing top, each above the rest
+      counts[i] = max(counts[i], counts[i + 1] + 1, 2)
+    words = _distinct(lambda: _pseudo_word(rng), vocab, taken)
+    text = [w for w, c in zip(words, counts) for _ in range(int(c))]
+    return [text[i] for i in rng.permutation(len(text))], tuple(words[:FWE_TOP]), question
+
+  prompt, answers = _word_list(tokenizer, length, rng, prefix, question, build)
+  return Sample(prompt, answers, "frequent_words", len(tokenizer.encode(prompt)), 0.0)
 
 
 TASKS: dict[str, Callable[..., Sample]] = {

@@ -12,12 +12,14 @@ from sparsejax.layers.kv_cache import KVCache
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None, eos_id: int | None = None,
-             pad_id: int = 0) -> list[list[int]]:
+             pad_id: int = 0, pad_to: int | None = None) -> list[list[int]]:
   """Completes each prompt (a list of token ids; prompts may differ in length).
 
   Returns the new tokens of each prompt, cut after the first `eos_id` when one is given.
   The KV cache holds max(prompt length) + max_new_tokens slots; each row writes at its own
-  offset, so a short prompt's padding is overwritten by its continuation.
+  offset, so a short prompt's padding is overwritten by its continuation. `pad_to` pins the
+  padded prompt width (>= the longest prompt), so batches of slightly different prompt lengths
+  reuse one compiled prefill and decode loop.
   """
   cfg = model.config
   if not prompts or any(len(p) == 0 for p in prompts):
@@ -26,6 +28,10 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
   lengths = np.array([len(p) for p in prompts], np.int32)
   width = int(lengths.max())
+  if pad_to is not None:
+    if pad_to < width:
+      raise ValueError(f"generate: pad_to={pad_to} is shorter than the longest prompt ({width})")
+    width = pad_to
   if width + max_new_tokens > cfg.max_seq_len:
     raise ValueError(
         f"generate: longest prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds "
