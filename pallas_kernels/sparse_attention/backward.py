@@ -20,7 +20,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.sparse_attention.forward import MASK_VALUE
 
 LOG2E = math.log2(math.e)
 

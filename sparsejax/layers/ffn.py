@@ -1,7 +1,6 @@
 """FFN kinds for the model's FFN slot. Each returns (output, aux) where aux is a dict of
 auxiliary losses ("loss/<name>", already weighted) and metrics ("metric/<name>")."""
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.config import ModelConfig

@@ -17,7 +17,6 @@ def make_schedule(kind: str, *, lr: float, steps: int, warmup_steps: int,
   if not 0 <= warmup_steps <= steps:
     raise ValueError(f"make_schedule: warmup_steps must be in [0, steps={steps}], got {warmup_steps}")
   warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
-  end_lr = lr * min_lr_ratio
   if kind == "constant":
     body, boundary = optax.constant_schedule(lr), warmup_steps
     return optax.join_schedules([warmup, body], [boundary])

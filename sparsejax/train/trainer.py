@@ -4,7 +4,6 @@ The model's parameters live as a pure nested dict of arrays (`nnx.to_pure_dict`)
 merges them into the NNX module only inside the jitted function, so the step is a pure function
 of (params, opt_state, batch) that jit can shard and donate.
 """
-import dataclasses
 import math
 import os
 import time
@@ -21,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sparsejax.config import ModelConfig
 from sparsejax.data import DataConfig, build_tokenizer, load_tokenizer, make_eval_batches
 from sparsejax.data import make_train_iterator
-from sparsejax.model import DecoderLM, count_params, matmul_flops_per_token
+from sparsejax.model import DecoderLM, matmul_flops_per_token
 from sparsejax.parallel.sharding import make_mesh, param_shardings, shard_batch
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.loss import lm_loss_sums, summarize
