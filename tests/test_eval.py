@@ -2,8 +2,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -17,8 +15,8 @@ from sparsejax.eval import (TASKS, compare_methods, evaluate, harness,
                             long_documents, long_perplexity, make_sample, perplexity, score,
                             tasks, write_results)
 from sparsejax.model import DecoderLM
+from tests.test_experiments import run as run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTE = ByteTokenizer()
 
 
@@ -224,16 +222,9 @@ def test_long_documents_are_exact_length_and_distinct():
     long_documents(BYTE, 10 ** 8, 1)
 
 
-def _run(*args):
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  return proc.stdout
-
-
 def test_binary_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
-  _run("experiments.pretrain", "--config=configs/tiny.py", f"--config.workdir={workdir}",
+  run_module("experiments.pretrain", "--config=configs/tiny.py", f"--config.workdir={workdir}",
        "--config.train.steps=2", "--config.train.warmup_steps=1", "--config.train.eval_every=0",
        "--config.sample.max_new_tokens=0", "--config.model.num_layers=1",
        "--config.data.seq_len=32", "--config.model.max_seq_len=512")
@@ -241,7 +232,7 @@ def test_binary_end_to_end(tmp_path):
   # A sliding window, as InfLLM-V2 keeping only its local blocks, on the dense checkpoint.
   options = {"dense_len": 0, "block_size": 32, "compress_window": 32, "compress_stride": 16,
              "init_blocks": 0, "local_blocks": 2, "topk": 2, "lse_window": 64, "lse_stride": 32}
-  out = _run("experiments.eval_longctx", f"--workdir={workdir}", "--tasks=passkey,frequent_words",
+  out = run_module("experiments.eval_longctx", f"--workdir={workdir}", "--tasks=passkey,frequent_words",
              "--lengths=320,400", "--depths=0,1", "--samples=1", "--max_new_tokens=4",
              "--batch_size=2", "--haystack=corpus", "--method=sliding_window",
              "--attention=infllmv2", f"--attention_options={json.dumps(options)}",
