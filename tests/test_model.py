@@ -158,3 +158,33 @@ def test_bad_attention_inputs():
 def test_from_dict_rejects_unknown_fields():
   with pytest.raises(ValueError, match=r"unknown fields \['num_layerz'\]"):
     ModelConfig.from_dict({"num_layerz": 2})
+
+
+def test_sliding_window_attention():
+  """The window mask against a naive one, decode equals prefill, and a window as long as the
+  sequence equals dense attention with the same parameters."""
+  q, k, v = (jax.random.normal(key, (1, 20, 2, 8)) for key in jax.random.split(jax.random.key(0), 3))
+  out = dense_attention(q, k, v, window=5, implementation="xla")
+  s = np.einsum("btnd,bsnd->bnts", np.asarray(q, np.float64), np.asarray(k, np.float64)) / np.sqrt(8)
+  t = np.arange(20)
+  s = np.where(((t[:, None] >= t[None]) & (t[:, None] - t[None] < 5))[None, None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  want = np.einsum("bnts,bsnd->btnd", p / p.sum(-1, keepdims=True), np.asarray(v, np.float64))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+  window = lambda w: small_config(attention="sliding_window", attention_options=(("window", w),))
+  model = DecoderLM(window(6), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
+  full, _, _ = model(tokens)
+  cache = KVCache.init(num_layers=2, batch=2, capacity=16, num_kv_heads=2, head_dim=16,
+                       dtype=jnp.float32)
+  pieces = [model(tokens[:, :10], cache=cache)]
+  for t in range(10, 16):
+    pieces.append(model(tokens[:, t:t + 1], cache=pieces[-1][2]))
+  np.testing.assert_allclose(jnp.concatenate([p[0] for p in pieces], 1), full, rtol=1e-4, atol=1e-4)
+  dense = DecoderLM(small_config(), rngs=nnx.Rngs(0))
+  wide = DecoderLM(window(16), rngs=nnx.Rngs(0))  # same seed: same parameters
+  np.testing.assert_allclose(wide(tokens)[0], dense(tokens)[0], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(full, dense(tokens)[0], atol=1e-3)
+  with pytest.raises(ValueError, match="needs attention_options=\\{'window'"):
+    DecoderLM(small_config(attention="sliding_window"), rngs=nnx.Rngs(0))

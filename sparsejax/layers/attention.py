@@ -29,6 +29,7 @@ class GroupedQueryAttention(nnx.Module):
     self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"),
                     std=std / (2 * config.num_layers) ** 0.5, dtype=dt)
     self.config = config
+    self.window = None  # unlimited; SlidingWindowAttention sets it
 
   def __call__(
       self,
@@ -66,6 +67,23 @@ class GroupedQueryAttention(nnx.Module):
   def attend(self, q, k, v, *, segment_ids, kv_segment_ids=None, q_start=None, kv_lengths=None):
     """The attention proper; see `sparsejax.ops.attention` for the shapes and the mask."""
     return dense_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                           q_start=q_start, kv_lengths=kv_lengths,
+                           q_start=q_start, kv_lengths=kv_lengths, window=self.window,
                            implementation=self.config.attention_kwargs().get("implementation"),
                            max_segments=self.config.max_segments_per_row + 1)  # + the padding run
+
+
+@register_attention("sliding_window")
+class SlidingWindowAttention(GroupedQueryAttention):
+  """Each token attends to itself and the window - 1 tokens before it (attention_options:
+  {"window": tokens}); the local-only baseline of the sparse-attention ablations. Same
+  parameters as dense attention."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(config, rngs=rngs)
+    options = config.attention_kwargs()
+    unknown = sorted(set(options) - {"window", "implementation"})
+    if unknown or not isinstance(options.get("window"), int) or options["window"] < 1:
+      raise ValueError(
+          "attention='sliding_window' needs attention_options={'window': positive int} (and "
+          f"optionally 'implementation'); got {options}")
+    self.window = options["window"]

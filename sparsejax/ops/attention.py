@@ -7,7 +7,9 @@ Conventions shared by every attention in sparsejax:
   a whole row; the number of tokens already in the KV cache during decoding). Key j is visible to
   query t when j <= q_start + t (causal), j < kv_lengths (the cache's filled part) and both carry
   the same segment id (packed rows: no attention across documents). Segment id 0 marks padding;
-  padding tokens attend only to padding, so no row is ever fully masked.
+  padding tokens attend only to padding, so no row is ever fully masked. With `window=W` (sliding
+  window attention) key j is also required to satisfy (q_start + t) - j < W: the query and the
+  W - 1 keys before it.
 """
 from typing import Literal
 
@@ -50,6 +52,7 @@ def attention_mask(
     q_start: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
     causal: bool = True,
+    window: int | None = None,
 ) -> jax.Array:
   """The boolean visibility mask [batch, q_len, kv_len] defined in the module docstring."""
   q_idx = jnp.arange(q_len)[None, :, None]
@@ -59,6 +62,8 @@ def attention_mask(
   mask = jnp.ones((batch, q_len, kv_len), dtype=bool)
   if causal:
     mask &= kv_idx <= q_idx
+  if window is not None:
+    mask &= q_idx - kv_idx < window
   if kv_lengths is not None:
     mask &= kv_idx < jnp.asarray(kv_lengths).reshape(-1, 1, 1)
   if segment_ids is not None:
@@ -77,6 +82,7 @@ def dense_attention(
     q_start: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
     causal: bool = True,
+    window: int | None = None,
     implementation: Implementation = None,
     max_segments: int = 64,
 ) -> jax.Array:
@@ -86,6 +92,7 @@ def dense_attention(
     q, k, v, segment_ids, kv_segment_ids, q_start, kv_lengths, causal: see the module docstring.
       `kv_segment_ids` defaults to `segment_ids` (self-attention); `q_start` and `kv_lengths`
       are [batch] int arrays.
+    window: sliding-window size in tokens (None: unlimited), see the module docstring.
     implementation: "xla" (the reference, materialises the scores), "cudnn" (flash attention;
       GPU only, self-attention over whole rows), or None (cudnn when running on a GPU and the
       call is a self-attention, else xla).
@@ -94,6 +101,8 @@ def dense_attention(
       than silently wrong; the trainer checks batches against the bound before the step.
   """
   _check_shapes(q, k, v, segment_ids, kv_segment_ids)
+  if window is not None and (not isinstance(window, int) or window < 1):
+    raise ValueError(f"dense_attention: window must be a positive int or None, got {window!r}")
   self_attention = (q_start is None and kv_lengths is None and kv_segment_ids is None
                     and q.shape[1] == k.shape[1] and causal)
   if implementation is None:
@@ -101,23 +110,25 @@ def dense_attention(
     cudnn_ok = self_attention and (segment_ids is None or q.shape[1] % 2 == 0)
     implementation = "cudnn" if (jax.default_backend() == "gpu" and cudnn_ok) else "xla"
   if implementation == "xla":
-    return _xla_attention(q, k, v, segment_ids, kv_segment_ids, q_start, kv_lengths, causal)
+    return _xla_attention(q, k, v, segment_ids, kv_segment_ids, q_start, kv_lengths, causal,
+                          window)
   if implementation == "cudnn":
     if not self_attention:
       raise ValueError(
           "dense_attention(implementation='cudnn') supports causal self-attention over whole "
           "rows only (no q_start, kv_lengths or kv_segment_ids); use implementation='xla'")
-    return _cudnn_attention(q, k, v, segment_ids, max_segments)
+    return _cudnn_attention(q, k, v, segment_ids, max_segments, window)
   raise ValueError(f"dense_attention: implementation must be 'xla', 'cudnn' or None, got {implementation!r}")
 
 
-def _xla_attention(q, k, v, segment_ids, kv_segment_ids, q_start, kv_lengths, causal):
+def _xla_attention(q, k, v, segment_ids, kv_segment_ids, q_start, kv_lengths, causal,
+                   window=None):
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
   mask = attention_mask(q_len, kv_len, batch=batch, segment_ids=segment_ids,
                         kv_segment_ids=kv_segment_ids, q_start=q_start, kv_lengths=kv_lengths,
-                        causal=causal)
+                        causal=causal, window=window)
   qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
   scores = scores / np.sqrt(head_dim).astype(np.float32)
@@ -156,18 +167,21 @@ def segment_runs(segment_ids: jax.Array, max_segments: int):
   return seqlens, offsets, num_runs
 
 
-def _cudnn_attention(q, k, v, segment_ids, max_segments):
+def _cudnn_attention(q, k, v, segment_ids, max_segments, window=None):
   # The cuDNN entry point that takes packed offsets is not re-exported by jax.nn; jax is pinned.
   from jax._src.cudnn.fused_attention_stablehlo import MaskType
   from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dpa
 
   scale = float(1.0 / np.sqrt(q.shape[-1]))
+  # cuDNN's sliding window covers (pos - window, pos]: the same keys as `window` here.
   if segment_ids is None:
-    return cudnn_dpa(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
+    return cudnn_dpa(q, k, v, scale=scale, mask_type=MaskType.CAUSAL,
+                     sliding_window_length=window)
   seqlens, offsets, num_runs = segment_runs(segment_ids, max_segments)
 
   out = cudnn_dpa(q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets,
-                  kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL)
+                  kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL,
+                  sliding_window_length=window)
   # A row with more runs than the compiled bound would be attended wrongly: make it NaN, loudly.
   fits = (num_runs <= max_segments)[:, None, None, None]
   return jnp.where(fits, out, jnp.nan).astype(q.dtype)
