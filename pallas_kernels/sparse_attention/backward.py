@@ -20,14 +20,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.sparse_attention.forward import LOG2E, visible_tile
 
-LOG2E = math.log2(math.e)
 
-
-def _visible(selected_blocks, block, q_pos, k_pos, q_seg, k_seg):
-  picked = jnp.max((selected_blocks == block).astype(jnp.int32), axis=1) > 0
-  return (picked[:, None] & (k_pos[None, :] <= q_pos[:, None])
-          & (q_seg[:, None] == k_seg[None, :]))
 
 
 def _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale):
@@ -54,7 +49,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, d
     keys = pl.ds(block * block_k, block_k)
     k = k_ref[keys, :]
     v = v_ref[keys, :]
-    visible = _visible(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
+    visible = visible_tile(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
                        q_seg, kv_seg_ref[keys])
     _, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale)
     return dq + plgpu.dot(ds.astype(k.dtype), k)
@@ -77,7 +72,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, queries_re
     query_block = queries_ref[i + 1]
     rows = pl.ds(query_block * block_q, block_q)
     q_pos = query_block * block_q + jnp.arange(block_q)
-    visible = _visible(sel_ref[rows, :], key_block, q_pos, k_pos, q_seg_ref[rows], k_seg)
+    visible = visible_tile(sel_ref[rows, :], key_block, q_pos, k_pos, q_seg_ref[rows], k_seg)
 
     def over_heads(g, carry):
       dk, dv = carry

@@ -18,6 +18,16 @@ from jax.experimental.pallas import triton as plgpu
 
 # Large negative instead of -inf: exp2 of (masked - max) underflows to 0 without inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+LOG2E = math.log2(math.e)
+
+
+def visible_tile(selected_blocks, block, q_pos, k_pos, q_seg, k_seg):
+  """bool [rows, block_k]: a row sees a key of `block` when its own token selected the block,
+  the key is not after it (causal) and both carry the same segment id. Shared by the forward
+  and backward kernels, so all three mask identically."""
+  picked = jnp.max((selected_blocks == block).astype(jnp.int32), axis=1) > 0
+  return (picked[:, None] & (k_pos[None, :] <= q_pos[:, None])
+          & (q_seg[:, None] == k_seg[None, :]))
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, *refs,
@@ -35,11 +45,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_r
     block = union_ref[u + 1]
     keys = pl.ds(block * block_k, block_k)
     k = k_ref[keys, :]
-    logits = plgpu.dot(q, k.T) * (scale * math.log2(math.e))
-    k_pos = block * block_k + jnp.arange(block_k)
-    picked = jnp.max((selected_blocks == block).astype(jnp.int32), axis=1) > 0
-    visible = (picked[:, None] & (k_pos[None, :] <= q_pos[:, None])
-               & (q_seg[:, None] == kv_seg_ref[keys][None, :]))
+    logits = plgpu.dot(q, k.T) * (scale * LOG2E)
+    visible = visible_tile(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
+                           q_seg, kv_seg_ref[keys])
     logits = jnp.where(visible, logits, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     correction = jnp.exp2(m_prev - m_next)
@@ -53,7 +61,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_r
           jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
   acc, m, l = lax.fori_loop(0, union_ref[0], body, init)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = (m + jnp.log2(l)) / math.log2(math.e)
+  lse_ref[...] = (m + jnp.log2(l)) / LOG2E
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret", "num_warps",
