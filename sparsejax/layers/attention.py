@@ -30,6 +30,9 @@ class GroupedQueryAttention(nnx.Module):
                     std=std / (2 * config.num_layers) ** 0.5, dtype=dt)
     self.config = config
     self.window = None  # unlimited; SlidingWindowAttention sets it
+    # When True, each call stores its pre-RoPE (q, k, v) as an nnx.Intermediate "qkv"
+    # (read them with nnx.pop(model, nnx.Intermediate)); off in training and generation.
+    self.capture_qkv = False
 
   def __call__(
       self,
@@ -48,9 +51,9 @@ class GroupedQueryAttention(nnx.Module):
     cache's segment ids after the write (the model computes them once for all layers).
     """
     cfg, dt = self.config, self.config.compute_dtype
-    q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+    q, k, v = self.project_qkv(x)
+    if self.capture_qkv:  # for analyses that need the pre-RoPE projections (Locret's heads)
+      self.sow(nnx.Intermediate, "qkv", (q, k, v))
     q = apply_rope(q, positions, cfg.rope_base)
     k = apply_rope(k, positions, cfg.rope_base)
     if cache is None:
@@ -62,7 +65,18 @@ class GroupedQueryAttention(nnx.Module):
       out = self.attend(q, new_cache.k.astype(dt), new_cache.v.astype(dt),
                         segment_ids=segment_ids, kv_segment_ids=cache_segment_ids,
                         q_start=cache_lengths, kv_lengths=cache_lengths + x.shape[1])
-    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), new_cache
+    return self.project_out(out), new_cache
+
+  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [batch, seq, d_model] -> pre-RoPE q [b, s, heads, hd], k and v [b, s, kv_heads, hd]."""
+    dt = self.config.compute_dtype
+    return (jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt)),
+            jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt)),
+            jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt)))
+
+  def project_out(self, out: jax.Array) -> jax.Array:
+    """Attention output [batch, seq, heads, hd] -> [batch, seq, d_model]."""
+    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(self.config.compute_dtype))
 
   def attend(self, q, k, v, *, segment_ids, kv_segment_ids=None, q_start=None, kv_lengths=None):
     """The attention proper; see `sparsejax.ops.attention` for the shapes and the mask."""
