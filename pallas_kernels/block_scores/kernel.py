@@ -123,12 +123,12 @@ def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, sc
   scored = jnp.minimum(n_tiles + (overlap > 1), total_tiles)
   lax.fori_loop(0, scored, score_tile, jnp.zeros((block_q,), jnp.float32))
 
-  def zero_tile(ti, _):
+  def zero_tile(ti, carry):
     out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = jnp.zeros((block_q, tile_blocks),
                                                                  jnp.float32)
-    return 0
+    return carry
 
-  lax.fori_loop(scored, total_tiles, zero_tile, 0)
+  lax.fori_loop(scored, total_tiles, zero_tile, None)  # (a literal carry does not lower)
 
 
 @functools.partial(jax.jit, static_argnames=(
