@@ -1,0 +1,103 @@
+"""The public op: BlockFFN's union-of-experts FFN for a few tokens, with an implementation switch.
+
+  union_ffn(x, weights, w_up, w_down, implementation="pallas" | "interpret" | "reference",
+            config=UnionFFNConfig(...))
+
+x [n, d_model] (n <= 128 for the kernels: decode, speculative verification, short chunks),
+weights [n, E] the router's expert weights (A[t, i] = 0: expert i inactive for token t),
+w_up [d_model, E, width], w_down [E, width, d_model]. Returns y [n, d_model] in x.dtype:
+y[t] = sum_i A[t, i] * SiLU(x[t] @ w_up[:, i, :]) @ w_down[i], accumulated in float32 (the
+kernels round the hidden activations to the weights' dtype between the two projections, as a
+dense bf16 FFN does). The kernels read the weights of the union of the n tokens' experts only;
+see kernel.py. Inference only: no VJP (jax.grad through "pallas"/"interpret" fails; "reference"
+is differentiable).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.union_ffn.kernel import (MAX_ROWS, UnionFFNConfig, kernel_rows,
+                                             next_power_of_2, union_ffn_kernels)
+from pallas_kernels.union_ffn.reference import union_ffn_reference, union_index
+
+IMPLEMENTATIONS = ("pallas", "interpret", "reference")
+
+
+def _check(x, weights, w_up, w_down, implementation, config):
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"union_ffn: implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if config is not None and not isinstance(config, UnionFFNConfig):
+    raise ValueError(f"union_ffn: config must be a UnionFFNConfig or None, got {type(config)}")
+  for name, v in (("x", x), ("weights", weights), ("w_up", w_up), ("w_down", w_down)):
+    if not hasattr(v, "dtype") or not jnp.issubdtype(v.dtype, jnp.floating):
+      raise ValueError(f"union_ffn: {name} must be a floating-point array, got "
+                       f"{getattr(v, 'dtype', type(v))}")
+  if x.ndim != 2 or x.shape[0] < 1:
+    raise ValueError(f"union_ffn: x must be [n_tokens, d_model] with n_tokens >= 1, got "
+                     f"shape {x.shape}")
+  n, d_model = x.shape
+  if w_up.ndim != 3 or w_up.shape[0] != d_model:
+    raise ValueError(f"union_ffn: w_up must be [d_model={d_model}, num_experts, expert_width], "
+                     f"got shape {w_up.shape}")
+  _, num_experts, width = w_up.shape
+  if w_down.shape != (num_experts, width, d_model):
+    raise ValueError(f"union_ffn: w_down must be [num_experts, expert_width, d_model] = "
+                     f"{(num_experts, width, d_model)} (from w_up {w_up.shape}), got shape "
+                     f"{w_down.shape}")
+  if weights.shape != (n, num_experts):
+    raise ValueError(f"union_ffn: weights must be [n_tokens, num_experts] = {(n, num_experts)}, "
+                     f"got shape {weights.shape}")
+  if implementation == "reference":
+    return
+  if w_up.dtype != w_down.dtype:
+    raise ValueError(f"union_ffn: w_up and w_down must share a dtype, got {w_up.dtype} and "
+                     f"{w_down.dtype}")
+  if n > MAX_ROWS:
+    raise ValueError(f"union_ffn: x has n_tokens={n}; the kernels take at most {MAX_ROWS} "
+                     "(decode / verification sizes): split longer inputs into chunks or use "
+                     "implementation='reference'")
+  if d_model % 16:
+    raise ValueError(f"union_ffn: d_model must be a multiple of 16 for the kernels, got "
+                     f"{d_model}")
+  if width % 16:
+    raise ValueError(f"union_ffn: expert_width must be a multiple of 16 for the kernels, got "
+                     f"{width}")
+
+
+def union_ffn(x: jax.Array, weights: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
+              implementation: str = "pallas", config: UnionFFNConfig | None = None,
+              poison_outputs: bool = False) -> jax.Array:
+  """See the module docstring. config: the kernels' tunables (UnionFFNConfig(); ignored by
+  "reference"); poison_outputs: run the kernels on NaN-filled buffers (a coverage test)."""
+  _check(x, weights, w_up, w_down, implementation, config)
+  if implementation == "reference":
+    return union_ffn_reference(x, weights, w_up, w_down)
+  return _union_ffn_kernels(x, weights, w_up, w_down, config=config or UnionFFNConfig(),
+                            interpret=implementation == "interpret", poison=poison_outputs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "poison"))
+def _union_ffn_kernels(x, weights, w_up, w_down, *, config, interpret, poison):
+  n, d_model = x.shape
+  _, num_experts, width = w_up.shape
+  rows, _ = kernel_rows(n, config.small_n)
+  # Padded tokens have zero weights: inactive everywhere, so the union and the real rows are
+  # unchanged. Only ragged n pays for the pads (n = 1, 8, 32 with the defaults pay none).
+  if rows != n:
+    x = jnp.pad(x, ((0, rows - n), (0, 0)))
+  experts_pad = 0
+  if config.index == "kernel":        # the kernels load all of A: Triton needs a power of two
+    experts_pad = next_power_of_2(num_experts) - num_experts
+  if rows != n or experts_pad:
+    weights = jnp.pad(weights, ((0, rows - n), (0, experts_pad)))
+  index = None
+  if config.index == "xla":
+    index = union_index(weights[:, :num_experts], next_power_of_2(num_experts + 1))
+  out = union_ffn_kernels(x, weights, index, w_up.reshape(d_model, num_experts * width),
+                          w_down.reshape(num_experts * width, d_model), width=width,
+                          config=config, interpret=interpret, poison=poison)
+  if config.down_groups > 1:
+    out = jnp.sum(out, axis=0)
+  return out[:n].astype(x.dtype)
