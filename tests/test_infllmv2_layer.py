@@ -83,7 +83,7 @@ def test_unknown_option_is_named():
 def test_kernel_path_equals_reference_path():
   dense = DecoderLM(small_config(), rngs=nnx.Rngs(4))
   options = dict(block_size=16, compress_window=8, compress_stride=4, lse_window=16, lse_stride=8,
-                 topk=2, local_blocks=1, selection_chunk=24)  # 56 tokens: 3 chunks
+                 topk=2, local_blocks=1)
   reference = with_params_of(dense, sparse_config(kernel="reference", **options))
   kernel = with_params_of(dense, sparse_config(kernel="interpret", **options))
   tokens = jax.random.randint(jax.random.key(4), (2, 56), 0, 97)

@@ -61,11 +61,13 @@ def _generate_jit(graphdef, state, tokens, segment_ids, lengths, rng, *, max_new
   model = nnx.merge(graphdef, state)
   cfg = model.config
   batch, width = tokens.shape
-  cache = KVCache.init(num_layers=cfg.num_layers, batch=batch, capacity=width + max_new_tokens,
-                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                       dtype=cfg.compute_dtype)
+  # InfLLM-V2 models also cache their compressed keys, kept up to date on every write.
+  cache = KVCache.for_model(cfg, batch=batch, capacity=width + max_new_tokens)
   logits, _, cache = model(tokens, segment_ids=segment_ids, cache=cache)
-  cache = cache.replace(lengths=lengths)  # padding slots get overwritten by the continuation
+  # Padding slots get overwritten by the continuation. Compressed-key windows computed over the
+  # padding end past the real length, so no query sees them before the write of their last
+  # token recomputes them (`sparsejax.ops.infllmv2.update_compressed_keys`).
+  cache = cache.replace(lengths=lengths)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
   rng, sub = jax.random.split(rng)
   first = sample_next(last, sub, temperature=temperature, top_p=top_p)

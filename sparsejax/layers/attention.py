@@ -50,7 +50,7 @@ class GroupedQueryAttention(nnx.Module):
     attend to everything cached before them; `cache_segment_ids` [batch, capacity] are the
     cache's segment ids after the write (the model computes them once for all layers).
     """
-    cfg, dt = self.config, self.config.compute_dtype
+    cfg = self.config
     q, k, v = self.project_qkv(x)
     if self.capture_qkv:  # for analyses that need the pre-RoPE projections (Locret's heads)
       self.sow(nnx.Intermediate, "qkv", (q, k, v))
@@ -60,12 +60,24 @@ class GroupedQueryAttention(nnx.Module):
       out = self.attend(q, k, v, segment_ids=segment_ids)
       new_cache = None
     else:
-      new_cache = LayerKV(write_rows(cache.k, k, cache_lengths),
-                          write_rows(cache.v, v, cache_lengths))
-      out = self.attend(q, new_cache.k.astype(dt), new_cache.v.astype(dt),
-                        segment_ids=segment_ids, kv_segment_ids=cache_segment_ids,
-                        q_start=cache_lengths, kv_lengths=cache_lengths + x.shape[1])
+      new_cache = self.write_cache(cache, k, v, cache_lengths)
+      out = self.attend_cache(q, new_cache, segment_ids=segment_ids,
+                              kv_segment_ids=cache_segment_ids, q_start=cache_lengths,
+                              kv_lengths=cache_lengths + x.shape[1])
     return self.project_out(out), new_cache
+
+  def write_cache(self, cache: LayerKV, k: jax.Array, v: jax.Array,
+                  offsets: jax.Array) -> LayerKV:
+    """Writes this call's post-RoPE k, v [batch, seq, kv_heads, hd] at per-row offsets [batch].
+    Kinds that keep derived state in the cache (InfLLM-V2's compressed keys) extend it."""
+    return cache.replace(k=write_rows(cache.k, k, offsets), v=write_rows(cache.v, v, offsets))
+
+  def attend_cache(self, q: jax.Array, cache: LayerKV, **mask) -> jax.Array:
+    """`attend` of q [batch, seq, heads, hd] to the cache after this call's write (`mask`: the
+    segment ids, q_start and kv_lengths of `attend`); kinds that read the cache's derived state
+    override it."""
+    dt = self.config.compute_dtype
+    return self.attend(q, cache.k.astype(dt), cache.v.astype(dt), **mask)
 
   def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [batch, seq, d_model] -> pre-RoPE q [b, s, heads, hd], k and v [b, s, kv_heads, hd]."""

@@ -4,24 +4,32 @@ No new parameters: the projections, RoPE and cache handling are the dense layer'
 changes. Sequences (or caches) shorter than `dense_len` run dense attention (cuDNN on a GPU);
 longer ones select blocks per query token and KV head and attend to them
 (`sparsejax.ops.infllmv2`). A checkpoint trained with attention="dense" loads unchanged.
+
+Decoding: a cache made by `KVCache.for_model` also holds the compressed keys, which every write
+updates for the windows it completed (`write_cache`); a one-token step then scores blocks from
+them and attends with the block-sparse decode kernel (`attend_cache`).
 """
 import dataclasses
 
 import jax
 from flax import nnx
 
+from pallas_kernels.block_scores import score_and_select
 from pallas_kernels.sparse_attention import sparse_attention as sparse_attention_kernel
+from pallas_kernels.sparse_decode import sparse_decode
 
 from sparsejax.config import ModelConfig
 from sparsejax.layers.attention import GroupedQueryAttention
 from sparsejax.layers.registry import register_attention
-from sparsejax.ops.infllmv2 import InfLLMv2Config, infllmv2_attention, score_and_select
+from sparsejax.layers.kv_cache import LayerKV
+from sparsejax.ops.infllmv2 import (InfLLMv2Config, infllmv2_attention, infllmv2_decode,
+                                    select_decode_blocks, update_compressed_keys)
 
 # attention_options keys that are not InfLLMv2Config fields: "implementation" picks the dense
-# attention ("xla" | "cudnn" | None), "kernel" the sparse one ("pallas" | "interpret" |
-# "reference" | None = the Pallas kernel on a GPU, the jnp reference elsewhere), and
-# "selection_chunk" how many queries the (jnp) block selection scores at a time.
-LAYER_OPTIONS = ("implementation", "kernel", "selection_chunk")
+# attention ("xla" | "cudnn" | None), "kernel" the sparse ones: block scoring and block-sparse
+# attention ("pallas" | "interpret" | "reference" | None = the Pallas kernels on a GPU, the jnp
+# reference elsewhere).
+LAYER_OPTIONS = ("implementation", "kernel")
 
 
 def infllmv2_config(config: ModelConfig) -> InfLLMv2Config:
@@ -42,22 +50,63 @@ class InfLLMv2Attention(GroupedQueryAttention):
     super().__init__(config, rngs=rngs)
     self.sparse = infllmv2_config(config)
     self.kernel = config.attention_kwargs().get("kernel")
-    self.selection_chunk = config.attention_kwargs().get("selection_chunk", 2048)
 
   def attend(self, q, k, v, *, segment_ids, kv_segment_ids=None, q_start=None, kv_lengths=None):
     if k.shape[1] < self.sparse.dense_len:
       return super().attend(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                             q_start=q_start, kv_lengths=kv_lengths)
     kernel = self.kernel or ("pallas" if jax.default_backend() == "gpu" else "reference")
-    if kernel == "reference" or q_start is not None:  # decoding has no kernel yet (issue 3)
+    # With a cache (q_start): chunked prefill, or a cache without compressed keys.
+    if kernel == "reference" or q_start is not None:
       return infllmv2_attention(q, k, v, self.sparse, segment_ids=segment_ids,
                                 kv_segment_ids=kv_segment_ids, q_start=q_start,
                                 kv_lengths=kv_lengths)
-    # Selection is discrete (no gradient), then the block-sparse kernel attends.
-    block_idx, block_valid = score_and_select(
-        jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), self.sparse, segment_ids=segment_ids,
-        query_chunk=self.selection_chunk)
+    # Selection is discrete (no gradient; the fused scoring kernel, then top-k), then the
+    # block-sparse kernel attends.
+    block_idx, block_valid = score_and_select(q, k, self.sparse, segment_ids=segment_ids,
+                                              implementation=kernel)
     out, _ = sparse_attention_kernel(q, k, v, block_idx, block_valid,
                                      block_size=self.sparse.block_size, segment_ids=segment_ids,
                                      implementation=kernel)
     return out
+
+  def write_cache(self, cache: LayerKV, k, v, offsets) -> LayerKV:
+    """Also keeps the cache's compressed keys (when it has them) in step with its keys: the
+    windows whose last token this write put in place are recomputed, no others."""
+    cache = super().write_cache(cache, k, v, offsets)
+    s, count = self.sparse, k.shape[1]
+    # The keys `attend` would compress (a no-op cast for caches in the compute dtype, which
+    # KVCache.for_model makes; only the gathered windows are read).
+    keys = cache.k.astype(self.config.compute_dtype)
+    if cache.kc is not None:
+      cache = cache.replace(kc=update_compressed_keys(
+          cache.kc, keys, offsets, count, window=s.compress_window, stride=s.compress_stride))
+    if cache.kc_coarse is not None:
+      cache = cache.replace(kc_coarse=update_compressed_keys(
+          cache.kc_coarse, keys, offsets, count, window=s.lse_window, stride=s.lse_stride))
+    return cache
+
+  def attend_cache(self, q, cache: LayerKV, *, segment_ids, kv_segment_ids=None, q_start=None,
+                   kv_lengths=None):
+    """A decode step (one token per row) on a cache holding compressed keys: blocks scored from
+    the cached keys, then the block-sparse decode kernel (the jnp decode off the GPU). Equal to
+    `attend` on the same cache. Any other cached call is `attend` on the cache."""
+    s = self.sparse
+    compressed = cache.kc is not None and (cache.kc_coarse is not None or not s.approximate_lse)
+    if not compressed or q.shape[1] != 1 or cache.k.shape[1] < s.dense_len:
+      return super().attend_cache(q, cache, segment_ids=segment_ids,
+                                  kv_segment_ids=kv_segment_ids, q_start=q_start,
+                                  kv_lengths=kv_lengths)
+    dt = self.config.compute_dtype
+    k, v = cache.k.astype(dt), cache.v.astype(dt)
+    kernel = self.kernel or ("pallas" if jax.default_backend() == "gpu" else "reference")
+    kw = dict(q_start=q_start, kc_coarse=cache.kc_coarse, segment_ids=segment_ids,
+              kv_segment_ids=kv_segment_ids)
+    if kernel == "reference":
+      return infllmv2_decode(q, k, v, cache.kc, s, **kw)
+    block_idx, block_valid = select_decode_blocks(q, cache.kc, s, kv_len=k.shape[1], **kw)
+    out, _ = sparse_decode(q[:, 0], k, v, block_idx[:, 0], block_valid[:, 0], q_start + 1,
+                           block_size=s.block_size,
+                           q_segment_ids=None if segment_ids is None else segment_ids[:, 0],
+                           kv_segment_ids=kv_segment_ids, implementation=kernel)
+    return out[:, None]

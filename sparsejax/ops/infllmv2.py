@@ -306,26 +306,78 @@ def block_scores(
   """
   _check_cfg("block_scores", cfg)
   _check_attention_inputs("block_scores", q, k, None, segment_ids, kv_segment_ids, q_start, kv_lengths)
+  kc = compress_keys(k, window=cfg.compress_window, stride=cfg.compress_stride)
+  kc2 = None
+  if cfg.approximate_lse:
+    kc2 = compress_keys(k, window=cfg.lse_window, stride=cfg.lse_stride)
+  return compressed_block_scores(q, kc, cfg, kv_len=k.shape[1], kc_coarse=kc2,
+                                 segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                 q_start=q_start, kv_lengths=kv_lengths)
+
+
+def compressed_block_scores(
+    q: jax.Array,
+    kc: jax.Array,
+    cfg: InfLLMv2Config,
+    *,
+    kv_len: int,
+    kc_coarse: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_start: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+) -> jax.Array:
+  """`block_scores` from compressed keys computed beforehand (e.g. kept in a KV cache).
+
+  kc [b, num_windows(kv_len, compress_window, compress_stride), kv_heads, d]: `compress_keys` of
+  the kv_len keys; kc_coarse (needed iff cfg.approximate_lse) the same at (lse_window,
+  lse_stride). Only the visible windows (module docstring) enter the scores, so windows whose
+  tokens are not final yet (past kv_lengths, or not yet overwritten padding) may hold anything
+  finite. Returns float32 [b, t_q, kv_heads, ceil(kv_len / block_size)].
+  """
+  fn = "compressed_block_scores"
+  _check_cfg(fn, cfg)
+  _check_compressed(fn, "kc", kc, q, kv_len, cfg.compress_window, cfg.compress_stride)
+  if cfg.approximate_lse:
+    if kc_coarse is None:
+      raise ValueError(
+          f"{fn}: cfg.approximate_lse needs kc_coarse (the lse_window/lse_stride keys)")
+    _check_compressed(fn, "kc_coarse", kc_coarse, q, kv_len, cfg.lse_window, cfg.lse_stride)
   b, t_q = q.shape[:2]
-  kv_len = k.shape[1]
+  _check_segments(fn, b, t_q, kv_len, segment_ids, kv_segment_ids)
+  _check_batch_vector(fn, "q_start", q_start, b)
+  _check_batch_vector(fn, "kv_lengths", kv_lengths, b)
   n_blocks = -(-kv_len // cfg.block_size)
   vis_kw = dict(batch=b, q_start=q_start, kv_lengths=kv_lengths, segment_ids=segment_ids,
                 kv_segment_ids=kv_segment_ids)
 
-  kc = compress_keys(k, window=cfg.compress_window, stride=cfg.compress_stride)
   logits = _group_logits(q, kc)  # [b, t, kvh, g, c]
   vis = _window_visibility(t_q, kv_len, cfg.compress_window, cfg.compress_stride, **vis_kw)
   vis = vis[:, :, None, None, :]
   lse = _masked_lse(logits, vis)  # [b, t, kvh, g]
   if cfg.approximate_lse:
-    kc2 = compress_keys(k, window=cfg.lse_window, stride=cfg.lse_stride)
     vis2 = _window_visibility(t_q, kv_len, cfg.lse_window, cfg.lse_stride, **vis_kw)
-    lse2 = _masked_lse(_group_logits(q, kc2), vis2[:, :, None, None, :])
+    lse2 = _masked_lse(_group_logits(q, kc_coarse), vis2[:, :, None, None, :])
     lse = jnp.where(jnp.isfinite(lse2), lse2, lse)
   safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]
   probs = jnp.where(vis, jnp.exp(jnp.where(vis, logits, 0.0) - safe_lse), 0.0)  # stage 1
   grouped = jnp.sum(probs, axis=3)  # stage 2: [b, t, kvh, c]
   return max_pool_blocks(grouped, cfg, n_blocks=n_blocks)  # stage 3
+
+
+def _check_compressed(fn, name, kc, q, kv_len, window, stride):
+  if not isinstance(kv_len, (int, np.integer)) or kv_len < 1:
+    raise ValueError(f"{fn}: kv_len must be a positive int, got {kv_len!r}")
+  if q.ndim != 4:
+    raise ValueError(
+        f"{fn}: q must be 4-D [batch, q_len, num_heads, head_dim], got shape {q.shape}")
+  c = num_windows(kv_len, window, stride)
+  if (kc.ndim != 4 or kc.shape[0] != q.shape[0] or kc.shape[1] != c or kc.shape[3] != q.shape[3]
+      or q.shape[2] % kc.shape[2]):
+    raise ValueError(
+        f"{fn}: {name} must be [batch={q.shape[0]}, num_windows={c} (kv_len={kv_len}, window="
+        f"{window}, stride={stride}), kv_heads dividing num_heads={q.shape[2]}, head_dim="
+        f"{q.shape[3]}], got shape {kc.shape}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +441,9 @@ def select_blocks(
   key = jnp.where(forced, jnp.inf, jnp.where(eligible4, finite, -jnp.inf))
   if n_blocks < cfg.topk:  # more slots than blocks: pad with never-eligible columns
     key = jnp.pad(key, ((0, 0), (0, 0), (0, 0), (0, cfg.topk - n_blocks)), constant_values=-jnp.inf)
-  order = jnp.argsort(-key, axis=-1, stable=True)[..., :cfg.topk].astype(jnp.int32)
+  # lax.top_k breaks ties toward the lower index: a stable descending sort, without sorting all
+  # n_blocks (at 128k: 2048 blocks per query and head).
+  order = jax.lax.top_k(key, cfg.topk)[1].astype(jnp.int32)
   count = jnp.minimum(jnp.sum(eligible, axis=-1), cfg.topk)[:, :, None, None]  # [b, t, 1, 1]
   valid = jnp.arange(cfg.topk)[None, None, None, :] < count
   sentinel = np.int32(np.iinfo(np.int32).max)
@@ -557,3 +611,165 @@ def score_and_select(q: jax.Array, k: jax.Array, cfg: InfLLMv2Config, *,
   idx, valid = jax.lax.map(one, jnp.arange(n))
   unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * query_chunk, *x.shape[3:])[:, :t]
   return unchunk(idx), unchunk(valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding with compressed keys kept in the KV cache
+#
+# A decode step (one query token per row, at position q_start[b], keys [0, q_start[b]] filled)
+# must not recompress the whole cache: the compressed keys live in the cache and a write of t
+# tokens recomputes only the windows whose LAST token it wrote (`update_compressed_keys`), as
+# the MiniCPM4 model file does with its per-layer buffer of not-yet-compressed keys (a window is
+# emitted when its last token arrives). Scoring then reads the cached keys
+# (`compressed_block_scores`), `select_decode_blocks` folds the per-row dense fallback into the
+# block list, and `infllmv2_decode` is the whole step: equal to `infllmv2_attention` with q_len 1,
+# q_start and kv_lengths = q_start + 1 on the same cache.
+
+
+def update_compressed_keys(kc: jax.Array, k: jax.Array, offsets: jax.Array, count: int, *,
+                           window: int, stride: int) -> jax.Array:
+  """Recomputes the compressed keys that a write of `count` tokens at per-row `offsets` completed.
+
+  kc [b, c, kv_heads, d] with c = num_windows(capacity, window, stride); k [b, capacity, kv_heads,
+  d] the key cache AFTER the write (tokens [offsets[b], offsets[b] + count) of row b are new);
+  offsets [b] int. Window i (tokens [i*stride, i*stride + window)) is recomputed, exactly as
+  `compress_keys` computes it, iff its last token i*stride + window - 1 lies in [offsets[b],
+  offsets[b] + count): at most ceil(count / stride) windows per row, so a decode step costs
+  O(window), not O(capacity). Every other window keeps its value.
+
+  Why that suffices, also for right-padded prompts whose padding the continuation overwrites: a
+  window is visible to a query only once the query's position reaches the window's last token
+  (module docstring). Tokens are written in position order, so the write that puts the window's
+  last token in place comes after (or with) every other token of the window, and recomputes it
+  from final tokens. A window computed earlier over padding (prefill of a right-padded row, whose
+  length is then reset to the real prompt length) has its last token at or after the reset
+  length: it is invisible until the write of that last token recomputes it.
+  """
+  fn = "update_compressed_keys"
+  if k.ndim != 4:
+    raise ValueError(f"{fn}: k must be [batch, capacity, kv_heads, head_dim], got shape {k.shape}")
+  for name, value in (("window", window), ("stride", stride), ("count", count)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+  b, capacity = k.shape[:2]
+  c = num_windows(capacity, window, stride)
+  if kc.shape != (b, c) + k.shape[2:]:
+    raise ValueError(f"{fn}: kc must have shape {(b, c) + k.shape[2:]} (num_windows of capacity "
+                     f"{capacity} at window {window}, stride {stride}), got {kc.shape}")
+  if count > capacity:
+    raise ValueError(f"{fn}: count={count} exceeds the capacity {capacity}")
+  if jnp.shape(offsets) != (b,) or not jnp.issubdtype(jnp.result_type(offsets), jnp.integer):
+    raise ValueError(f"{fn}: offsets must be an int [batch={b}] array, got {jnp.shape(offsets)}")
+  n = -(-count // stride)  # last tokens of windows are stride apart: <= ceil(count/stride) of them
+
+  def one(kc_row, k_row, off):
+    first = jnp.maximum(0, -((window - 1 - off) // stride))  # ceil((off - window + 1) / stride)
+    i = first + jnp.arange(n, dtype=jnp.int32)
+    last = i * stride + window - 1
+    live = (last >= off) & (last < off + count) & (i < c)
+    # Dead windows may reach past the cache: clip their tokens (their result is dropped).
+    tokens = jnp.minimum(i[:, None] * stride + jnp.arange(window), capacity - 1).reshape(-1)
+    # The windows laid end to end and pooled with stride = window: compress_keys' own mean.
+    fresh = compress_keys(k_row[tokens][None], window=window, stride=window)[0]
+    return kc_row.at[jnp.where(live, i, c)].set(fresh.astype(kc_row.dtype), mode="drop")
+
+  return jax.vmap(one)(kc, k, jnp.asarray(offsets, jnp.int32))
+
+
+def decode_width(cfg: InfLLMv2Config, kv_len: int) -> int:
+  """Slots per row of `select_decode_blocks`: topk, or more when a row below dense_len needs more
+  blocks to cover its whole filled cache (ceil((dense_len - 1) / block_size), at most all)."""
+  n_blocks = -(-kv_len // cfg.block_size)
+  dense_blocks = 0
+  if cfg.dense_len > 1:
+    dense_blocks = min(n_blocks, -(-(cfg.dense_len - 1) // cfg.block_size))
+  return max(cfg.topk, dense_blocks)
+
+
+def select_decode_blocks(
+    q: jax.Array,
+    kc: jax.Array,
+    cfg: InfLLMv2Config,
+    *,
+    kv_len: int,
+    q_start: jax.Array,
+    kc_coarse: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The key blocks each decode query attends: (block_idx int32, block_valid bool), both
+  [b, 1, kv_heads, decode_width(cfg, kv_len)].
+
+  q [b, 1, heads, d] at position q_start [b] of a cache of kv_len slots whose keys [0, q_start]
+  are filled; kc / kc_coarse the cached compressed keys (`compressed_block_scores`). A row with
+  q_start + 1 >= dense_len gets `select_blocks` of the compressed scores (its topk slots, then
+  invalid ones); a shorter row, which `infllmv2_attention` serves with dense attention, gets every
+  block up to its own (the same keys once the causal mask applies). Valid slots come first,
+  ascending; invalid ones hold -1.
+  """
+  fn = "select_decode_blocks"
+  _check_cfg(fn, cfg)
+  if q.ndim != 4 or q.shape[1] != 1:
+    raise ValueError(f"{fn}: q must be [batch, 1, num_heads, head_dim] (one token), got {q.shape}")
+  if q_start is None:
+    raise ValueError(f"{fn}: q_start (the query positions, [batch]) is required")
+  b = q.shape[0]
+  q_start = jnp.broadcast_to(jnp.asarray(q_start, jnp.int32).reshape(-1), (b,))
+  scores = compressed_block_scores(q, kc, cfg, kv_len=kv_len, kc_coarse=kc_coarse,
+                                   segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                   q_start=q_start, kv_lengths=q_start + 1)
+  idx, valid = select_blocks(scores, cfg, q_len=1, kv_len=kv_len, q_start=q_start,
+                             segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+  width = decode_width(cfg, kv_len)
+  pad = ((0, 0), (0, 0), (0, 0), (0, width - cfg.topk))
+  idx = jnp.pad(idx, pad, constant_values=-1)
+  valid = jnp.pad(valid, pad, constant_values=False)
+  slots = jnp.arange(width, dtype=jnp.int32)
+  dense_count = -(-(q_start + 1) // cfg.block_size)  # blocks holding keys [0, q_start]
+  dense_valid = slots[None, :] < dense_count[:, None]  # [b, width]
+  dense_idx = jnp.where(dense_valid, slots[None, :], -1)
+  is_dense = (q_start + 1 < cfg.dense_len)[:, None, None, None]
+  idx = jnp.where(is_dense, dense_idx[:, None, None, :], idx)
+  valid = jnp.where(is_dense, dense_valid[:, None, None, :], valid)
+  return idx.astype(jnp.int32), valid
+
+
+def infllmv2_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kc: jax.Array,
+    cfg: InfLLMv2Config,
+    *,
+    q_start: jax.Array,
+    kc_coarse: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> jax.Array:
+  """One decode step from the cached compressed keys: [b, 1, heads, d] in q.dtype.
+
+  q [b, 1, heads, d] at positions q_start [b]; k, v [b, kv_len, kv_heads, d] the cache with
+  keys [0, q_start] filled (this step's token included); kc (and kc_coarse with
+  cfg.approximate_lse) the cached compressed keys, e.g. kept by `update_compressed_keys`;
+  segment_ids [b, 1] / kv_segment_ids [b, kv_len] as in `infllmv2_attention`. Equals
+  `infllmv2_attention(q, k, v, cfg, q_start=q_start, kv_lengths=q_start + 1, ...)` whenever kc
+  agrees with `compress_keys(k)` on the windows visible to the queries.
+  """
+  fn = "infllmv2_decode"
+  _check_cfg(fn, cfg)
+  _check_attention_inputs(fn, q, k, v, segment_ids, kv_segment_ids, q_start, None)
+  if q.shape[1] != 1:
+    raise ValueError(
+        f"{fn}: q must hold one token per row ([batch, 1, heads, head_dim]), got {q.shape}")
+  if q_start is None:
+    raise ValueError(f"{fn}: q_start (the query positions, [batch]) is required")
+  b, kv_len = q.shape[0], k.shape[1]
+  q_start = jnp.broadcast_to(jnp.asarray(q_start, jnp.int32).reshape(-1), (b,))
+  kw = dict(segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_start=q_start,
+            kv_lengths=q_start + 1)
+  if kv_len < cfg.dense_len:
+    return dense_attention(q, k, v, implementation="xla", **kw)
+  block_idx, block_valid = select_decode_blocks(q, kc, cfg, kv_len=kv_len, q_start=q_start,
+                                                kc_coarse=kc_coarse, segment_ids=segment_ids,
+                                                kv_segment_ids=kv_segment_ids)
+  return sparse_attention(q, k, v, block_idx, block_valid, cfg, **kw)

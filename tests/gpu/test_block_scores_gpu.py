@@ -1,6 +1,5 @@
 """The fused block-scoring kernel on the GPU (Triton lowering), bf16 inputs, against the jnp
 reference at realistic shapes; and the selection built on it."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

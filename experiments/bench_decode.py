@@ -1,0 +1,211 @@
+"""Decode benchmark on the GPU: one query token per row against a long KV cache, InfLLM-V2 sparse
+decode (block selection from the cached compressed keys + the block-sparse decode kernel)
+against cuDNN dense decode, and the bytes floor.
+
+  python -m experiments.bench_decode --seq_lens=32768,65536,131072 --batch=8 \
+      --out=experiments/results/bench_decode
+
+Shapes: batch 8, 32 query heads, 2 KV heads (GQA 16), head dim 128, bf16, every row's cache full
+(the query is the last token). Two selections: "shipped" (InfLLMv2Config's default: topk 96 =
+init 1 + local 32 + 63 others, MiniCPM4's released setting) and "issue" (64 blocks = init 1 +
+local 32 + 31 others). Blocks of 64, compressed keys 32/16 (exact LSE), dense_len 8192.
+
+Timed (median of --iters after two warm-up calls; inputs are jit arguments):
+  sparsejax_ms    the whole decode attention as the InfLLM-V2 layer runs it: scoring from the
+                  cached compressed keys, top-k selection, the kernel and its split combine
+                  (with the cache's segment ids, as the model passes them; --segments=false
+                  drops them)
+  selection_ms    scoring + selection alone (XLA: einsum, softmax, group sum, max-pool, argsort)
+  attention_ms    the kernel + combine alone, given the selection
+  cudnn_dense_ms  jax.nn.dot_product_attention(implementation="cudnn") of the one-token query
+                  against the full cache (XLA when cuDNN refuses; `dense_impl` says which)
+  floor_ms        bytes that must be read (compressed keys + the selected blocks' k and v) at
+                  3.35 TB/s (H100 SXM HBM3 peak)
+Each row also records the kernel's max abs error against its jnp reference (not timed).
+`--quick` runs a tiny CPU smoke version (the kernel in interpret mode) in seconds.
+"""
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from pallas_kernels.sparse_decode import default_num_splits, sparse_decode
+from pallas_kernels.sparse_decode import sparse_decode_reference
+from sparsejax.ops.infllmv2 import InfLLMv2Config, compress_keys, select_decode_blocks
+
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768", "65536", "131072"], "Cache lengths.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Rows (one query token each).")
+_CONFIGS = flags.DEFINE_list("configs", ["shipped", "issue"], "Selections to time.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed repetitions (median).")
+_NUM_SPLITS = flags.DEFINE_integer("num_splits", 0, "Kernel programs per (row, KV head); 0 = "
+                                   "default_num_splits.")
+_NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps per kernel program.")
+_NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton software-pipelining stages.")
+_SEGMENTS = flags.DEFINE_bool("segments", True, "Pass segment ids as the model does.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny CPU smoke run (interpret mode).")
+_OUT = flags.DEFINE_string("out", "", "Output path stem (.json and .md).")
+
+HBM_BYTES_PER_S = 3.35e12
+# (init_blocks, local_blocks, topk): topk counts every block, the forced ones included.
+CONFIGS = {"shipped": (1, 32, 96), "issue": (1, 32, 64)}
+QUICK_CONFIGS = {"shipped": (1, 2, 6), "issue": (1, 2, 4)}
+
+
+def timeit(fn, *args, iters):
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) * 1e3
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_inputs(key, q_shape, kv_shape, dtype):
+  """Fresh normal q, k, v (never zeros), made on the device in one program."""
+  keys = jax.random.split(key, 3)
+  return (jax.random.normal(keys[0], q_shape, dtype), jax.random.normal(keys[1], kv_shape, dtype),
+          jax.random.normal(keys[2], kv_shape, dtype))
+
+
+def _dense_decode(implementation):
+  return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
+                                                              implementation=implementation))
+
+
+def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
+                configs=("shipped", "issue"), iters: int = 20, num_splits: int | None = None,
+                num_warps: int = 4, num_stages: int = 2, segments: bool = True,
+                quick: bool = False) -> list[dict]:
+  """Times decode at each cache length and selection; returns rows in bench_attention.json's
+  schema (seq_len, batch, pass="decode", sparsejax_ms, cudnn_dense_ms, floor_ms,
+  speedup_vs_cudnn_dense) plus the fields listed in the module docstring."""
+  if quick:
+    heads, kv_heads, dim, dtype = 4, 2, 16, jnp.float32
+    geometry = dict(block_size=16, compress_window=8, compress_stride=4, dense_len=64)
+    table, implementation, dense_impls = QUICK_CONFIGS, "interpret", ("xla",)
+  else:
+    heads, kv_heads, dim, dtype = 32, 2, 128, jnp.bfloat16
+    geometry = dict(block_size=64, compress_window=32, compress_stride=16, dense_len=8192)
+    table, implementation, dense_impls = CONFIGS, "pallas", ("cudnn", "xla")
+  unknown = sorted(set(configs) - set(table))
+  if unknown:
+    raise ValueError(f"decode_rows: configs {unknown} unknown; known: {sorted(table)}")
+  itemsize = jnp.dtype(dtype).itemsize
+  rows = []
+  for seq in map(int, seq_lens):
+    q, k, v = _random_inputs(jax.random.key(seq), (batch, 1, heads, dim),
+                             (batch, seq, kv_heads, dim), dtype)
+    q_start = jnp.full((batch,), seq - 1, jnp.int32)  # every row's cache is full
+    seg = jnp.ones((batch, 1), jnp.int32) if segments else None
+    kv_seg = jnp.ones((batch, seq), jnp.int32) if segments else None
+
+    dense_impl, t_dense = None, float("nan")
+    for impl in dense_impls:
+      try:
+        t_dense = timeit(_dense_decode(impl), q, k, v, iters=iters)
+        dense_impl = impl
+        break
+      except Exception as e:  # cuDNN may refuse a 1-token query: fall back, and say so
+        print(f"dense decode with implementation={impl!r} failed: {type(e).__name__}: {e}")
+
+    for name in configs:
+      init_blocks, local_blocks, topk = table[name]
+      cfg = InfLLMv2Config(init_blocks=init_blocks, local_blocks=local_blocks, topk=topk,
+                           **geometry)
+      kc = jax.jit(lambda k: compress_keys(k, window=cfg.compress_window,
+                                           stride=cfg.compress_stride))(k)
+      splits = num_splits or default_num_splits(batch, kv_heads, topk)
+
+      def select(q, kc, q_start, seg, kv_seg, cfg=cfg):
+        return select_decode_blocks(q, kc, cfg, kv_len=seq, q_start=q_start, segment_ids=seg,
+                                    kv_segment_ids=kv_seg)
+
+      def attend(q, k, v, idx, valid, q_start, seg, kv_seg, cfg=cfg, splits=splits):
+        out, _ = sparse_decode(q[:, 0], k, v, idx[:, 0], valid[:, 0], q_start + 1,
+                               block_size=cfg.block_size,
+                               q_segment_ids=None if seg is None else seg[:, 0],
+                               kv_segment_ids=kv_seg, implementation=implementation,
+                               num_splits=splits, num_warps=num_warps, num_stages=num_stages)
+        return out
+
+      def step(q, k, v, kc, q_start, seg, kv_seg):
+        idx, valid = select(q, kc, q_start, seg, kv_seg)
+        return attend(q, k, v, idx, valid, q_start, seg, kv_seg)
+
+      select_jit, attend_jit, step_jit = jax.jit(select), jax.jit(attend), jax.jit(step)
+      idx, valid = select_jit(q, kc, q_start, seg, kv_seg)
+      t_select = timeit(select_jit, q, kc, q_start, seg, kv_seg, iters=iters)
+      t_attend = timeit(attend_jit, q, k, v, idx, valid, q_start, seg, kv_seg, iters=iters)
+      t_step = timeit(step_jit, q, k, v, kc, q_start, seg, kv_seg, iters=iters)
+
+      got = attend_jit(q, k, v, idx, valid, q_start, seg, kv_seg)
+      want, _ = jax.jit(lambda q, k, v, idx, valid, lengths: sparse_decode_reference(
+          q[:, 0], k, v, idx[:, 0], valid[:, 0], lengths, block_size=cfg.block_size))(
+              q, k, v, idx, valid, q_start + 1)
+      err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+      selected = int(jnp.sum(valid))  # (row, KV head, block) triples actually attended
+      kv_bytes = selected * cfg.block_size * dim * itemsize * 2
+      kc_bytes = kc.size * itemsize
+      floor_ms = (kv_bytes + kc_bytes) / HBM_BYTES_PER_S * 1e3
+      row = {"seq_len": seq, "batch": batch, "pass": "decode", "config": name, "topk": topk,
+             "init_blocks": init_blocks, "local_blocks": local_blocks,
+             "sparsejax_ms": t_step, "selection_ms": t_select, "attention_ms": t_attend,
+             "cudnn_dense_ms": t_dense, "dense_impl": dense_impl, "floor_ms": floor_ms,
+             "speedup_vs_cudnn_dense": t_dense / t_step, "ratio_to_floor": t_step / floor_ms,
+             "bytes_read": kv_bytes + kc_bytes,
+             "dense_kv_bytes": batch * seq * kv_heads * dim * itemsize * 2,
+             "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
+             "implementation": implementation}
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  return rows
+
+
+def write_results(rows, out: str, *, quick: bool = False):
+  """Writes `<out>.json` (device, jax version, shapes, rows) and `<out>.md` (a table)."""
+  result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "shapes": ({"heads": 4, "kv_heads": 2, "head_dim": 16, "dtype": "float32",
+                        "block": 16} if quick else
+                       {"heads": 32, "kv_heads": 2, "head_dim": 128, "dtype": "bfloat16",
+                        "block": 64, "compress": [32, 16], "dense_len": 8192}),
+            "kernel": "pallas_kernels/sparse_decode (Triton lowering) + jnp combine; selection "
+                      "in XLA from the cached compressed keys",
+            "floor": f"bytes read at {HBM_BYTES_PER_S / 1e12} TB/s",
+            "rows": rows}
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+  with open(out + ".md", "w") as f:
+    f.write(f"# Decode benchmark ({result['device']}, jax {result['jax']})\n\n")
+    f.write("| seq | batch | config (topk) | sparsejax ms | selection ms | attention ms | "
+            "dense ms (impl) | floor ms | speedup vs dense | / floor |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+      f.write(f"| {r['seq_len']} | {r['batch']} | {r['config']} ({r['topk']}) | "
+              f"{r['sparsejax_ms']:.3f} | {r['selection_ms']:.3f} | {r['attention_ms']:.3f} | "
+              f"{r['cudnn_dense_ms']:.3f} ({r['dense_impl']}) | {r['floor_ms']:.4g} | "
+              f"{r['speedup_vs_cudnn_dense']:.2f}x | {r['ratio_to_floor']:.3g}x |\n")
+
+
+def main(argv):
+  del argv
+  quick = _QUICK.value
+  rows = decode_rows(
+      (256,) if quick else _SEQ_LENS.value, batch=2 if quick else _BATCH.value,
+      configs=_CONFIGS.value, iters=1 if quick else _ITERS.value,
+      num_splits=_NUM_SPLITS.value or None, num_warps=_NUM_WARPS.value,
+      num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, quick=quick)
+  if _OUT.value:
+    write_results(rows, _OUT.value, quick=quick)
+
+
+if __name__ == "__main__":
+  app.run(main)

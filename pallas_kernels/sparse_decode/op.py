@@ -1,0 +1,139 @@
+"""The public op: block-sparse attention of one query token per row to a KV cache.
+
+  sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size=64, q_segment_ids=None,
+                kv_segment_ids=None, implementation="pallas" | "interpret" | "reference",
+                num_splits=None) -> (out [b, heads, d] in q.dtype, lse [b, heads] float32)
+
+q [b, heads, d]: each row's query token; k, v [b, capacity, kv_heads, d]: the cache (heads %
+kv_heads == 0; query head n reads KV head n // (heads // kv_heads)); block_idx / block_valid
+[b, kv_heads, slots]: the distinct key blocks (of `block_size` tokens) each row and KV head may
+see, e.g. InfLLM-V2's selection (`sparsejax.ops.infllmv2.select_decode_blocks`); lengths [b]:
+keys [0, lengths[b]) are filled, later slots are never read into the result (the query at
+position lengths - 1 sees itself and everything before it). Optional segment ids (q_segment_ids
+[b], kv_segment_ids [b, capacity]) restrict every row to keys of its query's segment. A query
+that sees no key gets zeros and lse -inf. lse is the natural-log logsumexp of q.k / sqrt(d).
+Forward only: decoding needs no gradient.
+
+The kernel visits a row's slots up to its last valid one (valid slots first, as selections come,
+costs nothing for the dead tail) and splits them over `num_splits` programs per (row, KV head);
+a jnp combine merges the partial softmaxes.
+"""
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.sparse_attention.index import next_power_of_2
+from pallas_kernels.sparse_decode.kernel import (END, HEADER, LENGTH, Q_SEGMENT,
+                                                 sparse_decode_partials)
+from pallas_kernels.sparse_decode.reference import sparse_decode_reference
+
+IMPLEMENTATIONS = ("pallas", "interpret", "reference")
+
+
+def default_num_splits(batch: int, kv_heads: int, slots: int) -> int:
+  """Splits per (row, KV head): about 128 programs in all (an H100 has 132 SMs), at least one
+  block slot each."""
+  return int(max(1, min(slots, 128 // max(1, batch * kv_heads))))
+
+
+def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
+           implementation, num_splits):
+  fn = "sparse_decode"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{fn}: implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if q.ndim != 3:
+    raise ValueError(f"{fn}: q must be [batch, heads, head_dim] (one token per row), got {q.shape}")
+  if k.ndim != 4 or v.shape != k.shape:
+    raise ValueError(f"{fn}: k and v must be [batch, capacity, kv_heads, head_dim] alike, got "
+                     f"k{k.shape} v{v.shape}")
+  if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
+    raise ValueError(f"{fn}: q{q.shape} and k{k.shape} must agree on batch and head_dim")
+  if q.shape[1] % k.shape[2]:
+    raise ValueError(f"{fn}: heads={q.shape[1]} must be a multiple of kv_heads={k.shape[2]}")
+  d = q.shape[2]
+  if d < 16 or d & (d - 1):
+    raise ValueError(f"{fn}: head_dim must be a power of two >= 16 (tl.dot tiles), got {d}")
+  if (not isinstance(block_size, (int, np.integer)) or block_size < 16
+      or block_size & (block_size - 1)):
+    raise ValueError(f"{fn}: block_size must be a power of two >= 16, got {block_size!r}")
+  want = (q.shape[0], k.shape[2])
+  if block_idx.ndim != 3 or block_idx.shape[:2] != want or block_valid.shape != block_idx.shape:
+    raise ValueError(f"{fn}: block_idx and block_valid must be [batch, kv_heads, slots] = "
+                     f"{want + ('slots',)}, got {block_idx.shape} and {block_valid.shape}")
+  if not jnp.issubdtype(block_idx.dtype, jnp.integer) or block_valid.dtype != jnp.bool_:
+    raise ValueError(f"{fn}: block_idx must be integer and block_valid bool, got "
+                     f"{block_idx.dtype} and {block_valid.dtype}")
+  if (jnp.shape(lengths) != (q.shape[0],)
+      or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer)):
+    raise ValueError(f"{fn}: lengths must be an int [batch={q.shape[0]}] array, got "
+                     f"{jnp.shape(lengths)} {jnp.result_type(lengths)}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError(f"{fn}: pass both q_segment_ids and kv_segment_ids, or neither")
+  if q_segment_ids is not None and (q_segment_ids.shape != (q.shape[0],)
+                                    or kv_segment_ids.shape != k.shape[:2]):
+    raise ValueError(f"{fn}: q_segment_ids must be [batch] = {(q.shape[0],)} and kv_segment_ids "
+                     f"[batch, capacity] = {k.shape[:2]}, got {q_segment_ids.shape} and "
+                     f"{kv_segment_ids.shape}")
+  if num_splits is not None and (not isinstance(num_splits, (int, np.integer))
+                                 or isinstance(num_splits, bool) or num_splits < 1):
+    raise ValueError(f"{fn}: num_splits must be None or a positive int, got {num_splits!r}")
+
+
+def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int = 64,
+                  q_segment_ids=None, kv_segment_ids=None, implementation: str = "pallas",
+                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                  poison_outputs: bool = False):
+  """See the module docstring. num_splits: programs per (row, KV head) (default
+  `default_num_splits`); poison_outputs: run the kernel on NaN-filled output buffers (a test of
+  full coverage)."""
+  _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
+         implementation, num_splits)
+  lengths = lengths.astype(jnp.int32)
+  if implementation == "reference":
+    return sparse_decode_reference(q, k, v, block_idx, block_valid, lengths, q_segment_ids,
+                                   kv_segment_ids, block_size=block_size)
+  batch, heads, d = q.shape
+  capacity, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  slots = block_idx.shape[-1]
+  num_splits = default_num_splits(batch, kv_heads, slots) if num_splits is None else num_splits
+  if capacity < block_size:  # a tiny cache: pad it to one whole block (the kernel loads blocks)
+    pad = ((0, 0), (0, block_size - capacity), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    if kv_segment_ids is not None:
+      kv_segment_ids = jnp.pad(kv_segment_ids, ((0, 0), (0, block_size - capacity)))
+    lengths = jnp.minimum(lengths, capacity)
+
+  live = block_valid & (block_idx >= 0)
+  idx = jnp.where(live, block_idx, -1).astype(jnp.int32)
+  # END: one past the last live slot, so the kernel skips a dead tail without a compaction sort.
+  end = jnp.max(jnp.where(live, jnp.arange(1, slots + 1), 0), axis=-1).astype(jnp.int32)
+  q_seg = jnp.zeros((batch,), jnp.int32) if q_segment_ids is None else q_segment_ids
+  header = jnp.zeros((batch, kv_heads, HEADER), jnp.int32)
+  header = header.at[..., END].set(end).at[..., LENGTH].set(lengths[:, None])
+  header = header.at[..., Q_SEGMENT].set(q_seg.astype(jnp.int32)[:, None])
+  width = next_power_of_2(HEADER + slots)
+  meta = jnp.concatenate([header, idx], axis=-1)
+  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, width - HEADER - slots)), constant_values=-1)
+
+  rows = max(16, next_power_of_2(group))  # tl.dot needs M >= 16: pad the group's rows
+  qg = jnp.pad(q.reshape(batch, kv_heads, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+  kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+  out, lse = sparse_decode_partials(meta, qg, k, v, kv_seg, block_k=block_size,
+                                    num_splits=int(num_splits),
+                                    interpret=implementation == "interpret", num_warps=num_warps,
+                                    num_stages=num_stages, poison=poison_outputs)
+  out, lse = combine_splits(out[:, :, :, :group], lse[:, :, :, :group])
+  return out.reshape(batch, heads, d).astype(q.dtype), lse.reshape(batch, heads)
+
+
+def combine_splits(out, lse):
+  """Merges partial softmaxes over axis 2: out [b, kvh, splits, g, d], lse [b, kvh, splits, g]
+  (natural log, -inf = empty) -> (out [b, kvh, g, d] float32, lse [b, kvh, g])."""
+  m = jnp.max(lse, axis=2, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lse - m)                                         # 0 for empty splits
+  total = jnp.sum(w, axis=2)
+  safe = jnp.where(total > 0, total, 1.0)
+  merged = jnp.sum(w[..., None] * out, axis=2) / safe[..., None]
+  return merged, jnp.where(total > 0, jnp.log(safe) + m[:, :, 0], -jnp.inf)
