@@ -24,7 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
       steps=1000, batch_size=16, grad_accum_steps=1, seed=0,
       lr=3e-3, schedule="wsd", warmup_steps=100, decay_fraction=0.2, min_lr_ratio=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, z_loss=1e-4,
-      log_every=10, eval_every=200, eval_batches=8, checkpoint_every=500, keep_checkpoints=3))
+      log_every=10, eval_every=200, eval_batches=8, checkpoint_every=500, keep_checkpoints=3,
+      # Workdir of another run whose newest parameters start this one (when this run's
+      # workdir has no checkpoint yet): fresh optimizer, step 0, this config's data.
+      init_from=""))
 
   # Devices are arranged (data, fsdp, tensor); data=-1 takes whatever is left.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -111,12 +111,13 @@ class DecoderLM(nnx.Module):
 
 
 def _merge_aux(aux_list: list[dict]) -> dict[str, jax.Array]:
-  """Losses ("loss/...") are summed over layers; metrics ("metric/...") averaged."""
+  """Losses ("loss/...", and the raw "scaled_loss/..." that the trainer weights by an adaptive
+  coefficient) are summed over layers; metrics ("metric/...") averaged."""
   merged: dict[str, list] = {}
   for aux in aux_list:
     for name, value in aux.items():
       merged.setdefault(name, []).append(value)
-  return {name: (sum(vals) if name.startswith("loss/") else sum(vals) / len(vals))
+  return {name: (sum(vals) if name.startswith(("loss/", "scaled_loss/")) else sum(vals) / len(vals))
           for name, vals in merged.items()}
 
 
@@ -129,12 +130,17 @@ def matmul_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
   The embedding lookup is not a matmul; the output head is (also when tied). The attention term
   counts q.k and p.v over the causal half: 2 matmuls x 2 FLOPs x seq/2 x heads x head_dim per
-  layer forward, x3 for forward + backward.
+  layer forward, x3 for forward + backward. The FFN kind's class says how many of its weights
+  multiply each token in training (`matmul_params(config)`).
   """
   c = config
+  ffn = lookup(FFN_KINDS, c.ffn, "ffn")
+  if not hasattr(ffn, "matmul_params"):
+    raise ValueError(f"FFN kind {c.ffn!r} ({ffn.__name__}) must define matmul_params(config), "
+                     "the weights multiplying each token, for the FLOP count")
   per_layer = (c.d_model * c.num_heads * c.head_dim * 2
                + c.d_model * c.num_kv_heads * c.head_dim * 2
-               + 3 * c.d_model * c.ffn_hidden)
+               + ffn.matmul_params(c))
   matmul_params = c.num_layers * per_layer + c.d_model * c.vocab_size
   attention = c.num_layers * 6 * seq_len * c.num_heads * c.head_dim
   return 6 * matmul_params + attention

@@ -2,6 +2,7 @@
 from sparsejax.layers import attention as _attention  # registers "dense", "sliding_window"
 from sparsejax.layers import ffn as _ffn  # registers "swiglu"
 from sparsejax.layers import infllmv2 as _infllmv2  # registers "infllmv2"
+from sparsejax.layers import moe as _moe  # registers "blockffn", "topk_moe", "remoe", "relu_ffn"
 from sparsejax.layers.attention import GroupedQueryAttention, SlidingWindowAttention
 from sparsejax.layers.common import RMSNorm
 from sparsejax.layers.ffn import SwiGLU

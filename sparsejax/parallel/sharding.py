@@ -24,6 +24,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("experts", None),
+    ("expert_mlp", "tensor"),  # each expert's hidden units, like "mlp"
     ("kv_heads", None),
     ("head_dim", None),
     ("norm", None),

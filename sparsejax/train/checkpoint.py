@@ -103,6 +103,35 @@ class Checkpointer:
     self.manager.close()
 
 
+def restore_params_from(workdir, params, *, argument: str = "workdir"):
+  """The newest checkpointed parameters of the run in `workdir`, as (params, step).
+
+  They are restored into the structure, shapes, dtypes and shardings of `params` (a concrete or
+  abstract tree), so a run can start from another run's weights under a different attention kind
+  or max_seq_len (neither changes a parameter). Raises ValueError naming `argument` when
+  `workdir` holds no checkpoint or a parameter's saved shape differs from the model's.
+  """
+  if not isinstance(workdir, str) or not workdir:
+    raise ValueError(f"{argument} must be the workdir of a run (a non-empty string), got "
+                     f"{workdir!r}")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise ValueError(f"{argument}={workdir!r}: expected a run's workdir holding checkpoints/, "
+                     f"found no {ckpt_dir}")
+  checkpointer = Checkpointer(ckpt_dir, max_to_keep=None)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ValueError(f"{argument}={workdir!r}: {ckpt_dir} holds no checkpoint")
+    try:
+      restored = checkpointer.restore(step, params=params, with_data=False)
+    except ValueError as e:  # the shape check: say which setting pointed here
+      raise ValueError(f"{argument}={workdir!r}: {e}") from e
+  finally:
+    checkpointer.close()
+  return restored["params"], step
+
+
 def load_model(workdir: str, step: int | None = None):
   """Rebuilds the model a training run in `workdir` saved, on the local devices.
 

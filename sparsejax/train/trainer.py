@@ -22,7 +22,8 @@ from sparsejax.data import DataConfig, build_tokenizer, load_tokenizer, make_eva
 from sparsejax.data import make_train_iterator
 from sparsejax.model import DecoderLM, matmul_flops_per_token
 from sparsejax.parallel.sharding import make_mesh, param_shardings, shard_batch
-from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.checkpoint import Checkpointer, restore_params_from
+from sparsejax.train.coefficients import Coefficients, weighted_aux_loss
 from sparsejax.train.loss import lm_loss_sums, summarize
 from sparsejax.train.metrics import MetricsWriter
 from sparsejax.train.optim import make_optimizer
@@ -62,12 +63,18 @@ def model_and_data_configs(config: ml_collections.ConfigDict) -> tuple[ModelConf
   return model_cfg, data_cfg
 
 
-def tokenizer_for_run(data_cfg: DataConfig, workdir: str, vocab_size: int):
+def tokenizer_for_run(data_cfg: DataConfig, workdir: str, vocab_size: int, init_from: str = ""):
   """Loads the run's tokenizer from `workdir/tokenizer` or builds and saves it there, so a
-  resumed run and `generate` use exactly the tokenizer the model was trained with."""
+  resumed run and `generate` use exactly the tokenizer the model was trained with. A run that
+  starts from another run's weights (`init_from`) takes that run's tokenizer instead: the
+  weights only mean something under the ids they were trained with."""
   path = os.path.join(workdir, "tokenizer")
+  source = os.path.join(init_from, "tokenizer") if init_from else ""
   if os.path.exists(os.path.join(path, "tokenizer.json")):
     tokenizer = load_tokenizer(path)
+  elif source and os.path.exists(os.path.join(source, "tokenizer.json")):
+    tokenizer = load_tokenizer(source)
+    tokenizer.save(path)
   else:
     tokenizer = build_tokenizer(data_cfg)
     tokenizer.save(path)
@@ -90,8 +97,10 @@ class Trainer:
       raise ValueError(f"train.batch_size={train.batch_size} must be a multiple of "
                        f"train.grad_accum_steps={train.grad_accum_steps}")
     os.makedirs(config.workdir, exist_ok=True)
+    # Another run's workdir whose newest parameters start this run (restored below).
+    init_from = train.get("init_from", "") or ""
     self.tokenizer = tokenizer_for_run(self.data_config, config.workdir,
-                                       self.model_config.vocab_size)
+                                       self.model_config.vocab_size, init_from)
     self.token_bytes = jnp.asarray(token_bytes_table(self.tokenizer, self.model_config.vocab_size))
     self.mesh = make_mesh(**config.mesh, devices=devices)
     self.tx, self.schedule = make_optimizer(train)
@@ -102,7 +111,17 @@ class Trainer:
     self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
     self.flops_per_token = matmul_flops_per_token(self.model_config, self.data_config.seq_len)
 
-    self.params = jax.jit(lambda: self._init_params(), out_shardings=self.param_shardings)()
+    self.checkpointer = Checkpointer(os.path.join(config.workdir, "checkpoints"),
+                                     max_to_keep=train.keep_checkpoints)
+    if init_from and self.checkpointer.latest_step() is None:
+      # Continued pretraining (e.g. dense at 4k -> sparse at 16k): the other run's parameters,
+      # shape-checked, in place of a random init (whose compile is skipped); a fresh optimizer
+      # state, step 0 and this run's own data pipeline follow as for a new run.
+      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nnx.to_pure_dict(abstract_params), self.param_shardings)
+      self.params, _ = restore_params_from(init_from, target, argument="train.init_from")
+    else:
+      self.params = jax.jit(lambda: self._init_params(), out_shardings=self.param_shardings)()
     opt_state = jax.jit(self.tx.init)(self.params)
     # Moments follow their parameters' shardings; scalars (step counts) that jit placed on one
     # device are replicated over the mesh instead.
@@ -112,16 +131,16 @@ class Trainer:
         lambda x: x.sharding if x.sharding.device_set == mesh_devices else replicated, opt_state)
     self.opt_state = jax.device_put(opt_state, self.opt_shardings)
     self.step = 0
+    # Adaptive loss coefficients (host-side; their values are an argument of the train step).
+    self.coefficients = Coefficients.for_model(self.model_config)
     self.data_iter = make_train_iterator(self.data_config, self.tokenizer,
                                          shard_index=jax.process_index(),
                                          shard_count=jax.process_count())
-    self.checkpointer = Checkpointer(os.path.join(config.workdir, "checkpoints"),
-                                     max_to_keep=train.keep_checkpoints)
     self.writer = None  # opened by train(), so a failed construction leaves no open files
     # Fresh lambdas: jax caches traces per function object, and bound methods of two Trainers
     # (say, on different meshes in one process) would otherwise share one.
     self._train_step = jax.jit(
-        lambda p, o, b: self._train_step_impl(p, o, b), donate_argnums=(0, 1),
+        lambda p, o, b, c: self._train_step_impl(p, o, b, c), donate_argnums=(0, 1),
         out_shardings=(self.param_shardings, self.opt_shardings, None))
     self._eval_step = jax.jit(lambda p, b: self._eval_step_impl(p, b))
     self._eval_batches = None
@@ -146,14 +165,17 @@ class Trainer:
                         self.config.train.z_loss)
     return sums, aux
 
-  def _train_step_impl(self, params, opt_state, batch):
+  def _train_step_impl(self, params, opt_state, batch, coefs=None):
+    """One optimizer step. `coefs`: {name: float32 scalar} weights of the "scaled_loss/<name>"
+    aux losses (default: the controllers' current values, baked in as constants)."""
+    coefs = self.coefficients.values() if coefs is None else coefs
     accum = self.config.train.grad_accum_steps
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
     def loss_fn(p, mb):
       sums, aux = self._forward_sums(p, mb)
-      aux_loss = sum((v for k, v in aux.items() if k.startswith("loss/")), jnp.zeros(()))
+      aux_loss = weighted_aux_loss(aux, coefs)
       # Normalised by the whole batch's token count so microbatch gradients add up exactly.
       loss = (sums["nll"] + sums["z"]) / total_tokens + aux_loss / accum
       return loss, (sums, aux)
@@ -174,8 +196,8 @@ class Trainer:
     return params, opt_state, metrics
 
   def _eval_step_impl(self, params, batch):
-    sums, _ = self._forward_sums(params, batch)
-    return sums
+    sums, aux = self._forward_sums(params, batch)
+    return sums, {k: v for k, v in aux.items() if k.startswith("metric/")}
 
   # ---- host-side loop ----
   def _checked(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,18 +211,23 @@ class Trainer:
     return batch
 
   def evaluate(self) -> dict[str, float]:
-    """Loss and bits per byte on the fixed validation batches."""
+    """Loss and bits per byte on the fixed validation batches, and the FFN's metrics
+    ("metric/tls", "metric/cls8", ...: the mean over the batches of each batch's value)."""
     if self._eval_batches is None:
       self._eval_batches = make_eval_batches(self.data_config, self.tokenizer,
                                              self.config.train.eval_batches)
-    totals = None
+    totals = metric_totals = None
     for batch in self._eval_batches:
-      sums = self._eval_step(self.params, shard_batch(batch, self.mesh))
+      sums, metrics = self._eval_step(self.params, shard_batch(batch, self.mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return {k: float(v) for k, v in summarize(totals).items()}
+      metric_totals = (metrics if metric_totals is None
+                       else jax.tree.map(jnp.add, metric_totals, metrics))
+    result = {k: float(v) for k, v in summarize(totals).items()}
+    return result | {k: float(v) / len(self._eval_batches) for k, v in metric_totals.items()}
 
   def save(self, wait: bool = False) -> None:
-    meta = {"step": self.step, "model": self.model_config.to_dict()}
+    meta = {"step": self.step, "model": self.model_config.to_dict(),
+            "coefficients": self.coefficients.state_dict()}
     self.checkpointer.save(self.step, params=self.params, opt_state=self.opt_state,
                            data_state=self.data_iter.get_state(), meta=meta, wait=wait)
 
@@ -209,6 +236,8 @@ class Trainer:
     self.params, self.opt_state = restored["params"], restored["opt_state"]
     self.data_iter.set_state(restored["data"])
     self.step = restored["meta"]["step"]
+    if "coefficients" in restored["meta"]:  # older checkpoints have none: the schedules restart
+      self.coefficients.load_state_dict(restored["meta"]["coefficients"])
 
   def train(self, steps: int | None = None) -> dict[str, Any]:
     """Trains until `steps` (default config.train.steps) and returns a summary."""
@@ -232,11 +261,15 @@ class Trainer:
       fetch_start = time.perf_counter()
       batch = shard_batch(self._checked(next(self.data_iter)), self.mesh)
       data_seconds += time.perf_counter() - fetch_start
-      self.params, self.opt_state, metrics = self._train_step(self.params, self.opt_state, batch)
+      coefs = self.coefficients.values()
+      self.params, self.opt_state, metrics = self._train_step(self.params, self.opt_state, batch,
+                                                              coefs)
       self.step += 1
       window_steps += 1
+      self.coefficients.record(self.step, metrics)  # reads the device only when a rule needs it
       if self.step % cfg.log_every == 0 or self.step == steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics.update({f"coef/{k}": float(v) for k, v in coefs.items()})  # used by this step
         elapsed = time.perf_counter() - window_start
         tokens_per_s = window_steps * tokens_per_step / elapsed
         metrics.update(lr=float(self.schedule(self.step - 1)), tokens_per_s=tokens_per_s,
