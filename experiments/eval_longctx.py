@@ -8,6 +8,10 @@
 the dense layer's parameters, so a checkpoint trained dense is evaluated dense, with InfLLM-V2
 sparse attention, or with a sliding window (InfLLM-V2 keeping only its local blocks) without
 retraining. Writes <out>.json / .md / heat-maps / plot and prints the table.
+
+`--eviction_scorer=snapkv --eviction_compression=8` (or `--eviction_budget=`) generates under a
+KV-cache eviction policy with chunked prefill; its other options are the `--eviction_*` flags of
+experiments/eviction_flags.py. experiments.eviction_sweep runs every scorer x compression.
 """
 import dataclasses
 import json
@@ -16,8 +20,11 @@ import time
 from absl import app, flags, logging
 from flax import nnx
 
+from experiments import eviction_flags
 from sparsejax.eval import TASKS, evaluate, long_perplexity, markdown_table, write_results
 from sparsejax.eval.tasks import HAYSTACKS
+from sparsejax.inference.eviction import EvictingGenerator
+from sparsejax.inference.scorers import SCORERS
 from sparsejax.model import DecoderLM
 from sparsejax.train.checkpoint import load_model
 
@@ -48,6 +55,13 @@ _PPL_TAIL = flags.DEFINE_integer("ppl_tail", 256, "Scored tokens at the end of e
 _PPL_DOCS = flags.DEFINE_integer("ppl_docs", 4, "Documents per perplexity length.")
 _PPL_CHUNK = flags.DEFINE_integer("ppl_chunk", None, "Feed perplexity documents through the KV "
                                   "cache in chunks of this many tokens (default: one pass).")
+# KV-cache eviction (issue 6): generation under a scorer + budget; the policy's other options are
+# the --eviction_* flags of experiments/eviction_flags.py. Long perplexity keeps the full cache.
+_EVICTION_SCORER = flags.DEFINE_enum("eviction_scorer", None, sorted(SCORERS),
+                                     "Generate with this KV-eviction scorer (default: full cache).")
+_EVICTION_BUDGET = flags.DEFINE_integer("eviction_budget", None, "Entries kept per KV head.")
+_EVICTION_COMPRESSION = flags.DEFINE_float("eviction_compression", None,
+                                           "Or: budget = prompt length / this.")
 
 
 def with_attention(model, attention: str | None, options_json: str | None,
@@ -81,10 +95,24 @@ def main(argv):
   ppl_lengths = lengths if _PPL_LENGTHS.value is None else [
       int(x) for x in _PPL_LENGTHS.value if x.lower() != "none"]
   method = _METHOD.value or model.config.attention
+  generate_fn = eviction = None
+  if _EVICTION_SCORER.value:
+    policy = eviction_flags.policy(_EVICTION_SCORER.value, budget=_EVICTION_BUDGET.value,
+                                   compression=_EVICTION_COMPRESSION.value)
+    heads = None
+    if policy.scorer == "locret":
+      heads, note = eviction_flags.load_heads(model)
+      if heads is None:
+        raise app.UsageError(f"--eviction_scorer=locret: {note}")
+    generate_fn = EvictingGenerator(policy, heads)
+    method = _METHOD.value or f"{model.config.attention}+{policy.scorer}"
+    eviction = dataclasses.asdict(policy)
   start = time.time()
   results = evaluate(model, tok, _TASKS.value, lengths, depths, _SAMPLES.value, _SEED.value,
                      _MAX_NEW.value, _BATCH.value, haystack=_HAYSTACK.value, corpus=_CORPUS.value,
-                     log=logging.info)
+                     log=logging.info, generate_fn=generate_fn)
+  if generate_fn is not None:
+    eviction["peak_kv_bytes"] = generate_fn.peak_kv_bytes
   eval_s = time.time() - start
   long_ppl = long_perplexity(model, tok, ppl_lengths, _PPL_TAIL.value, _PPL_DOCS.value,
                              _SEED.value, corpus=_CORPUS.value,
@@ -97,6 +125,7 @@ def main(argv):
                         "haystack": _HAYSTACK.value, "corpus": _CORPUS.value,
                         "max_new_tokens": _MAX_NEW.value, "seed": _SEED.value,
                         "ppl_tail": _PPL_TAIL.value, "ppl_docs": _PPL_DOCS.value,
+                        "eviction": eviction,
                         "eval_seconds": round(eval_s, 1), "total_seconds":
                         round(time.time() - start, 1)},
              **{k: v for k, v in results.items() if k not in ("avg_score", "tasks")}}

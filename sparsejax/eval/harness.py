@@ -49,8 +49,13 @@ def _check_list(name: str, values, kind) -> list:
 def evaluate(model, tokenizer, tasks: Iterable[str], lengths: Iterable[int],
              depths: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0), samples_per_cell: int = 1,
              seed: int = 0, max_new_tokens: int = 64, batch_size: int = 8, *,
-             haystack: str = "noise", corpus: str = "stdlib", log=None) -> dict:
+             haystack: str = "noise", corpus: str = "stdlib", log=None,
+             generate_fn=None) -> dict:
   """Scores greedy completions of every (task, length, depth, sample) cell.
+
+  `generate_fn(model, prompts, *, max_new_tokens, eos_id, pad_to) -> new tokens per prompt`
+  replaces `sparsejax.inference.generate` (the default), e.g. a KV-eviction policy's
+  `sparsejax.inference.eviction.EvictingGenerator`.
 
   Word-list tasks have no needle, so they run at a single depth (0.0) with
   `samples_per_cell * len(depths)` samples, the same number of prompts as a needle task.
@@ -94,8 +99,8 @@ def evaluate(model, tokenizer, tasks: Iterable[str], lengths: Iterable[int],
       chunk = group[start:start + batch_size]
       prompts = [r["ids"] for r in chunk]
       prompts += [prompts[-1]] * (batch_size - len(prompts))  # keep the batch shape fixed
-      outs = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                      pad_to=width)
+      outs = (generate if generate_fn is None else generate_fn)(
+          model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_to=width)
       for r, out in zip(chunk, outs):
         r["prediction"] = tokenizer.decode(out)
         r["score"] = score(r["prediction"], r["answers"])
