@@ -45,6 +45,9 @@ _APPROX = flags.DEFINE_bool("approximate_lse", True, "Stage-1 normaliser over th
 _ATTN_BLOCK_Q = flags.DEFINE_integer(
     "attn_block_q", 64, "Query tokens per program of the sparse attention kernels (fwd/fwd_bwd): "
     "fewer tokens make smaller unions of per-token selections, with smaller tiles.")
+_HEADS_PER_PROGRAM = flags.DEFINE_integer(
+    "heads_per_program", 1, "Query heads of one KV head per forward program (fwd/fwd_bwd): their "
+    "(token, head) pairs are the tile rows, so each program spans 64 / heads_per_program tokens.")
 _SCORE_OPTIONS = flags.DEFINE_string(
     "score_options", "block_rows=128,block_windows=64,num_warps=4,num_stages=2",
     "Tunables of the block-scoring kernel (pallas_kernels/block_scores).")
@@ -133,17 +136,20 @@ def main(argv):
                            topk=_TOPK.value, dense_len=0, approximate_lse=_APPROX.value)
       opts = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in _SCORE_OPTIONS.value.split(",")}
       select = jax.jit(lambda q, k: score_and_select(q, k, cfg, **opts))
+      hp = _HEADS_PER_PROGRAM.value
+      block_q = _ATTN_BLOCK_Q.value if hp == 1 else 64 // hp
       attend = lambda q, k, v, idx, valid: sparse_attention(
-          q, k, v, idx, valid, block_size=_BLOCK.value, block_q=_ATTN_BLOCK_Q.value)[0]
+          q, k, v, idx, valid, block_size=_BLOCK.value, block_q=block_q, heads_per_program=hp)[0]
       idx, valid = select(q, k)
       unions = query_block_unions(idx, valid, num_kv_blocks=seq // _BLOCK.value,
-                                  block_q=_ATTN_BLOCK_Q.value)[..., 0]
+                                  block_q=block_q)[..., 0]
       parts = dict(
           scores_ms=timeit(jax.jit(lambda q, k: block_scores(q, k, cfg, **opts)), q, k),
           selection_ms=timeit(select, q, k),
           attention_given_selection_ms=timeit(jax.jit(attend), q, k, v, idx, valid),
           mean_union_blocks=float(jnp.mean(unions.astype(jnp.float32))),
-          approximate_lse=_APPROX.value, score_options=opts, attn_block_q=_ATTN_BLOCK_Q.value)
+          approximate_lse=_APPROX.value, score_options=opts, attn_block_q=block_q,
+          heads_per_program=hp)
       full = lambda q, k, v: attend(q, k, v, *score_and_select(q, k, cfg, **opts))
       if "fwd" in _PASSES.value:
         rows.append(row(seq, "fwd", timeit(jax.jit(full), q, k, v), t_dense, t_window, flops,

@@ -57,6 +57,32 @@ def test_interpret_matches_reference(batch, seq, heads, kv_heads, dim, topk, pac
   np.testing.assert_allclose(got_lse, want_lse, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,hp", [(16, 1, 16), (8, 2, 2), (6, 2, 1)])
+def test_heads_as_rows_matches_reference(heads, kv_heads, hp):
+  """heads_per_program > 1: the (token, head) rows layout, ragged length, packed, with grads."""
+  batch, seq = 2, 75
+  q, k, v = inputs(heads, batch, seq, heads, kv_heads, 16)
+  seg = jnp.asarray(np.stack([np.r_[np.ones(30), 2 * np.ones(seq - 30)]] * batch), jnp.int32)
+  cfg = config(3)
+  idx, valid = selection(q, k, cfg, seg)
+  want, want_lse = ref_ops.sparse_attention(q, k, v, idx, valid, cfg, segment_ids=seg,
+                                            return_lse=True)
+  run = lambda q, k, v: sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
+                                         implementation="interpret", heads_per_program=hp,
+                                         poison_outputs=True)
+  got, got_lse = run(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got_lse, want_lse, rtol=2e-5, atol=2e-5)
+  w = jax.random.normal(jax.random.key(1), q.shape)
+  grads = jax.grad(lambda q, k, v: jnp.sum(run(q, k, v)[0] * w), (0, 1, 2))(q, k, v)
+  ref = jax.grad(lambda q, k, v: jnp.sum(ref_ops.sparse_attention(
+      q, k, v, idx, valid, cfg, segment_ids=seg) * w), (0, 1, 2))(q, k, v)
+  for g, r in zip(grads, ref):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="heads_per_program"):
+    sparse_attention(q, k, v, idx, valid, block_size=16, heads_per_program=3)
+
+
 def test_every_block_selected_equals_dense():
   q, k, v = inputs(7, 2, 90, 4, 2, 16)
   n_blocks = 6

@@ -1,10 +1,13 @@
 """Block-sparse flash attention, forward, as a Pallas kernel (Triton lowering: a first correct
 GPU version; the Mosaic GPU version with TMA/wgmma is the next step).
 
-One program = one query head x `block_q` query tokens. It loops over the union of the key blocks
+One program = `heads_per_program` query heads of one KV head x `block_q` query tokens; the rows
+of its tiles are the (token, head) pairs, token-major. It loops over the union of the key blocks
 its tokens selected (`index.query_block_unions`), loads each block of K and V once, and masks every
 row to: the blocks its own token selected, causality (key index <= query index) and equal
-segment ids. Online softmax in float32 (base 2), output in the input dtype plus the natural-log
+segment ids. With per-token selections the union grows with the tokens of a program, so taking the
+group's heads as rows (all heads of a KV head share the selection) keeps tiles of 64 rows over
+only 64 / heads_per_program tokens: the layout of the InfLLM-V2 / NSA CUDA kernels. Online softmax in float32 (base 2), output in the input dtype plus the natural-log
 logsumexp per row for the backward pass.
 """
 import functools
@@ -31,14 +34,17 @@ def visible_tile(selected_blocks, block, q_pos, k_pos, q_seg, k_seg):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, *refs,
-                    scale: float, block_q: int, block_k: int):
+                    scale: float, block_q: int, block_k: int, heads_per_program: int):
   o_ref, lse_ref = refs[-2:]  # (with poisoned outputs, the aliased input buffers come first)
   query_block = pl.program_id(0)
+  hp = heads_per_program
+  rows = block_q * hp
   q = q_ref[...]
+  head_dim = q.shape[-1]
+  q = q.reshape(rows, head_dim)
   selected_blocks = sel_ref[...]                      # [block_q, topk] int32, -1 = unused slot
   q_seg = q_seg_ref[...]
   q_pos = query_block * block_q + jnp.arange(block_q)
-  head_dim = q.shape[-1]
 
   def body(u, carry):
     acc, m_prev, l_prev = carry
@@ -48,6 +54,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_r
     logits = plgpu.dot(q, k.T) * (scale * LOG2E)
     visible = visible_tile(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
                            q_seg, kv_seg_ref[keys])
+    if hp > 1:  # every head of a token shares its token's mask
+      visible = jnp.broadcast_to(visible[:, None, :], (block_q, hp, block_k)).reshape(rows, block_k)
     logits = jnp.where(visible, logits, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     correction = jnp.exp2(m_prev - m_next)
@@ -57,21 +65,31 @@ def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_r
     acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return acc, m_next, l_next
 
-  init = (jnp.zeros((block_q, head_dim), jnp.float32),
-          jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+  init = (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
   acc, m, l = lax.fori_loop(0, union_ref[0], body, init)
-  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = (m + jnp.log2(l)) / LOG2E
+  # A row that saw no key (a padding token, e.g. a tile of padding only, whose loop is empty)
+  # gets zeros and lse -inf, as the reference; never 0 / 0.
+  seen = l > 0
+  out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+  lse = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, -jnp.inf)
+  if hp > 1:
+    out = out.reshape(block_q, hp, head_dim)
+    lse = lse.reshape(block_q, hp).T                  # the [heads, tokens] layout of lse_ref
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret", "num_warps",
-                                             "num_stages", "poison"))
+                                             "num_stages", "poison", "heads_per_program"))
 def sparse_attention_forward(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, *,
                              block_q: int, block_k: int, interpret: bool = False,
-                             num_warps: int = 4, num_stages: int = 2, poison: bool = False):
+                             num_warps: int = 4, num_stages: int = 2, poison: bool = False,
+                             heads_per_program: int = 1):
   """Padded inputs: q [b, t, heads, d], k/v [b, s, kv_heads, d] with t % block_q == 0 and
   s % block_k == 0; selected [b, t, kv_heads, topk_pow2] int32 (-1 unused); segment ids
-  [b, t] / [b, s] int32 (padding must not match real tokens); unions from query_block_unions.
+  [b, t] / [b, s] int32 (padding must not match real tokens); unions from query_block_unions
+  at block_q tokens; heads_per_program divides heads // kv_heads.
   Returns (out [b, t, heads, d], lse [b, heads, t] float32). poison=True writes into NaN-filled
   output buffers (tests: any tile the kernel fails to write stays NaN)."""
   batch, q_len, heads, head_dim = q.shape
@@ -79,14 +97,17 @@ def sparse_attention_forward(q, k, v, selected, q_segment_ids, kv_segment_ids, u
   group = heads // kv_heads
   topk = selected.shape[-1]
   width = unions.shape[-1]
-  grid = (q_len // block_q, batch, heads)
+  hp = heads_per_program
+  grid = (q_len // block_q, batch, heads // hp)
   kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(head_dim), block_q=block_q,
-                             block_k=block_k)
+                             block_k=block_k, heads_per_program=hp)
+  head_block = None if hp == 1 else hp  # a squeezed head axis for one head per program
+  kv_head = lambda h: h * hp // group
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)]
   out_specs = [
-      pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
-      pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
+      pl.BlockSpec((None, block_q, head_block, head_dim), lambda i, b, h: (b, i, h, 0)),
+      pl.BlockSpec((None, head_block, block_q), lambda i, b, h: (b, h, i)),
   ]
   poisoned, aliases = [], {}
   if poison:
@@ -96,13 +117,13 @@ def sparse_attention_forward(q, k, v, selected, q_segment_ids, kv_segment_ids, u
       kernel,
       grid=grid,
       in_specs=[
-          pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
-          pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
-          pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
-          pl.BlockSpec((None, block_q, None, topk), lambda i, b, h: (b, i, h // group, 0)),
+          pl.BlockSpec((None, block_q, head_block, head_dim), lambda i, b, h: (b, i, h, 0)),
+          pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h), 0)),
+          pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h), 0)),
+          pl.BlockSpec((None, block_q, None, topk), lambda i, b, h: (b, i, kv_head(h), 0)),
           pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
           pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
-          pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, h // group, i, 0)),
+          pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, kv_head(h), i, 0)),
       ] + (out_specs if poison else []),
       out_specs=out_specs,
       out_shape=out_shape,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.sparse_attention.backward import sparse_attention_backward
 from pallas_kernels.sparse_attention.forward import sparse_attention_forward
-from pallas_kernels.sparse_attention.index import block_index, next_power_of_2
+from pallas_kernels.sparse_attention.index import block_index, next_power_of_2, query_block_unions
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
@@ -50,16 +50,26 @@ def _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementat
 
 def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
                      segment_ids=None, implementation: str = "pallas", block_q: int | None = None,
-                     poison_outputs: bool = False):
-  """See the module docstring. block_q: query tokens per kernel program (default block_size);
-  poison_outputs: run the kernel on NaN-filled output buffers (a test of full coverage)."""
+                     heads_per_program: int = 1, poison_outputs: bool = False):
+  """See the module docstring. block_q: query tokens per forward program (default block_size,
+  or 64 / heads_per_program); heads_per_program: query heads of one KV head per forward program,
+  a power of two dividing num_heads / num_kv_heads (their (token, head) pairs are the tile rows,
+  so a program's union spans fewer tokens); the backward kernels keep one head x block_size
+  tokens per program. poison_outputs: run the kernel on NaN-filled output buffers (a test of
+  full coverage)."""
   _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation)
+  group = q.shape[2] // k.shape[2]
+  hp = heads_per_program
+  if not isinstance(hp, int) or hp < 1 or hp & (hp - 1) or group % hp:
+    raise ValueError(f"sparse_attention: heads_per_program must be a power of two dividing "
+                     f"num_heads / num_kv_heads = {group}, got {heads_per_program!r}")
   if segment_ids is None:
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-  block_q = block_size if block_q is None else block_q
+  if block_q is None:
+    block_q = block_size if hp == 1 else max(1, 64 // hp)
   return _sparse_attention(q, k, v, block_idx, block_valid.astype(bool),
                            segment_ids.astype(jnp.int32),
-                           (block_size, block_q, implementation, poison_outputs))
+                           (block_size, block_q, implementation, poison_outputs, hp))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -67,10 +77,16 @@ def _sparse_attention(q, k, v, block_idx, block_valid, segment_ids, static):
   return _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static)[0]
 
 
-def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q):
-  """Pads the sequence to whole tiles and builds the kernels' index (see index.py)."""
+def _bwd_block_q(block_size, block_q, hp):
+  return block_q if hp == 1 else block_size
+
+
+def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q, hp):
+  """Pads the sequence to whole tiles and builds the kernels' indexes (see index.py): the
+  forward's unions at block_q tokens, and the backward's (unions, transposed) at its own."""
   seq = q.shape[1]
-  tile = max(block_q, block_size)
+  bwd_q = _bwd_block_q(block_size, block_q, hp)
+  tile = max(block_q, block_size, bwd_q)
   padded = -(-seq // tile) * tile
   pad = padded - seq
   pad_tokens = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
@@ -81,28 +97,30 @@ def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, blo
   idx = jnp.where(block_valid, block_idx, -1).astype(jnp.int32)
   idx = jnp.pad(idx, ((0, 0), (0, pad), (0, 0), (0, next_power_of_2(topk) - topk)),
                 constant_values=-1)
-  unions, kv_queries = block_index(idx, idx >= 0, num_kv_blocks=padded // block_size,
-                                   block_q=block_q)
-  return (pad_tokens(q), pad_tokens(k), pad_tokens(v), idx, q_seg, kv_seg, unions), kv_queries
+  backward_index = block_index(idx, idx >= 0, num_kv_blocks=padded // block_size, block_q=bwd_q)
+  unions = backward_index[0] if bwd_q == block_q else query_block_unions(
+      idx, idx >= 0, num_kv_blocks=padded // block_size, block_q=block_q)
+  return (pad_tokens(q), pad_tokens(k), pad_tokens(v), idx, q_seg, kv_seg, unions), backward_index
 
 
 def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
-  block_size, block_q, implementation, poison = static
+  block_size, block_q, implementation, poison, hp = static
   if implementation == "reference":
     out = sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids,
                                      block_size=block_size)
     return out, (q, k, v, block_idx, block_valid, segment_ids)
   seq = q.shape[1]
-  inputs, kv_queries = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size,
-                                      block_q)
+  inputs, backward_index = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids,
+                                          block_size, block_q, hp)
   out, lse = sparse_attention_forward(*inputs, block_q=block_q, block_k=block_size, poison=poison,
-                                      interpret=implementation == "interpret")
+                                      interpret=implementation == "interpret",
+                                      heads_per_program=hp)
   result = (out[:, :seq], jnp.transpose(lse, (0, 2, 1))[:, :seq])
-  return result, (inputs, kv_queries, out, lse)
+  return result, (inputs[:-1], backward_index, out, lse)
 
 
 def _bwd_rule(static, residuals, cotangents):
-  block_size, block_q, implementation, _ = static
+  block_size, block_q, implementation, _, hp = static
   d_out, d_lse = cotangents
   if implementation == "reference":
     q, k, v, block_idx, block_valid, segment_ids = residuals
@@ -110,15 +128,16 @@ def _bwd_rule(static, residuals, cotangents):
                                                            segment_ids, block_size=block_size)
     _, vjp = jax.vjp(reference, q, k, v)
     return (*vjp(cotangents), None, None, None)
-  inputs, kv_queries, out, lse = residuals
+  inputs, (unions, kv_queries), out, lse = residuals
   seq, padded = d_out.shape[1], out.shape[1]
   pad = ((0, 0), (0, padded - seq))
   d_out = jnp.pad(d_out, pad + ((0, 0), (0, 0)))
   d_lse = jnp.pad(jnp.transpose(d_lse, (0, 2, 1)), ((0, 0), (0, 0), (0, padded - seq)))
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32)) - d_lse
-  q, k, v, idx, q_seg, kv_seg, unions = inputs
+  q, k, v, idx, q_seg, kv_seg = inputs
   dq, dk, dv = sparse_attention_backward(q, k, v, idx, q_seg, kv_seg, unions, kv_queries, lse,
-                                         delta, d_out.astype(q.dtype), block_q=block_q,
+                                         delta, d_out.astype(q.dtype),
+                                         block_q=_bwd_block_q(block_size, block_q, hp),
                                          block_k=block_size,
                                          interpret=implementation == "interpret")
   return dq[:, :seq], dk[:, :seq], dv[:, :seq], None, None, None

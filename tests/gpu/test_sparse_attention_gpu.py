@@ -14,9 +14,10 @@ def rel_err(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("seq,heads,kv_heads,packed", [(4096, 32, 2, False), (4000, 8, 8, True),
-                                                        (2048, 16, 1, True)])
-def test_pallas_matches_reference(seq, heads, kv_heads, packed):
+@pytest.mark.parametrize("seq,heads,kv_heads,packed,hp", [
+    (4096, 32, 2, False, 1), (4000, 8, 8, True, 1), (2048, 16, 1, True, 1),
+    (4096, 32, 2, False, 16), (4000, 16, 2, True, 8)])
+def test_pallas_matches_reference(seq, heads, kv_heads, packed, hp):
   keys = jax.random.split(jax.random.key(seq), 3)
   q = jax.random.normal(keys[0], (1, seq, heads, 128), jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, seq, kv_heads, 128), jnp.bfloat16)
@@ -28,8 +29,8 @@ def test_pallas_matches_reference(seq, heads, kv_heads, packed):
   scores = jax.jit(lambda q, k: ref_ops.block_scores(q, k, cfg, segment_ids=seg))(q, k)
   idx, valid = ref_ops.select_blocks(scores, cfg, q_len=seq, kv_len=seq, segment_ids=seg)
   segments = jnp.ones((1, seq), jnp.int32) if seg is None else seg
-  got, got_lse = jax.jit(lambda *a: sparse_attention(*a, segment_ids=seg, poison_outputs=True))(
-      q, k, v, idx, valid)
+  got, got_lse = jax.jit(lambda *a: sparse_attention(*a, segment_ids=seg, heads_per_program=hp,
+                                                      poison_outputs=True))(q, k, v, idx, valid)
   want, want_lse = jax.jit(lambda *a: sparse_attention_reference(*a, segments, block_size=64))(
       q, k, v, idx, valid)
   assert np.isfinite(np.asarray(got, np.float32)).all()
