@@ -132,28 +132,42 @@ def main(argv):
   unknown = [m for m in _METHODS.value if m not in ablation.METHODS]
   if unknown:
     raise ValueError(f"--methods: unknown {unknown}; known: {list(ablation.METHODS)}")
-  results = {method: run_method(method) for method in _METHODS.value}
+  # Results are rewritten after every method, so a run cut short (a GPU call's time limit)
+  # still leaves the methods it finished.
+  results = {}
+  for method in _METHODS.value:
+    results[method] = run_method(method)
+    write_outputs(results)
+  print(markdown(results, _header(results)))
+
+
+def _scale():
   first = ablation.get_config(_METHODS.value[0] + (",tiny" if _TINY.value else ""))
-  scale = {"d_model": first.model.d_model, "num_layers": first.model.num_layers,
-           "seq_len": first.data.seq_len, "batch_size": first.train.batch_size,
-           "steps": _STEPS.value or first.train.steps, "tokenizer": first.data.tokenizer,
-           "tiny": _TINY.value}
+  return {"d_model": first.model.d_model, "num_layers": first.model.num_layers,
+          "seq_len": first.data.seq_len, "batch_size": first.train.batch_size,
+          "steps": _STEPS.value or first.train.steps, "tokenizer": first.data.tokenizer,
+          "tiny": _TINY.value}
+
+
+def _header(results):
   import jax
-  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "scale": scale,
+  scale = _scale()
+  return (f"# BlockFFN ablation ({jax.devices()[0].device_kind}; d_model {scale['d_model']}, "
+          f"{scale['num_layers']} layers, {scale['steps']} steps of {scale['batch_size']} x "
+          f"{scale['seq_len']} byte tokens)")
+
+
+def write_outputs(results):
+  import jax
+  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "scale": _scale(),
          "paper_0.1b": {k: {"tls": t, "cls8": c, "ppl": p} for k, (t, c, p) in PAPER.items()},
          "methods": results}
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value + ".json", "w") as f:
     json.dump(out, f, indent=2)
-  header = (f"# BlockFFN ablation ({out['device']}; d_model {scale['d_model']}, "
-            f"{scale['num_layers']} layers, {scale['steps']} steps of {scale['batch_size']} x "
-            f"{scale['seq_len']} byte tokens)")
-  table = markdown(results, header)
   with open(_OUT.value + ".md", "w") as f:
-    f.write(table)
+    f.write(markdown(results, _header(results)))
   plot(results, _OUT.value + ".png")
-  print(table)
-
 
 if __name__ == "__main__":
   app.run(main)
