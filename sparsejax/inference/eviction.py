@@ -29,6 +29,7 @@ from flax import nnx
 
 from sparsejax.inference import eviction_cache
 from sparsejax.inference.eviction_cache import POSITION_MODES, EvictingLayerKV
+from sparsejax.inference.generate import check_prompts
 from sparsejax.inference.sampling import sample_next
 from sparsejax.inference.scorers import SCORERS, ScoreInputs
 
@@ -271,24 +272,10 @@ def _jitted(name: str):
 
 
 def _check_prompts(cfg, prompts, pad_to, max_new_tokens) -> tuple[np.ndarray, int]:
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("prompts must be a non-empty list of non-empty token lists")
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
     raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  width = int(lengths.max())
-  if pad_to is not None:
-    if pad_to < width:
-      raise ValueError(f"pad_to={pad_to} is shorter than the longest prompt ({width})")
-    width = pad_to
-  if width + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(
-        f"prompts: the longest prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds "
-        f"ModelConfig.max_seq_len={cfg.max_seq_len}")
-  for i, p in enumerate(prompts):
-    if min(p) < 0 or max(p) >= cfg.vocab_size:
-      raise ValueError(f"prompts: prompt {i} has token ids outside [0, {cfg.vocab_size})")
-  return lengths, width
+  return check_prompts(cfg, prompts, max_new_tokens=max_new_tokens, pad_to=pad_to,
+                       fn="prefill_with_eviction")
 
 
 def _split_heads(config: EvictionConfig, heads):

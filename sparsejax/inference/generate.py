@@ -22,24 +22,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
   reuse one compiled prefill and decode loop.
   """
   cfg = model.config
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  width = int(lengths.max())
-  if pad_to is not None:
-    if pad_to < width:
-      raise ValueError(f"generate: pad_to={pad_to} is shorter than the longest prompt ({width})")
-    width = pad_to
-  if width + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(
-        f"generate: longest prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds "
-        f"ModelConfig.max_seq_len={cfg.max_seq_len}")
+  lengths, width = check_prompts(cfg, prompts, max_new_tokens=max_new_tokens, pad_to=pad_to,
+                                 fn="generate")
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   for i, p in enumerate(prompts):
-    if min(p) < 0 or max(p) >= cfg.vocab_size:
-      raise ValueError(f"generate: prompt {i} has token ids outside [0, {cfg.vocab_size})")
     tokens[i, :len(p)] = p
   segment_ids = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
   rng = jax.random.key(0) if rng is None else rng
@@ -53,6 +41,28 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
       row = row[:row.index(eos_id)]
     results.append(row)
   return results
+
+
+def check_prompts(cfg, prompts, *, max_new_tokens: int, pad_to: int | None,
+                  fn: str) -> tuple[np.ndarray, int]:
+  """Checks a batch of prompts (lists of token ids) against the model; returns (lengths int32
+  [batch], the padded width: the longest prompt, or pad_to). `fn` names the caller in errors."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError(f"{fn}: prompts must be a non-empty list of non-empty token lists")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  width = int(lengths.max())
+  if pad_to is not None:
+    if pad_to < width:
+      raise ValueError(f"{fn}: pad_to={pad_to} is shorter than the longest prompt ({width})")
+    width = pad_to
+  if width + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f"{fn}: longest prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds "
+        f"ModelConfig.max_seq_len={cfg.max_seq_len}")
+  for i, p in enumerate(prompts):
+    if min(p) < 0 or max(p) >= cfg.vocab_size:
+      raise ValueError(f"{fn}: prompt {i} has token ids outside [0, {cfg.vocab_size})")
+  return lengths, width
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
