@@ -29,7 +29,7 @@ from flax import nnx
 
 from sparsejax.inference import eviction_cache
 from sparsejax.inference.eviction_cache import POSITION_MODES, EvictingLayerKV
-from sparsejax.inference.generate import check_prompts
+from sparsejax.inference.generate import check_prompts, cut_at_eos
 from sparsejax.inference.sampling import sample_next
 from sparsejax.inference.scorers import SCORERS, ScoreInputs
 
@@ -391,11 +391,7 @@ def generate_with_eviction(model, prompts: list[list[int]], *, config: EvictionC
       config=_trace_config(config), evict=config.decode_mode == "evict",
       max_new_tokens=max_new_tokens,
       temperature=float(temperature), top_p=float(top_p))
-  results = []
-  for row in np.asarray(out).tolist():
-    if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id)]
-    results.append(row)
+  results = cut_at_eos(out, eos_id)
   return (results, pre.stats) if return_stats else results
 
 

@@ -35,8 +35,13 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
   out = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids),
                       jnp.asarray(lengths), rng, max_new_tokens=max_new_tokens,
                       temperature=float(temperature), top_p=float(top_p))
+  return cut_at_eos(out, eos_id)
+
+
+def cut_at_eos(tokens, eos_id: int | None) -> list[list[int]]:
+  """[batch, new] generated ids -> one list per row, cut before its first eos_id (if given)."""
   results = []
-  for row in np.asarray(out).tolist():
+  for row in np.asarray(tokens).tolist():
     if eos_id is not None and eos_id in row:
       row = row[:row.index(eos_id)]
     results.append(row)
