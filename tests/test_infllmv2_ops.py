@@ -477,19 +477,3 @@ def test_ops_reject_bad_inputs_naming_the_argument():
     infllmv2.infllmv2_attention(q, k, v, {"topk": 4})
   with pytest.raises(ValueError, match="q_start"):
     infllmv2.infllmv2_attention(q, k, v, SMALL, q_start=jnp.zeros(3, jnp.int32))
-
-
-def test_score_and_select_chunked_equals_direct():
-  """Selecting over query chunks (the long-context memory path) changes nothing."""
-  cfg = InfLLMv2Config(block_size=8, compress_window=4, compress_stride=2, lse_window=8,
-                       lse_stride=4, init_blocks=1, local_blocks=1, topk=3, dense_len=0)
-  keys = jax.random.split(jax.random.key(11), 2)
-  q = jax.random.normal(keys[0], (2, 45, 4, 8))
-  k = jax.random.normal(keys[1], (2, 45, 2, 8))
-  seg = jnp.asarray(np.stack([np.r_[np.ones(20), 2 * np.ones(25)], np.ones(45)]), jnp.int32)
-  for segment_ids in (None, seg):
-    want = jax.jit(lambda q, k: infllmv2.score_and_select(q, k, cfg, segment_ids=segment_ids))(q, k)
-    got = jax.jit(lambda q, k: infllmv2.score_and_select(q, k, cfg, segment_ids=segment_ids,
-                                                  query_chunk=16))(q, k)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])

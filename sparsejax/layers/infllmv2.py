@@ -49,13 +49,14 @@ class InfLLMv2Attention(GroupedQueryAttention):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
     self.sparse = infllmv2_config(config)
-    self.kernel = config.attention_kwargs().get("kernel")
+    self.kernel = (config.attention_kwargs().get("kernel")
+                   or ("pallas" if jax.default_backend() == "gpu" else "reference"))
 
   def attend(self, q, k, v, *, segment_ids, kv_segment_ids=None, q_start=None, kv_lengths=None):
     if k.shape[1] < self.sparse.dense_len:
       return super().attend(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                             q_start=q_start, kv_lengths=kv_lengths)
-    kernel = self.kernel or ("pallas" if jax.default_backend() == "gpu" else "reference")
+    kernel = self.kernel
     # With a cache (q_start): chunked prefill, or a cache without compressed keys.
     if kernel == "reference" or q_start is not None:
       return infllmv2_attention(q, k, v, self.sparse, segment_ids=segment_ids,
@@ -99,7 +100,7 @@ class InfLLMv2Attention(GroupedQueryAttention):
                                   kv_lengths=kv_lengths)
     dt = self.config.compute_dtype
     k, v = cache.k.astype(dt), cache.v.astype(dt)
-    kernel = self.kernel or ("pallas" if jax.default_backend() == "gpu" else "reference")
+    kernel = self.kernel
     kw = dict(q_start=q_start, kc_coarse=cache.kc_coarse, segment_ids=segment_ids,
               kv_segment_ids=kv_segment_ids)
     if kernel == "reference":

@@ -574,45 +574,6 @@ def infllmv2_attention(
   return out
 
 
-def score_and_select(q: jax.Array, k: jax.Array, cfg: InfLLMv2Config, *,
-                     segment_ids: jax.Array | None = None,
-                     query_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """`block_scores` then `select_blocks` for self-attention over whole rows.
-
-  With `query_chunk`, queries are processed `query_chunk` at a time (lax.map), each chunk scored
-  against all keys as a decode step at its offset would be, so memory is O(query_chunk x
-  compressed keys x heads) instead of O(q_len x ...): the selection then runs at 32k-128k tokens.
-  The result is identical to the unchunked one.
-  """
-  b, t = q.shape[:2]
-  if query_chunk is None or query_chunk >= t:
-    scores = block_scores(q, k, cfg, segment_ids=segment_ids)
-    return select_blocks(scores, cfg, q_len=t, kv_len=k.shape[1], segment_ids=segment_ids)
-  if not isinstance(query_chunk, int) or query_chunk < 1:
-    raise ValueError(f"score_and_select: query_chunk must be a positive int, got {query_chunk!r}")
-  n = -(-t // query_chunk)
-  pad = n * query_chunk - t
-  chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  chunks = jnp.moveaxis(chunks.reshape(b, n, query_chunk, *q.shape[2:]), 1, 0)
-  seg_chunks = None
-  if segment_ids is not None:
-    seg_chunks = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-    seg_chunks = jnp.moveaxis(seg_chunks.reshape(b, n, query_chunk), 1, 0)
-
-  def one(i):
-    start = jnp.full((b,), i * query_chunk, jnp.int32)
-    seg = None if seg_chunks is None else seg_chunks[i]
-    kv_seg = None if seg_chunks is None else segment_ids
-    scores = block_scores(chunks[i], k, cfg, segment_ids=seg, kv_segment_ids=kv_seg,
-                          q_start=start)
-    return select_blocks(scores, cfg, q_len=query_chunk, kv_len=k.shape[1], q_start=start,
-                         segment_ids=seg, kv_segment_ids=kv_seg)
-
-  idx, valid = jax.lax.map(one, jnp.arange(n))
-  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * query_chunk, *x.shape[3:])[:, :t]
-  return unchunk(idx), unchunk(valid)
-
-
 # ----------------------------------------------------------------------------------------------
 # Decoding with compressed keys kept in the KV cache
 #
