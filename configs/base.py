@@ -29,6 +29,11 @@ def base_config() -> ml_collections.ConfigDict:
       # workdir has no checkpoint yet): fresh optimizer, step 0, this config's data.
       init_from=""))
 
+  # Generated retrieval rows replacing a fraction of every batch's rows
+  # (sparsejax.train.retrieval_mix; 0 = off). Tasks and haystacks are comma-separated.
+  c.retrieval_mix = ml_collections.ConfigDict(dict(
+      fraction=0.0, tasks="passkey,multi_key,multi_value,multi_query", haystacks="noise,corpus"))
+
   # Devices are arranged (data, fsdp, tensor); data=-1 takes whatever is left.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

@@ -28,9 +28,15 @@ GPU sizes and the reasoning behind them (one H100, about 10 minutes of wall cloc
             ~3M BPE tokens), so 65M pretraining tokens are 6 epochs with bytes against ~22 with
             BPE. The validation split (116 KB) holds 33k BPE tokens, too few for distinct 16k
             documents in the long perplexity.
-  pretrain  500 steps x 32 rows x 4096 tokens = 65.5M tokens, lr 2e-3 WSD. About 2.5-3.5 min
-            expected (see experiments/longctx_ablation.py for the estimate).
-  continue  60 steps x 4 rows x 16384 tokens = 3.9M tokens per method, lr 5e-4 WSD (warmup 6).
+  pretrain  500 steps x 32 rows x 4096 tokens = 65.5M tokens, lr 2e-3 WSD. 223 s on the H100.
+            A quarter of the rows are generated retrieval tasks (`retrieval_mix`: passkey,
+            multi-key, multi-value, multi-query on noise or training-split haystacks, each row one
+            task and its answer; sparsejax/train/retrieval_mix.py says why and how evaluation
+            stays held out). Without them the first run scored 0 on every task with every
+            attention, dense included: a 26M byte model never saw the task formats.
+  continue  60 steps x 4 rows x 16384 tokens = 3.9M tokens per method, lr 5e-4 WSD (warmup 6),
+            half of the rows retrieval tasks of 16k, so each method learns to retrieve across
+            the new length with its own attention.
   sparse    blocks of 64. Each query sees 1 init block, 8 local blocks (512 tokens) and 23 top-k
             blocks: topk = 32 blocks = 2048 visible tokens, which is 12.5% of a 16k context. That
             is well under the issue's 15%. The paper's 6k of 128k is 4.7%; at 16k that would be
@@ -88,8 +94,10 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
     c.train.update(steps=500, batch_size=32, lr=2e-3, warmup_steps=50, decay_fraction=0.2,
                    log_every=10, eval_every=100, eval_batches=1,
                    keep_checkpoints=1)
+    c.retrieval_mix.fraction = 0.25
     a.continuation = ml_collections.ConfigDict(dict(
         seq_len=16384, steps=60, batch_size=4, lr=5e-4, warmup_steps=6, decay_fraction=0.2,
+        retrieval_fraction=0.5,
         # One validation batch (65k tokens) already cycles the 116 KB validation split.
         log_every=2, eval_every=30, eval_batches=1,
         # Prompts of the longest evaluated length plus bos and the generated tokens must fit;
@@ -110,8 +118,11 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
     c.data.update(seq_len=64, tokenizer="byte")
     c.train.update(steps=4, batch_size=2, lr=3e-3, warmup_steps=1, decay_fraction=0.25,
                    log_every=1, eval_every=0, eval_batches=1, keep_checkpoints=1)
+    # Rows of 64 are too short for a task; the continuation's 256 hold a passkey.
+    c.retrieval_mix.update(fraction=0.0, tasks="passkey")
     a.continuation = ml_collections.ConfigDict(dict(
         seq_len=256, steps=2, batch_size=1, lr=1e-3, warmup_steps=1, decay_fraction=0.5,
+        retrieval_fraction=0.5,
         log_every=1, eval_every=2, eval_batches=1, max_seq_len=512))
     # 4 blocks of 16 = 64 visible tokens: 25% of 256; dense_len 128 < every evaluated length.
     a.sparse = ml_collections.ConfigDict(dict(
@@ -136,8 +147,8 @@ def visible_tokens(config: ml_collections.ConfigDict) -> int:
 def continuation_config(config: ml_collections.ConfigDict,
                         method: str) -> ml_collections.ConfigDict:
   """The `method` continuation of the pretraining `config`: the same model weights (init_from
-  <root>/pretrain), this method's attention, the continuation's length, steps, batch and learning
-  rate, the same seeds, and workdir <root>/<method>."""
+  <root>/pretrain), this method's attention, the continuation's length, steps, batch, learning
+  rate and retrieval fraction, the same seeds, and workdir <root>/<method>."""
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   a = config.ablation
@@ -158,6 +169,7 @@ def continuation_config(config: ml_collections.ConfigDict,
                  warmup_steps=cont.warmup_steps, decay_fraction=cont.decay_fraction,
                  log_every=cont.log_every, eval_every=cont.eval_every,
                  eval_batches=cont.eval_batches, checkpoint_every=cont.steps)
+  c.retrieval_mix.fraction = cont.retrieval_fraction
   if method == "dense":
     c.model.update(attention="dense", attention_options={})
   elif method == "infllmv2":

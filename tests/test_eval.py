@@ -131,12 +131,12 @@ def test_corpus_haystack_uses_the_validation_split_only(monkeypatch):
 
   monkeypatch.setattr(tasks, "resolve_corpus", spy)
   monkeypatch.setattr(perplexity, "resolve_corpus", spy)
-  tasks._validation_texts.cache_clear()
+  tasks._split_texts.cache_clear()
   try:
     s = make_sample("passkey", BYTE, 3000, 0.5, seed=0, haystack="corpus")
     long_documents(BYTE, 2048, 2, seed=0)
   finally:
-    tasks._validation_texts.cache_clear()
+    tasks._split_texts.cache_clear()
   assert splits and set(splits) == {"validation"}
   val_text = "".join(read_text(p) for p in resolve_corpus("stdlib", "validation"))
   lines = [l for l in s.prompt.splitlines()[1:-2] if len(l.strip()) > 30 and "pass key" not in l]

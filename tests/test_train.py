@@ -45,6 +45,26 @@ def test_exact_resume(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params_of(straight), params_of(resumed))
 
 
+def test_exact_resume_with_retrieval_rows(tmp_path):
+  def config(workdir):
+    c = micro_config(workdir, steps=4, checkpoint_every=2, batch_size=2)
+    c.model.max_seq_len = c.data.seq_len = 320
+    c.retrieval_mix.update(fraction=0.5, tasks="passkey")
+    return c
+
+  straight = Trainer(config(tmp_path / "a"), progress=False)
+  full = straight.train()
+  straight.close()
+  first = Trainer(config(tmp_path / "b"), progress=False)
+  half = first.train(steps=2)
+  first.close()
+  resumed = Trainer(config(tmp_path / "b"), progress=False)
+  rest = resumed.train()
+  resumed.close()
+  assert [h["loss"] for h in full["history"]] == \
+      [h["loss"] for h in half["history"] + rest["history"]]
+
+
 def test_grad_accumulation_matches_full_batch(tmp_path):
   one = Trainer(micro_config(tmp_path / "a", steps=2, checkpoint_every=0), progress=False)
   one.train()

@@ -18,7 +18,8 @@ Tasks (after RULER, Hsieh et al. 2024):
 
 Haystacks: "noise" repeats RULER's filler sentences ("The grass is green. ..."); "corpus" is real
 text from the VALIDATION split of a corpus (never the training split, so a model cannot have
-memorised it). Needle depth d in [0, 1] places the needle after the haystack piece whose end is
+memorised it). Training mixtures (`sparsejax.train.retrieval_mix`, Locret's examples) pass
+`text_split="train"` so that the text they train on is never what evaluation reads. Needle depth d in [0, 1] places the needle after the haystack piece whose end is
 nearest to the fraction d of the haystack's tokens.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from sparsejax.data.corpus import read_text, resolve_corpus
 
 HAYSTACKS = ("noise", "corpus")
+TEXT_SPLITS = ("validation", "train")
 NOISE_SENTENCES = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ",
                    "Here we go. ", "There and back again. ")
 # Tasks whose needles sit at a chosen depth; the others (word lists) ignore `depth`.
@@ -97,11 +99,11 @@ def _noise_pieces() -> Iterator[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _validation_texts(corpus: str) -> tuple[str, ...]:
-  """Texts of the corpus's validation files (cached: every sample of a run reads them)."""
-  texts = tuple(read_text(p) for p in resolve_corpus(corpus, "validation"))
+def _split_texts(corpus: str, split: str) -> tuple[str, ...]:
+  """Texts of the corpus's files of `split` (cached: every sample of a run reads them)."""
+  texts = tuple(read_text(p) for p in resolve_corpus(corpus, split))
   if not any(t.strip() for t in texts):
-    raise ValueError(f"corpus={corpus!r}: the validation split holds no text")
+    raise ValueError(f"corpus={corpus!r}: the {split} split holds no text")
   return texts
 
 
@@ -114,13 +116,13 @@ def _corpus_pieces(texts: Sequence[str], start: int) -> Iterator[str]:
           yield line if line.endswith("\n") else line + "\n"
 
 
-def _haystack(kind: str, rng: np.random.Generator, corpus: str):
+def _haystack(kind: str, rng: np.random.Generator, corpus: str, text_split: str):
   """(piece stream factory, separator after a needle). The factory restarts the same stream, so
   `_fit` can re-measure the same text with another budget."""
   if kind == "noise":
     return _noise_pieces, " "
   if kind == "corpus":
-    texts = _validation_texts(corpus)
+    texts = _split_texts(corpus, text_split)
     start = int(rng.integers(len(texts)))
     return (lambda: _corpus_pieces(texts, start)), "\n"
   raise ValueError(f"haystack must be one of {HAYSTACKS}, got haystack={kind!r}")
@@ -207,9 +209,10 @@ def _random_depths(rng: np.random.Generator, n: int) -> list[float]:
 
 
 def passkey(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
-            haystack: str = "noise", corpus: str = "stdlib") -> Sample:
+            haystack: str = "noise", corpus: str = "stdlib",
+            text_split: str = "validation") -> Sample:
   _check(length, depth)
-  pieces, sep = _haystack(haystack, rng, corpus)
+  pieces, sep = _haystack(haystack, rng, corpus, text_split)
   key = _number(rng, 5)
   prompt = _fit(tokenizer, length,
                 prefix="A pass key is hidden inside the text below. Find it and remember it.\n",
@@ -220,10 +223,11 @@ def passkey(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
 
 
 def multi_key(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
-              haystack: str = "noise", corpus: str = "stdlib") -> Sample:
+              haystack: str = "noise", corpus: str = "stdlib",
+              text_split: str = "validation") -> Sample:
   """The asked needle sits at `depth`; NUM_MULTI - 1 distractors at random depths."""
   _check(length, depth)
-  pieces, sep = _haystack(haystack, rng, corpus)
+  pieces, sep = _haystack(haystack, rng, corpus, text_split)
   keys = _distinct(lambda: _pseudo_word(rng), NUM_MULTI)
   values = _distinct(lambda: _number(rng, 7), NUM_MULTI)
   prompt = _fit(tokenizer, length, prefix=_NIAH_PREFIX, pieces=pieces,
@@ -235,10 +239,11 @@ def multi_key(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
 
 
 def multi_value(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
-                haystack: str = "noise", corpus: str = "stdlib") -> Sample:
+                haystack: str = "noise", corpus: str = "stdlib",
+                text_split: str = "validation") -> Sample:
   """The first value sits at `depth`, the others at random depths."""
   _check(length, depth)
-  pieces, sep = _haystack(haystack, rng, corpus)
+  pieces, sep = _haystack(haystack, rng, corpus, text_split)
   key = _pseudo_word(rng)
   values = _distinct(lambda: _number(rng, 7), NUM_MULTI)
   prompt = _fit(tokenizer, length, prefix=_NIAH_PREFIX, pieces=pieces,
@@ -250,10 +255,11 @@ def multi_value(tokenizer, length: int, depth: float, rng: np.random.Generator, 
 
 
 def multi_query(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
-                haystack: str = "noise", corpus: str = "stdlib") -> Sample:
+                haystack: str = "noise", corpus: str = "stdlib",
+                text_split: str = "validation") -> Sample:
   """The first key's needle sits at `depth`, the others at random depths."""
   _check(length, depth)
-  pieces, sep = _haystack(haystack, rng, corpus)
+  pieces, sep = _haystack(haystack, rng, corpus, text_split)
   keys = _distinct(lambda: _pseudo_word(rng), NUM_MULTI)
   values = _distinct(lambda: _number(rng, 7), NUM_MULTI)
   asked = ", ".join(keys[:-1]) + f" and {keys[-1]}"
@@ -266,11 +272,12 @@ def multi_query(tokenizer, length: int, depth: float, rng: np.random.Generator, 
 
 
 def variable_tracking(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
-                      haystack: str = "noise", corpus: str = "stdlib") -> Sample:
+                      haystack: str = "noise", corpus: str = "stdlib",
+                      text_split: str = "validation") -> Sample:
   """The chain's first assignment sits at `depth` and its hops spread evenly after it, so the
   chain always reads forward; a distractor chain with another value lies at random depths."""
   _check(length, depth)
-  pieces, sep = _haystack(haystack, rng, corpus)
+  pieces, sep = _haystack(haystack, rng, corpus, text_split)
   names = _distinct(lambda: _var_name(rng), 2 * (VT_HOPS + 1))
   value, other = _distinct(lambda: _number(rng, 5), 2)
 
@@ -335,7 +342,8 @@ def _word_list(tokenizer, length: int, rng: np.random.Generator, prefix: str, qu
 
 
 def common_words(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
-                 haystack: str = "noise", corpus: str = "stdlib") -> Sample:
+                 haystack: str = "noise", corpus: str = "stdlib",
+                 text_split: str = "validation") -> Sample:
   """RULER's CWE: `num_cw` words appear `freq_cw` times, the others `freq_ucw` < freq_cw times.
   At 4k+ tokens that is RULER's 10 words x 30 vs 3; shorter prompts scale the counts down."""
   del haystack, corpus  # the list is the whole context
@@ -361,7 +369,8 @@ def common_words(tokenizer, length: int, depth: float, rng: np.random.Generator,
 
 
 def frequent_words(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
-                   haystack: str = "noise", corpus: str = "stdlib") -> Sample:
+                   haystack: str = "noise", corpus: str = "stdlib",
+                   text_split: str = "validation") -> Sample:
   """RULER's FWE: coded words with Zipf(alpha=2) counts; the top three are strictly more frequent
   than every other word (counts are set, then shuffled, so the answer is never a tie)."""
   del haystack, corpus
@@ -399,15 +408,26 @@ TASKS: dict[str, Callable[..., Sample]] = {
 
 
 def make_sample(task: str, tokenizer, length: int, depth: float = 0.5, seed: int = 0,
-                haystack: str = "noise", corpus: str = "stdlib") -> Sample:
+                haystack: str = "noise", corpus: str = "stdlib",
+                text_split: str = "validation") -> Sample:
   """One sample of `task`, `length` tokens of `tokenizer`; the same arguments give the same
   sample. The seed is mixed with the task name, length and depth so that cells of a sweep do not
-  share their keys."""
+  share their keys. `text_split`: the corpus split a "corpus" haystack reads ("validation" for
+  evaluation, "train" for training mixtures)."""
   if task not in TASKS:
     raise ValueError(f"task must be one of {sorted(TASKS)}, got task={task!r}")
   if haystack not in HAYSTACKS:
     raise ValueError(f"haystack must be one of {HAYSTACKS}, got haystack={haystack!r}")
+  if text_split not in TEXT_SPLITS:
+    raise ValueError(f"text_split must be one of {TEXT_SPLITS}, got text_split={text_split!r}")
   _check(length, depth)
   mix = [int(seed), int(length), int(round(float(depth) * 1e6))] + list(task.encode())
   rng = np.random.default_rng(mix)
-  return TASKS[task](tokenizer, int(length), float(depth), rng, haystack=haystack, corpus=corpus)
+  return TASKS[task](tokenizer, int(length), float(depth), rng, haystack=haystack, corpus=corpus,
+                     text_split=text_split)
+
+
+def answer_text(sample: Sample) -> str:
+  """The gold completion of a prompt, as training data spells it: " a, b, c." (the harness
+  scores any completion containing every answer)."""
+  return " " + ", ".join(sample.answers) + "."

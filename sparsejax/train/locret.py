@@ -46,7 +46,7 @@ import optax
 from flax import nnx
 
 from sparsejax.data.corpus import read_text, resolve_corpus
-from sparsejax.eval.tasks import HAYSTACKS, TASKS, make_sample
+from sparsejax.eval.tasks import HAYSTACKS, TASKS, answer_text, make_sample
 from sparsejax.layers.retaining_heads import RetainingHeads
 from sparsejax.ops.rope import apply_rope
 
@@ -391,9 +391,9 @@ class ExampleSource:
       sample = make_sample(task, tok, length - 1 - c.answer_max_len - self._slack,
                            depth=float(rng.uniform()),
                            seed=_TASK_SEED_BASE[split] + (c.seed << 24) + index,
-                           haystack=haystack, corpus=c.corpus)
+                           haystack=haystack, corpus=c.corpus, text_split="train")
       context = [tok.bos_id] + tok.encode(sample.prompt)
-      answer = tok.encode(" " + ", ".join(sample.answers) + ".")[:c.answer_max_len]
+      answer = tok.encode(answer_text(sample))[:c.answer_max_len]
     else:
       task = "text"
       ids = self._train_text(rng, length - 1)

@@ -27,6 +27,7 @@ from sparsejax.train.coefficients import Coefficients, weighted_aux_loss
 from sparsejax.train.loss import lm_loss_sums, summarize
 from sparsejax.train.metrics import MetricsWriter
 from sparsejax.train.optim import make_optimizer
+from sparsejax.train.retrieval_mix import RetrievalMixConfig, RetrievalMixIterator
 
 # Dense bf16 peak of the accelerators we count MFU against (vendor datasheets, no sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -136,6 +137,11 @@ class Trainer:
     self.data_iter = make_train_iterator(self.data_config, self.tokenizer,
                                          shard_index=jax.process_index(),
                                          shard_count=jax.process_count())
+    self.retrieval_mix = RetrievalMixConfig.from_config(config.get("retrieval_mix"))
+    if self.retrieval_mix.fraction > 0:
+      self.data_iter = RetrievalMixIterator(
+          self.data_iter, self.tokenizer, self.retrieval_mix, corpus=self.data_config.source,
+          seed=self.data_config.seed, shard_index=jax.process_index())
     self.writer = None  # opened by train(), so a failed construction leaves no open files
     # Fresh lambdas: jax caches traces per function object, and bound methods of two Trainers
     # (say, on different meshes in one process) would otherwise share one.

@@ -1,0 +1,122 @@
+"""Generated retrieval rows in training batches: layout, determinism, resume, data hygiene."""
+import re
+
+import numpy as np
+import pytest
+
+from sparsejax.data import DataConfig, build_tokenizer, make_train_iterator
+from sparsejax.data.corpus import resolve_corpus
+from sparsejax.eval import tasks
+from sparsejax.eval.harness import score
+from sparsejax.train.retrieval_mix import RetrievalMixConfig, RetrievalMixIterator
+
+SEQ = 600
+DATA = DataConfig(seq_len=SEQ, batch_size=6)
+TOK = build_tokenizer(DATA)
+
+
+def mixed(fraction, seed=0, **mix):
+  return RetrievalMixIterator(make_train_iterator(DATA, TOK), TOK,
+                              RetrievalMixConfig(fraction=fraction, **mix), corpus="stdlib",
+                              seed=seed)
+
+
+def text(ids):
+  return TOK.decode([int(i) for i in ids if i < 256])
+
+
+def test_no_fraction_leaves_batches_alone():
+  plain, mix = make_train_iterator(DATA, TOK), mixed(0.0)
+  for _ in range(3):
+    a, b = next(plain), next(mix)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_every_row_is_a_task_followed_by_its_answer():
+  it = mixed(1.0)
+  seen = set()
+  for _ in range(3):
+    b = next(it)
+    for r in range(DATA.batch_size):
+      n = int(b["loss_mask"][r].sum())
+      assert n > SEQ - 80  # the prompt fills the row, the answer and eos end it
+      assert b["inputs"][r, 0] == TOK.bos_id and b["targets"][r, n - 1] == TOK.eos_id
+      np.testing.assert_array_equal(b["inputs"][r, 1:n], b["targets"][r, :n - 1])
+      np.testing.assert_array_equal(b["segment_ids"][r], (np.arange(SEQ) < n).astype(int))
+      np.testing.assert_array_equal(b["positions"][r, :n], np.arange(n))
+      assert (b["inputs"][r, n:] == TOK.pad_id).all() and (b["positions"][r, n:] == 0).all()
+      body = text(b["inputs"][r, :n])
+      seen.add(body.splitlines()[0][:20])
+      # The question's last words, then the gold numbers: what the harness would score 1.
+      answer = re.fullmatch(r".*(?: is| are)((?: \d+,?)+)\.", body.splitlines()[-1])
+      assert answer, body.splitlines()[-1]
+      numbers = answer.group(1).replace(",", "").split()
+      assert score(answer.group(1), numbers) == 1.0
+  assert len(seen) >= 2  # several task formats drawn
+
+
+def test_rows_replaced_follow_the_fraction_and_the_seed():
+  counts = []
+  for _ in range(2):
+    it, n = mixed(0.5, seed=3), 0
+    for _ in range(8):
+      b = next(it)
+      n += sum(text(b["inputs"][r, :12]).startswith(("A pass", "Some spec"))
+               for r in range(DATA.batch_size))
+    counts.append(n)
+  assert counts[0] == counts[1] and 12 <= counts[0] <= 36  # 48 rows at 0.5
+  a, b = next(mixed(0.5, seed=3)), next(mixed(0.5, seed=4))
+  assert not all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_with_the_same_rows():
+  it = mixed(0.5)
+  next(it)
+  state = it.get_state()
+  expect = [next(it) for _ in range(2)]
+  again = mixed(0.5)
+  again.set_state(state)
+  for e in expect:
+    got = next(again)
+    assert all(np.array_equal(e[k], got[k]) for k in e)
+  with pytest.raises(ValueError, match="without retrieval_mix"):
+    again.set_state(make_train_iterator(DATA, TOK).get_state())
+
+
+def test_corpus_haystacks_read_the_training_split_only(monkeypatch):
+  splits = []
+
+  def spy(source, split, *args, **kwargs):
+    splits.append(split)
+    return resolve_corpus(source, split, *args, **kwargs)
+
+  monkeypatch.setattr(tasks, "resolve_corpus", spy)
+  tasks._split_texts.cache_clear()
+  try:
+    b = next(mixed(1.0, haystacks="corpus", tasks="passkey"))
+  finally:
+    tasks._split_texts.cache_clear()
+  assert splits and set(splits) == {"train"}
+  train_text = "".join(tasks.read_text(p) for p in resolve_corpus("stdlib", "train"))
+  lines = [l for l in text(b["inputs"][0]).splitlines()[1:-2]
+           if len(l.strip()) > 30 and "pass key" not in l]
+  assert len(lines) > 3 and all(l in train_text for l in lines)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("fraction", 1.5, "fraction must be a number in"),
+    ("tasks", "passkey,nope", "tasks must name some of"),
+    ("haystacks", "", "haystacks must name some of"),
+])
+def test_bad_config_is_named(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    RetrievalMixConfig(**{field: value})
+
+
+def test_rows_too_short_for_the_task_are_refused():
+  short = DataConfig(seq_len=200, batch_size=2)
+  it = RetrievalMixIterator(make_train_iterator(short, TOK), TOK,
+                            RetrievalMixConfig(fraction=1.0, tasks="multi_query"),
+                            corpus="stdlib", seed=0)
+  with pytest.raises(ValueError, match="too short for this task"):
+    next(it)
