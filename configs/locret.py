@@ -5,6 +5,10 @@
 
 The paper's recipe: hidden 1024, AdamW lr 5e-4, batch 1, 3000 steps, sequences up to 10k tokens.
 `--config=configs/locret.py:tiny` is a CPU-sized run for tests and laptops.
+`--config=configs/locret.py:longctx` trains heads beside the long-context ablation's dense 16k
+backbone (configs/longctx_ablation.py:gpu, runs/longctx_ablation_gpu/dense) in about a minute of
+one H100, for issue 6's sweep (experiments/gpu_eviction.sh): 400 steps, lengths 4k-16k, the
+needle tasks that backbone was trained on, noise and training-split haystacks.
 """
 import ml_collections
 
@@ -44,6 +48,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(lengths="512", answer_max_len=32, tasks="passkey,multi_key,variable_tracking")
     c.train.update(steps=60, warmup_steps=4, lr=3e-3, log_every=10, checkpoint_every=0)
     c.eval.examples = 4
+  elif variant == "longctx":
+    c.workdir = "runs/locret_longctx"
+    c.backbone_workdir = "runs/longctx_ablation_gpu/dense"
+    c.data.update(lengths="4096,8192,16384",
+                  tasks="passkey,multi_key,multi_value,multi_query", haystacks="noise,corpus")
+    c.train.update(steps=400, warmup_steps=40, log_every=20, checkpoint_every=0)
   elif variant not in (None, ""):
-    raise ValueError(f"configs/locret.py: variant must be '' or 'tiny', got {variant!r}")
+    raise ValueError(f"configs/locret.py: variant must be '', 'tiny' or 'longctx', got "
+                     f"{variant!r}")
   return c

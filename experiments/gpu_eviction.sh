@@ -1,0 +1,38 @@
+#!/bin/bash
+# Issue 6 in one device call: Locret's retaining heads beside the long-context ablation's dense
+# 16k backbone, then every scorer x compression ratio on the needle tasks at 16k. Results in $OUT.
+#   bash experiments/gpu_eviction.sh   (on the GPU machine, from the repo root, .whl carried)
+# The backbone is runs/longctx_ablation_gpu/dense when the machine still holds it (the call right
+# after `experiments.longctx_ablation --scale=gpu`); otherwise it is retrained here with the same
+# recipe and fewer pretraining steps (PRETRAIN_STEPS).
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+ROOT=${ROOT:-runs/longctx_ablation_gpu}
+HEADS=${HEADS:-runs/locret_longctx}
+mkdir -p "$OUT"
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
+quiet() { grep -v -i "warning\|^  warnings\|^$"; }
+if ! ls "$ROOT"/dense/checkpoints/*/ >/dev/null 2>&1; then
+  steps=${PRETRAIN_STEPS:-200}
+  stamp "no backbone in $ROOT/dense: pretraining $steps steps, then the dense 16k continuation"
+  python3 -m experiments.pretrain --config=configs/longctx_ablation.py:gpu \
+    --config.workdir="$ROOT/pretrain" --config.train.steps=$steps \
+    --config.train.checkpoint_every=$steps --config.train.log_every=50 2>&1 | quiet | tail -5
+  python3 -m experiments.pretrain --config=configs/longctx_ablation.py:gpu,dense \
+    --config.workdir="$ROOT/dense" --config.train.init_from="$ROOT/pretrain" 2>&1 | quiet | tail -4
+fi
+stamp "retaining heads"
+timeout ${HEADS_S:-180} python3 -m experiments.train_retaining_heads \
+  --config=configs/locret.py:longctx --config.backbone_workdir="$ROOT/dense" \
+  --config.workdir="$HEADS" 2>&1 | quiet | tail -25
+cp "$HEADS/summary.json" "$OUT/retaining_heads_summary.json" 2>/dev/null
+stamp "eviction sweep"
+timeout ${SWEEP_S:-420} python3 -m experiments.eviction_sweep --workdir="$ROOT/dense" \
+  --retaining_heads="$HEADS/retaining_heads" --lengths=${LENGTHS:-16384} \
+  --tasks=${TASKS:-passkey,multi_key} --samples=1 --batch_size=5 --max_new_tokens=12 \
+  --out="$OUT/eviction_sweep" 2>&1 | quiet | tail -40
+stamp "done"
