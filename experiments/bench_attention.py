@@ -30,6 +30,7 @@ from pallas_kernels.block_scores import block_scores, score_and_select
 from pallas_kernels.sparse_attention import sparse_attention
 from pallas_kernels.sparse_attention.forward import sparse_attention_forward
 from pallas_kernels.sparse_attention.index import next_power_of_2, query_block_unions
+from sparsejax.layers.infllmv2 import heads_per_program
 from sparsejax.ops.infllmv2 import InfLLMv2Config
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768", "65536", "131072"], "Sequence lengths.")
@@ -46,8 +47,9 @@ _ATTN_BLOCK_Q = flags.DEFINE_integer(
     "attn_block_q", 64, "Query tokens per program of the sparse attention kernels (fwd/fwd_bwd): "
     "fewer tokens make smaller unions of per-token selections, with smaller tiles.")
 _HEADS_PER_PROGRAM = flags.DEFINE_integer(
-    "heads_per_program", 1, "Query heads of one KV head per forward program (fwd/fwd_bwd): their "
-    "(token, head) pairs are the tile rows, so each program spans 64 / heads_per_program tokens.")
+    "heads_per_program", None, "Query heads of one KV head per forward program (fwd/fwd_bwd): "
+    "their (token, head) pairs are the tile rows, so each program spans 64 / heads_per_program "
+    "tokens. Default: the InfLLM-V2 layer's choice (16 for these 16-head groups).")
 _SCORE_OPTIONS = flags.DEFINE_string(
     "score_options", "block_rows=128,block_windows=64,num_warps=4,num_stages=2",
     "Tunables of the block-scoring kernel (pallas_kernels/block_scores).")
@@ -136,7 +138,7 @@ def main(argv):
                            topk=_TOPK.value, dense_len=0, approximate_lse=_APPROX.value)
       opts = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in _SCORE_OPTIONS.value.split(",")}
       select = jax.jit(lambda q, k: score_and_select(q, k, cfg, **opts))
-      hp = _HEADS_PER_PROGRAM.value
+      hp = heads_per_program(_HEADS_PER_PROGRAM.value, HEADS // KV_HEADS)
       block_q = _ATTN_BLOCK_Q.value if hp == 1 else 64 // hp
       attend = lambda q, k, v, idx, valid: sparse_attention(
           q, k, v, idx, valid, block_size=_BLOCK.value, block_q=block_q, heads_per_program=hp)[0]

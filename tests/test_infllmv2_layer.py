@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from sparsejax.inference import generate
+from sparsejax.layers.infllmv2 import heads_per_program
 from sparsejax.layers.kv_cache import KVCache
 from sparsejax.model import DecoderLM
 from tests.test_model import small_config
@@ -80,15 +81,27 @@ def test_unknown_option_is_named():
     DecoderLM(sparse_config(top_k=3), rngs=nnx.Rngs(0))
 
 
-def test_kernel_path_equals_reference_path():
+@pytest.mark.parametrize("heads_per_program", [1, "auto"])  # small_config's groups are 2 heads
+def test_kernel_path_equals_reference_path(heads_per_program):
   dense = DecoderLM(small_config(), rngs=nnx.Rngs(4))
   options = dict(block_size=16, compress_window=8, compress_stride=4, lse_window=16, lse_stride=8,
                  topk=2, local_blocks=1)
   reference = with_params_of(dense, sparse_config(kernel="reference", **options))
-  kernel = with_params_of(dense, sparse_config(kernel="interpret", **options))
+  kernel = with_params_of(dense, sparse_config(kernel="interpret",
+                                               heads_per_program=heads_per_program, **options))
   tokens = jax.random.randint(jax.random.key(4), (2, 56), 0, 97)
   seg = jnp.array([[1] * 20 + [2] * 36, [1] * 56], jnp.int32)
   pos = jnp.array([list(range(20)) + list(range(36)), list(range(56))], jnp.int32)
   np.testing.assert_allclose(kernel(tokens, positions=pos, segment_ids=seg)[0],
                              reference(tokens, positions=pos, segment_ids=seg)[0],
                              rtol=2e-4, atol=2e-4)
+
+
+def test_heads_per_program_option():
+  assert [heads_per_program("auto", g) for g in (1, 2, 3, 6, 16, 32)] == [1, 2, 1, 2, 16, 16]
+  assert heads_per_program(4, 8) == 4
+  for bad in (3, 0, 4.0, True, "all"):
+    with pytest.raises(ValueError, match="heads_per_program"):
+      heads_per_program(bad, 8)
+  with pytest.raises(ValueError, match="dividing num_heads / num_kv_heads = 2"):
+    DecoderLM(sparse_config(heads_per_program=4), rngs=nnx.Rngs(0))

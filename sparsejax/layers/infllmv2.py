@@ -28,8 +28,27 @@ from sparsejax.ops.infllmv2 import (InfLLMv2Config, infllmv2_attention, infllmv2
 # attention_options keys that are not InfLLMv2Config fields: "implementation" picks the dense
 # attention ("xla" | "cudnn" | None), "kernel" the sparse ones: block scoring and block-sparse
 # attention ("pallas" | "interpret" | "reference" | None = the Pallas kernels on a GPU, the jnp
-# reference elsewhere).
-LAYER_OPTIONS = ("implementation", "kernel")
+# reference elsewhere); "heads_per_program" how many query heads of a KV group share a forward
+# program of the block-sparse kernel ("auto": the largest power of two dividing the group, at most
+# 16). Sharing shrinks the tokens a program spans (64 / heads), so the union of their selections
+# it must visit: at 128k on the H100 the forward's attention took 49 ms at 16 heads against 122 ms
+# at 1 (experiments/results/bench_attention_fwd_heads_per_program16.md).
+LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program")
+MAX_HEADS_PER_PROGRAM = 16
+
+
+def heads_per_program(option, group: int) -> int:
+  """The forward kernel's heads per program for a KV group of `group` query heads."""
+  if option in (None, "auto"):
+    hp = 1
+    while hp * 2 <= MAX_HEADS_PER_PROGRAM and group % (hp * 2) == 0:
+      hp *= 2
+    return hp
+  if isinstance(option, bool) or not isinstance(option, int) or option < 1 \
+      or option & (option - 1) or group % option:
+    raise ValueError(f"attention_options['heads_per_program'] must be 'auto' or a power of two "
+                     f"dividing num_heads / num_kv_heads = {group}, got {option!r}")
+  return option
 
 
 def infllmv2_config(config: ModelConfig) -> InfLLMv2Config:
@@ -49,8 +68,11 @@ class InfLLMv2Attention(GroupedQueryAttention):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
     self.sparse = infllmv2_config(config)
-    self.kernel = (config.attention_kwargs().get("kernel")
+    options = config.attention_kwargs()
+    self.kernel = (options.get("kernel")
                    or ("pallas" if jax.default_backend() == "gpu" else "reference"))
+    self.heads_per_program = heads_per_program(options.get("heads_per_program"),
+                                               config.num_heads // config.num_kv_heads)
 
   def attend(self, q, k, v, *, segment_ids, kv_segment_ids=None, q_start=None, kv_lengths=None):
     if k.shape[1] < self.sparse.dense_len:
@@ -68,6 +90,7 @@ class InfLLMv2Attention(GroupedQueryAttention):
                                               implementation=kernel)
     out, _ = sparse_attention_kernel(q, k, v, block_idx, block_valid,
                                      block_size=self.sparse.block_size, segment_ids=segment_ids,
+                                     heads_per_program=self.heads_per_program,
                                      implementation=kernel)
     return out
 
