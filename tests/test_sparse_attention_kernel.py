@@ -1,12 +1,13 @@
 """The block-sparse attention kernels (Pallas, interpret mode on the CPU) against sparsejax's
 InfLLM-V2 reference: several shapes, ragged lengths, GQA 1/2/16, batch 2, packed documents,
-poisoned outputs, and the backward kernels' gradients."""
+poisoned outputs, and the backward kernels' gradients, one head or several per program."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.sparse_attention import query_block_unions, sparse_attention
+from pallas_kernels.sparse_attention.index import block_index
 from sparsejax.ops import infllmv2 as ref_ops
 from sparsejax.ops.attention import dense_attention
 
@@ -104,11 +105,15 @@ def test_bf16_inputs():
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("batch,seq,heads,kv_heads,packed", [(1, 48, 4, 2, False),
-                                                           (2, 70, 4, 4, True),
-                                                           (1, 64, 16, 1, True)])
-def test_gradients_match_reference(batch, seq, heads, kv_heads, packed):
-  """The dq and dk/dv kernels (through the custom_vjp), including the lse output's cotangent."""
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,packed,hp", [
+    (1, 48, 4, 2, False, 1), (2, 70, 4, 4, True, 1), (1, 64, 16, 1, True, 1),
+    (2, 75, 8, 2, True, 4),    # heads_per_program = group: one head-chunk per KV head
+    (2, 75, 16, 2, True, 2),   # heads_per_program < group: dk/dv loop over 4 head-chunks
+    (2, 100, 8, 2, True, 2)])
+def test_gradients_match_reference(batch, seq, heads, kv_heads, packed, hp):
+  """The dq and dk/dv kernels (through the custom_vjp), including the lse output's cotangent;
+  tokens 32-47 select nothing, so some rows see no key: a whole tile of them at 16-token tiles,
+  beside rows that see keys at 32-token tiles (hp = 2)."""
   q, k, v = inputs(seq, batch, seq, heads, kv_heads, 16)
   seg = None
   if packed:
@@ -116,21 +121,23 @@ def test_gradients_match_reference(batch, seq, heads, kv_heads, packed):
                       jnp.int32)
   cfg = config(2)
   idx, valid = selection(q, k, cfg, seg)
+  valid = valid.at[:, 32:48].set(False)
   w = jax.random.normal(jax.random.key(9), q.shape)
   w_lse = jax.random.normal(jax.random.key(10), q.shape[:3])
 
   def kernel_loss(q, k, v):
     out, lse = sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
-                                implementation="interpret")
-    return jnp.sum(out * w) + jnp.sum(lse * w_lse)
+                                implementation="interpret", heads_per_program=hp)
+    return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse)
 
   def ref_loss(q, k, v):
     out, lse = ref_ops.sparse_attention(q, k, v, idx, valid, cfg, segment_ids=seg,
                                         return_lse=True)
-    return jnp.sum(out * w) + jnp.sum(lse * w_lse)
+    return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse)
 
   for got, want in zip(jax.grad(kernel_loss, (0, 1, 2))(q, k, v),
                        jax.grad(ref_loss, (0, 1, 2))(q, k, v)):
+    assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -138,6 +145,36 @@ def test_query_block_unions():
   idx = jnp.array([[[[0, 2]], [[2, 1]], [[3, 3]], [[0, -1]]]])  # [1, 4 tokens, 1 head, 2]
   unions = query_block_unions(idx, idx >= 0, num_kv_blocks=4, block_q=2)
   np.testing.assert_array_equal(unions[0, 0, :, :4], [[3, 0, 1, 2], [2, 0, 3, 0]])
+
+
+def test_rows_without_keys_beside_rows_with_keys():
+  q, k, v = inputs(5, 1, 64, 4, 2, 16)
+  cfg = config(2)
+  idx, valid = selection(q, k, cfg, None)
+  valid = valid.at[:, 32:48].set(False)          # half of a 32-token tile (hp = 2) sees nothing
+  got, got_lse = sparse_attention(q, k, v, idx, valid, block_size=16, implementation="interpret",
+                                  heads_per_program=2)
+  want, want_lse = ref_ops.sparse_attention(q, k, v, idx, valid, cfg, return_lse=True)
+  np.testing.assert_array_equal(got_lse[:, 32:48], want_lse[:, 32:48])   # -inf
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("block_q", [1, 2, 4])
+def test_block_index_transposes_the_unions(block_q):
+  """The dk/dv kernel's index: per key block, the query tiles whose union holds it, ascending."""
+  rng = np.random.default_rng(block_q)
+  idx = jnp.asarray(rng.integers(-1, 6, (2, 8, 3, 4)), jnp.int32)    # 6 key blocks, some unused
+  unions, ranges, tiles = block_index(idx, idx >= 0, num_kv_blocks=6, block_q=block_q)
+  np.testing.assert_array_equal(unions, query_block_unions(idx, idx >= 0, num_kv_blocks=6,
+                                                           block_q=block_q))
+  unions, ranges, tiles = np.asarray(unions), np.asarray(ranges), np.asarray(tiles)
+  for b in range(2):
+    for h in range(3):
+      for kb in range(6):
+        want = [qb for qb in range(8 // block_q)
+                if kb in unions[b, h, qb, 1:1 + unions[b, h, qb, 0]]]
+        count, start = ranges[b, h, kb]
+        assert list(tiles[b, h, start:start + count]) == want
 
 
 def test_bad_inputs_are_named():

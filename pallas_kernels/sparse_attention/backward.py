@@ -1,11 +1,15 @@
 """Block-sparse flash attention, backward, as two Pallas kernels (Triton lowering).
 
-  dq:     one program = one query head x `block_q` query tokens, looping over the union of key
-          blocks its tokens selected (the forward's loop), recomputing the probabilities from the
-          forward's logsumexp.
-  dk, dv: one program = one KV head x one key block, looping over the query blocks that selected
-          it (the transposed index, `index.block_index`) and over the query heads of its group,
-          so every dk/dv tile is written by exactly one program (no atomics).
+Both use the forward's tiles: `heads_per_program` (hp) query heads of one KV head x `block_q`
+query tokens, the rows being the (token, head) pairs, token-major (hp = 1: one head x block_q
+tokens). With per-token selections a tile's union grows with its tokens, so spending the 64 rows
+on hp heads of 64 / hp tokens (which share their selections) is what keeps the work small.
+
+  dq:     one program = one tile, looping over the union of key blocks its tokens selected (the
+          forward's loop and index), recomputing the probabilities from the forward's logsumexp.
+  dk, dv: one program = one KV head x one key block, looping over the tiles whose union holds it
+          (the transposed index, `index.block_index`) and, for each, over the group's chunks of
+          hp heads, so every dk/dv tile is written by exactly one program (no atomics).
 
 Both mask each row exactly as the forward does: its token's own selected blocks, causality and
 equal segment ids. delta = rowsum(dO * O) - dLSE comes from outside (one fused XLA reduction; the
@@ -23,6 +27,13 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.sparse_attention.forward import LOG2E, visible_tile
 
 
+def _per_row(visible, block_q: int, hp: int):
+  """The token mask [block_q, block_k] on the tile's (token, head) rows, as the forward lays it."""
+  if hp == 1:
+    return visible
+  block_k = visible.shape[-1]
+  return jnp.broadcast_to(visible[:, None, :], (block_q, hp, block_k)).reshape(block_q * hp,
+                                                                               block_k)
 
 
 def _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale):
@@ -34,11 +45,16 @@ def _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, scale: float, block_q: int, block_k: int):
+               delta_ref, dq_ref, *, scale: float, block_q: int, block_k: int,
+               heads_per_program: int):
   query_block = pl.program_id(0)
+  hp = heads_per_program
+  rows = block_q * hp
   q = q_ref[...]
-  do = do_ref[...]
-  lse2 = lse_ref[...] * LOG2E      # base-2 logsumexp of the scaled logits
+  head_dim = q.shape[-1]
+  q = q.reshape(rows, head_dim)   # [block_q, hp, d] -> (token, head) rows, as the forward
+  do = do_ref[...].reshape(rows, head_dim)
+  lse2 = lse_ref[...]              # [rows], base 2 (see `_row_major`)
   delta = delta_ref[...]
   selected_blocks = sel_ref[...]
   q_seg = q_seg_ref[...]
@@ -50,99 +66,134 @@ def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, d
     k = k_ref[keys, :]
     v = v_ref[keys, :]
     visible = visible_tile(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
-                       q_seg, kv_seg_ref[keys])
-    _, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale)
+                           q_seg, kv_seg_ref[keys])
+    _, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, _per_row(visible, block_q, hp), scale)
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-  dq = lax.fori_loop(0, union_ref[0], body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  dq = lax.fori_loop(0, union_ref[0], body, jnp.zeros((rows, head_dim), jnp.float32))
+  dq = dq * scale
+  if hp > 1:
+    dq = dq.reshape(block_q, hp, head_dim)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, queries_ref, do_ref,
-                 lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int,
-                 block_k: int, group: int):
+def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, range_ref, tiles_ref,
+                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int,
+                 block_k: int, group: int, heads_per_program: int):
   key_block = pl.program_id(0)
   kv_head = pl.program_id(2)
+  hp = heads_per_program
+  rows = block_q * hp
+  chunks = group // hp           # the tile's hp heads are one chunk of the KV head's group
   k = k_ref[...]
   v = v_ref[...]
+  head_dim = k.shape[-1]
   k_seg = kv_seg_ref[...]
   k_pos = key_block * block_k + jnp.arange(block_k)
+  first = range_ref[1]
 
-  def over_query_blocks(i, carry):
-    query_block = queries_ref[i + 1]
-    rows = pl.ds(query_block * block_q, block_q)
+  def over_query_tiles(i, carry):
+    query_block = tiles_ref[first + i]
+    tokens = pl.ds(query_block * block_q, block_q)
     q_pos = query_block * block_q + jnp.arange(block_q)
-    visible = visible_tile(sel_ref[rows, :], key_block, q_pos, k_pos, q_seg_ref[rows], k_seg)
+    visible = _per_row(visible_tile(sel_ref[tokens, :], key_block, q_pos, k_pos,
+                                    q_seg_ref[tokens], k_seg), block_q, hp)
+    tile_rows = pl.ds(query_block * rows, rows)
 
-    def over_heads(g, carry):
+    def over_head_chunks(c, carry):
       dk, dv = carry
-      head = kv_head * group + g
-      q = q_ref[rows, head, :]
-      do = do_ref[rows, head, :]
-      lse2 = lse_ref[head, rows] * LOG2E
-      delta = delta_ref[head, rows]
+      chunk = kv_head * chunks + c
+      heads = chunk if hp == 1 else pl.ds(chunk * hp, hp)
+      q = q_ref[tokens, heads, :].reshape(rows, head_dim)
+      do = do_ref[tokens, heads, :].reshape(rows, head_dim)
+      lse2 = lse_ref[chunk, tile_rows]
+      delta = delta_ref[chunk, tile_rows]
       p, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale)
       dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
       dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
       return dk, dv
 
-    return lax.fori_loop(0, group, over_heads, carry)
+    return lax.fori_loop(0, chunks, over_head_chunks, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, queries_ref[0], over_query_blocks, (zeros, zeros))
+  dk, dv = lax.fori_loop(0, range_ref[0], over_query_tiles, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _row_major(x, hp: int):
+  """[b, heads, t] -> [b, heads // hp, t * hp]: a tile's rows (token-major (token, head) pairs of
+  hp heads) become one contiguous run, so the kernels load them as a vector of the tile's rows
+  without reshaping it (an XLA transpose of b x heads x t floats, next to nothing)."""
+  batch, heads, length = x.shape
+  x = x.reshape(batch, heads // hp, hp, length)
+  return jnp.swapaxes(x, 2, 3).reshape(batch, heads // hp, length * hp)
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret", "num_warps",
-                                             "num_stages"))
+                                             "num_stages", "heads_per_program"))
 def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, unions,
-                              kv_queries, lse, delta, d_out, *, block_q: int, block_k: int,
-                              interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
-  """Padded inputs as in `sparse_attention_forward`, its lse [b, heads, t], delta [b, heads, t]
-  (rowsum(dO * O) - dLSE) and the output cotangent. Returns (dq, dk, dv) like q, k, v."""
+                              kv_ranges, kv_tiles, lse, delta, d_out, *, block_q: int,
+                              block_k: int, interpret: bool = False, num_warps: int = 4,
+                              num_stages: int = 2, heads_per_program: int = 1):
+  """Padded inputs as in `sparse_attention_forward` (with its block_q, heads_per_program and
+  unions), the transposed index of `index.block_index` at the same block_q, the forward's lse
+  [b, heads, t], delta [b, heads, t] (rowsum(dO * O) - dLSE) and the output cotangent.
+  Returns (dq, dk, dv) like q, k, v."""
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
+  hp = heads_per_program
   topk = selected.shape[-1]
   scale = 1.0 / math.sqrt(head_dim)
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  # A row that saw no key has lse -inf (and zero output): exp2(logits - -inf) = inf, which only
+  # the mask would keep out of P and dS (inf * 0 = NaN one step off). As +inf its P is
+  # exp2(-inf) = 0 by itself, so such a row contributes nothing whatever the mask.
+  lse2 = _row_major(jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E), hp)
+  delta = _row_major(delta, hp)
 
-  q_tile = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
-  kv_all = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
-  row_vec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
+  head_block = None if hp == 1 else hp  # a squeezed head axis for one head per program
+  kv_head = lambda h: h * hp // group
+  q_tile = pl.BlockSpec((None, block_q, head_block, head_dim), lambda i, b, h: (b, i, h, 0))
+  kv_all = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h), 0))
+  row_vec = pl.BlockSpec((None, None, block_q * hp), lambda i, b, h: (b, h, i))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k),
-      grid=(q_len // block_q, batch, heads),
+      functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                        heads_per_program=hp),
+      grid=(q_len // block_q, batch, heads // hp),
       in_specs=[
           q_tile, kv_all, kv_all,
-          pl.BlockSpec((None, block_q, None, topk), lambda i, b, h: (b, i, h // group, 0)),
+          pl.BlockSpec((None, block_q, None, topk), lambda i, b, h: (b, i, kv_head(h), 0)),
           pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
           pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
-          pl.BlockSpec((None, None, None, unions.shape[-1]), lambda i, b, h: (b, h // group, i, 0)),
+          pl.BlockSpec((None, None, None, unions.shape[-1]),
+                       lambda i, b, h: (b, kv_head(h), i, 0)),
           q_tile, row_vec, row_vec,
       ],
       out_specs=q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params, interpret=interpret, name="sparse_attention_dq",
-  )(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, d_out, lse, delta)
+  )(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, d_out, lse2, delta)
 
   q_all = pl.BlockSpec((None, q_len, heads, head_dim), lambda j, b, h: (b, 0, 0, 0))
   kv_tile = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h, 0))
-  rows_all = pl.BlockSpec((None, heads, q_len), lambda j, b, h: (b, 0, 0))
+  rows_all = pl.BlockSpec((None, heads // hp, q_len * hp), lambda j, b, h: (b, 0, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, scale=scale, block_q=block_q, block_k=block_k, group=group),
+      functools.partial(_dkdv_kernel, scale=scale, block_q=block_q, block_k=block_k, group=group,
+                        heads_per_program=hp),
       grid=(kv_len // block_k, batch, kv_heads),
       in_specs=[
           q_all, kv_tile, kv_tile,
           pl.BlockSpec((None, q_len, None, topk), lambda j, b, h: (b, 0, h, 0)),
           pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)),
           pl.BlockSpec((None, block_k), lambda j, b, h: (b, j)),
-          pl.BlockSpec((None, None, None, kv_queries.shape[-1]), lambda j, b, h: (b, h, j, 0)),
+          pl.BlockSpec((None, None, None, 2), lambda j, b, h: (b, h, j, 0)),
+          pl.BlockSpec((None, None, kv_tiles.shape[-1]), lambda j, b, h: (b, h, 0)),
           q_all, rows_all, rows_all,
       ],
       out_specs=[kv_tile, kv_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params, interpret=interpret, name="sparse_attention_dkdv",
-  )(q, k, v, selected, q_segment_ids, kv_segment_ids, kv_queries, d_out, lse, delta)
+  )(q, k, v, selected, q_segment_ids, kv_segment_ids, kv_ranges, kv_tiles, d_out, lse2, delta)
   return dq, dk, dv

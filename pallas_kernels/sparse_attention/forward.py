@@ -68,9 +68,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_r
   init = (jnp.zeros((rows, head_dim), jnp.float32),
           jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
   acc, m, l = lax.fori_loop(0, union_ref[0], body, init)
-  # A row that saw no key (a padding token, e.g. a tile of padding only, whose loop is empty)
-  # gets zeros and lse -inf, as the reference; never 0 / 0.
-  seen = l > 0
+  # A row that saw no key gets zeros and lse -inf, as the reference; never 0 / 0. Its running
+  # max is what tells: in a tile where other rows see keys, its masked logits still add
+  # exp(0) = 1 per key to l (its max stays at MASK_VALUE), so l > 0 would not.
+  seen = m > MASK_VALUE
   out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
   lse = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, -jnp.inf)
   if hp > 1:

@@ -9,7 +9,8 @@ blocks inside the tile. `query_block_unions` computes those unions:
   unions[b, h, qb, 1 + u]  the u-th block of that union, ascending; 0 past the count
 
 Packing the count into column 0 keeps one small int32 array per program (Triton block shapes
-are powers of two; the width is padded to one).
+are powers of two; the width is padded to one). `block_index` adds the dk/dv kernel's transposed
+index (the query tiles per key block).
 """
 import jax
 import jax.numpy as jnp
@@ -56,14 +57,34 @@ def query_block_unions(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_b
 
 
 def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,
-                block_q: int) -> tuple[jax.Array, jax.Array]:
-  """(query_block_unions, kv_block_queries) for the forward/dq and the dk/dv kernels.
+                block_q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(unions, kv_ranges, kv_tiles): the forward/dq kernels' unions (`query_block_unions`) and
+  the dk/dv kernel's transposed index, so that each key block's program loops only over the
+  query tiles whose union holds it (no atomics):
 
-  kv_block_queries[b, h, kb, 0] is the number of query blocks whose union holds key block kb,
-  followed by those query blocks ascending: the transposed index, so that each key block's
-  program loops only over the query rows that selected it (no atomics).
+    kv_ranges[b, h, kb] = (count, start): key block kb is in the unions of `count` query tiles,
+    kv_tiles[b, h, start : start + count], ascending.
+
+  The transposed index is a flat list (CSR) rather than one padded row per key block: a row
+  would need room for every query tile (key block 0 can be in all their unions), and with the
+  small tiles of heads_per_program > 1 that is large: at 128k tokens and 4-token tiles, 2048
+  rows of 65536 int32 (512 MiB) per KV head, and an argsort as large. The list has one entry per
+  slot of the unions, q_len / block_q x min(num_kv_blocks, block_q x topk) (dead slots sort past
+  every key block's range).
   """
   bitmap = _selection_bitmap(block_idx, block_valid, num_kv_blocks, block_q)
-  unions = _count_and_list(bitmap, min(num_kv_blocks, block_q * block_idx.shape[-1]))
-  transposed = jnp.swapaxes(bitmap, -1, -2)
-  return unions, _count_and_list(transposed, transposed.shape[-1])
+  max_len = min(num_kv_blocks, block_q * block_idx.shape[-1])
+  unions = _count_and_list(bitmap, max_len)
+  batch, kv_heads, nqb = unions.shape[:3]
+  count = unions[..., :1]
+  slots = unions[..., 1:1 + max_len]
+  # Dead slots sort last (key num_kv_blocks); the stable sort keeps, within a key block, the
+  # query-tile-major order of the slots, so each key block's tiles come out ascending.
+  blocks = jnp.where(jnp.arange(max_len) < count, slots, num_kv_blocks)
+  tiles = jnp.broadcast_to(jnp.arange(nqb, dtype=jnp.int32)[:, None], blocks.shape)
+  flat = (batch, kv_heads, nqb * max_len)
+  _, kv_tiles = jax.lax.sort((blocks.reshape(flat), tiles.reshape(flat)), dimension=-1,
+                             is_stable=True, num_keys=1)
+  per_block = jnp.sum(bitmap, axis=-2, dtype=jnp.int32)           # [b, h, num_kv_blocks]
+  start = jnp.cumsum(per_block, axis=-1, dtype=jnp.int32) - per_block
+  return unions, jnp.stack([per_block, start], axis=-1), kv_tiles

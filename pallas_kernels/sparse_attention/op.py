@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.sparse_attention.backward import sparse_attention_backward
 from pallas_kernels.sparse_attention.forward import sparse_attention_forward
-from pallas_kernels.sparse_attention.index import block_index, next_power_of_2, query_block_unions
+from pallas_kernels.sparse_attention.index import block_index, next_power_of_2
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
@@ -54,9 +54,8 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
   """See the module docstring. block_q: query tokens per forward program (default block_size,
   or 64 / heads_per_program); heads_per_program: query heads of one KV head per forward program,
   a power of two dividing num_heads / num_kv_heads (their (token, head) pairs are the tile rows,
-  so a program's union spans fewer tokens); the backward kernels keep one head x block_size
-  tokens per program. poison_outputs: run the kernel on NaN-filled output buffers (a test of
-  full coverage)."""
+  so a program's union spans fewer tokens); the backward kernels use the same tiles.
+  poison_outputs: run the kernel on NaN-filled output buffers (a test of full coverage)."""
   _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation)
   group = q.shape[2] // k.shape[2]
   hp = heads_per_program
@@ -77,16 +76,11 @@ def _sparse_attention(q, k, v, block_idx, block_valid, segment_ids, static):
   return _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static)[0]
 
 
-def _bwd_block_q(block_size, block_q, hp):
-  return block_q if hp == 1 else block_size
-
-
-def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q, hp):
-  """Pads the sequence to whole tiles and builds the kernels' indexes (see index.py): the
-  forward's unions at block_q tokens, and the backward's (unions, transposed) at its own."""
+def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q):
+  """Pads the sequence to whole tiles and builds the kernels' index at block_q tokens (see
+  index.py): the unions of the forward and dq tiles, and the dk/dv kernel's transposed index."""
   seq = q.shape[1]
-  bwd_q = _bwd_block_q(block_size, block_q, hp)
-  tile = max(block_q, block_size, bwd_q)
+  tile = max(block_q, block_size)
   padded = -(-seq // tile) * tile
   pad = padded - seq
   pad_tokens = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
@@ -97,10 +91,10 @@ def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, blo
   idx = jnp.where(block_valid, block_idx, -1).astype(jnp.int32)
   idx = jnp.pad(idx, ((0, 0), (0, pad), (0, 0), (0, next_power_of_2(topk) - topk)),
                 constant_values=-1)
-  backward_index = block_index(idx, idx >= 0, num_kv_blocks=padded // block_size, block_q=bwd_q)
-  unions = backward_index[0] if bwd_q == block_q else query_block_unions(
-      idx, idx >= 0, num_kv_blocks=padded // block_size, block_q=block_q)
-  return (pad_tokens(q), pad_tokens(k), pad_tokens(v), idx, q_seg, kv_seg, unions), backward_index
+  unions, kv_ranges, kv_tiles = block_index(idx, idx >= 0, num_kv_blocks=padded // block_size,
+                                            block_q=block_q)
+  return ((pad_tokens(q), pad_tokens(k), pad_tokens(v), idx, q_seg, kv_seg, unions),
+          (kv_ranges, kv_tiles))
 
 
 def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
@@ -110,13 +104,13 @@ def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
                                      block_size=block_size)
     return out, (q, k, v, block_idx, block_valid, segment_ids)
   seq = q.shape[1]
-  inputs, backward_index = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids,
-                                          block_size, block_q, hp)
+  inputs, transposed = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size,
+                                      block_q)
   out, lse = sparse_attention_forward(*inputs, block_q=block_q, block_k=block_size, poison=poison,
                                       interpret=implementation == "interpret",
                                       heads_per_program=hp)
   result = (out[:, :seq], jnp.transpose(lse, (0, 2, 1))[:, :seq])
-  return result, (inputs[:-1], backward_index, out, lse)
+  return result, (inputs, transposed, out, lse)
 
 
 def _bwd_rule(static, residuals, cotangents):
@@ -128,17 +122,15 @@ def _bwd_rule(static, residuals, cotangents):
                                                            segment_ids, block_size=block_size)
     _, vjp = jax.vjp(reference, q, k, v)
     return (*vjp(cotangents), None, None, None)
-  inputs, (unions, kv_queries), out, lse = residuals
+  inputs, (kv_ranges, kv_tiles), out, lse = residuals
   seq, padded = d_out.shape[1], out.shape[1]
   pad = ((0, 0), (0, padded - seq))
   d_out = jnp.pad(d_out, pad + ((0, 0), (0, 0)))
   d_lse = jnp.pad(jnp.transpose(d_lse, (0, 2, 1)), ((0, 0), (0, 0), (0, padded - seq)))
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32)) - d_lse
-  q, k, v, idx, q_seg, kv_seg = inputs
-  dq, dk, dv = sparse_attention_backward(q, k, v, idx, q_seg, kv_seg, unions, kv_queries, lse,
-                                         delta, d_out.astype(q.dtype),
-                                         block_q=_bwd_block_q(block_size, block_q, hp),
-                                         block_k=block_size,
+  dq, dk, dv = sparse_attention_backward(*inputs, kv_ranges, kv_tiles, lse, delta,
+                                         d_out.astype(inputs[0].dtype), block_q=block_q,
+                                         block_k=block_size, heads_per_program=hp,
                                          interpret=implementation == "interpret")
   return dq[:, :seq], dk[:, :seq], dv[:, :seq], None, None, None
 

@@ -38,21 +38,28 @@ def test_pallas_matches_reference(seq, heads, kv_heads, packed, hp):
   assert rel_err(got_lse, want_lse) < 1e-3
 
 
-@pytest.mark.parametrize("seq,heads,kv_heads", [(4096, 32, 2), (3000, 8, 8)])
-def test_pallas_gradients_match_reference(seq, heads, kv_heads):
+@pytest.mark.parametrize("seq,heads,kv_heads,packed,hp", [
+    (4096, 32, 2, False, 1), (3000, 8, 8, False, 1),
+    # The backward on the forward's (token, head) tiles: hp = group, and hp < group (dk/dv loop
+    # over two head-chunks), ragged and packed.
+    (4096, 32, 2, False, 16), (4000, 32, 2, True, 8)])
+def test_pallas_gradients_match_reference(seq, heads, kv_heads, packed, hp):
   keys = jax.random.split(jax.random.key(seq + 1), 4)
   q = jax.random.normal(keys[0], (1, seq, heads, 128), jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, seq, kv_heads, 128), jnp.bfloat16)
   v = jax.random.normal(keys[2], (1, seq, kv_heads, 128), jnp.bfloat16)
   w = jax.random.normal(keys[3], q.shape, jnp.float32)
+  seg = None
+  if packed:
+    seg = jnp.asarray(np.r_[np.ones(seq // 3), 2 * np.ones(seq - seq // 3)][None], jnp.int32)
   cfg = ref_ops.InfLLMv2Config(init_blocks=1, local_blocks=8, topk=16, dense_len=0)
-  scores = jax.jit(lambda q, k: ref_ops.block_scores(q, k, cfg))(q, k)
-  idx, valid = ref_ops.select_blocks(scores, cfg, q_len=seq, kv_len=seq)
-  segments = jnp.ones((1, seq), jnp.int32)
+  scores = jax.jit(lambda q, k: ref_ops.block_scores(q, k, cfg, segment_ids=seg))(q, k)
+  idx, valid = ref_ops.select_blocks(scores, cfg, q_len=seq, kv_len=seq, segment_ids=seg)
+  segments = jnp.ones((1, seq), jnp.int32) if seg is None else seg
 
   def loss(impl, q, k, v):
     if impl == "pallas":
-      out, _ = sparse_attention(q, k, v, idx, valid)
+      out, _ = sparse_attention(q, k, v, idx, valid, segment_ids=seg, heads_per_program=hp)
     else:
       out, _ = sparse_attention_reference(q, k, v, idx, valid, segments, block_size=64)
     return jnp.sum(out.astype(jnp.float32) * w)
