@@ -29,11 +29,13 @@ GPU sizes and the reasoning behind them (one H100, about 10 minutes of wall cloc
             BPE. The validation split (116 KB) holds 33k BPE tokens, too few for distinct 16k
             documents in the long perplexity.
   pretrain  500 steps x 32 rows x 4096 tokens = 65.5M tokens, lr 2e-3 WSD. 223 s on the H100.
-            A quarter of the rows are generated retrieval tasks (`retrieval_mix`: passkey,
-            multi-key, multi-value, multi-query on noise or training-split haystacks, each row one
-            task and its answer; sparsejax/train/retrieval_mix.py says why and how evaluation
-            stays held out). Without them the first run scored 0 on every task with every
-            attention, dense included: a 26M byte model never saw the task formats.
+            Half of the rows are generated retrieval tasks (`retrieval_mix`: passkey, multi-key,
+            multi-value, multi-query on noise or training-split haystacks, packed several to a
+            row at log-uniform lengths; sparsejax/train/retrieval_mix.py says why and how
+            evaluation stays held out). Without them the first run scored 0 on every task with
+            every attention, dense included: a 26M byte model never saw the task formats. With a
+            quarter of the rows, one full-length task each, it learned the formats but not to
+            copy (the same number for every passkey, even with the needle 50 tokens back).
   continue  60 steps x 4 rows x 16384 tokens = 3.9M tokens per method, lr 5e-4 WSD (warmup 6),
             half of the rows retrieval tasks of 16k, so each method learns to retrieve across
             the new length with its own attention.
@@ -94,7 +96,7 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
     c.train.update(steps=500, batch_size=32, lr=2e-3, warmup_steps=50, decay_fraction=0.2,
                    log_every=10, eval_every=100, eval_batches=1,
                    keep_checkpoints=1)
-    c.retrieval_mix.fraction = 0.25
+    c.retrieval_mix.update(fraction=0.5, min_length=1)
     a.continuation = ml_collections.ConfigDict(dict(
         seq_len=16384, steps=60, batch_size=4, lr=5e-4, warmup_steps=6, decay_fraction=0.2,
         retrieval_fraction=0.5,

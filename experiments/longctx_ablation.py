@@ -508,7 +508,10 @@ def markdown(report: dict) -> str:
             f"{100 * mix.get('fraction', 0):.0f}% of the pretraining rows and "
             f"{100 * cont.get('retrieval_fraction', 0):.0f}% of the continuation rows are "
             f"generated tasks ({mix.get('tasks', '-')}) on {mix.get('haystacks', '-')} "
-            "haystacks (training split), with held-out seeds: the model knows the task formats, "
+            "haystacks (training split), "
+            + ("packed several to a row at log-uniform lengths" if mix.get("min_length")
+               else "one filling each row")
+            + ", with held-out seeds: the model knows the task formats, "
             "so the harness measures retrieval at each length and depth, not zero-shot skill.",
             f"- InfLLM-V2: blocks of {sp['block_size']}, init {sp['init_blocks']} + local "
             f"{sp['local_blocks']} + {sp['selected_topk_blocks']} top-k = {sp['topk']} blocks = "

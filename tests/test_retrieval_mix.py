@@ -118,5 +118,30 @@ def test_rows_too_short_for_the_task_are_refused():
   it = RetrievalMixIterator(make_train_iterator(short, TOK), TOK,
                             RetrievalMixConfig(fraction=1.0, tasks="multi_query"),
                             corpus="stdlib", seed=0)
-  with pytest.raises(ValueError, match="too short for this task"):
+  with pytest.raises(ValueError, match="multi_query sample needs at least .* data.seq_len=200"):
     next(it)
+
+
+def test_rows_pack_samples_of_several_lengths():
+  it = mixed(1.0, tasks="passkey", min_length=1)
+  lengths, segments = [], []
+  for _ in range(2):
+    b = next(it)
+    for r in range(DATA.batch_size):
+      seg = b["segment_ids"][r]
+      segments.append(seg.max())
+      assert (seg[:SEQ - 255] > 0).all()  # no padding where another passkey would have fit
+      for s in range(1, seg.max() + 1):
+        where = np.flatnonzero(seg == s)
+        assert (np.diff(where) == 1).all()  # contiguous, in order
+        np.testing.assert_array_equal(b["positions"][r, where], np.arange(len(where)))
+        assert b["inputs"][r, where[0]] == TOK.bos_id
+        assert b["targets"][r, where[-1]] == TOK.eos_id
+        assert "pass key is" in text(b["inputs"][r, where])
+        lengths.append(len(where))
+  assert max(segments) >= 2 and min(lengths) < 300 < max(lengths)  # log-uniform lengths, short and long
+
+
+def test_min_length_is_checked():
+  with pytest.raises(ValueError, match="min_length must be an int >= 0"):
+    RetrievalMixConfig(min_length=-1)

@@ -53,11 +53,21 @@ class RetrievalMixConfig:
   fraction: float = 0.0
   tasks: tuple[str, ...] = ("passkey", "multi_key", "multi_value", "multi_query")
   haystacks: tuple[str, ...] = ("noise", "corpus")
+  min_length: int = 0
+
+  # min_length: 0 = one sample filling each row. Otherwise each row packs samples (separate
+  # documents, segment ids 1, 2, ...) of log-uniform lengths between the task's shortest and the
+  # row, at least min_length: many more answers per row, most of them at short range, where a
+  # small model learns to copy long before it can at 16k (the first try, one sample a row, taught
+  # the formats but no retrieval: "The pass key is" got the same number for every prompt).
 
   def __post_init__(self):
     f = self.fraction
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
       raise ValueError(f"retrieval_mix.fraction must be a number in [0, 1], got {f!r}")
+    m = self.min_length
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+      raise ValueError(f"retrieval_mix.min_length must be an int >= 0, got {m!r}")
     object.__setattr__(self, "tasks", _names(self.tasks, "tasks", TASKS))
     object.__setattr__(self, "haystacks", _names(self.haystacks, "haystacks", HAYSTACKS))
 
@@ -79,6 +89,7 @@ class RetrievalMixIterator:
     self._seed = int(seed)
     self._shard = int(shard_index)
     self._batches = 0
+    self._min_lens: dict[str, int] = {}
     # A BPE may merge across the pieces of a prompt and land a few tokens off its target.
     self._slack = 0 if getattr(tokenizer, "kind", None) == "byte" else 16
 
@@ -101,35 +112,69 @@ class RetrievalMixIterator:
     return batch
 
   def _row(self, example: int, seq_len: int) -> dict[str, np.ndarray]:
+    """One row of packed task samples (segments 1, 2, ...), each [bos] prompt answer [eos];
+    sample lengths log-uniform in [min_length, seq_len] (one sample when min_length is 0)."""
     tok, mix = self._tokenizer, self._mix
     rng = np.random.default_rng([self._seed, _SALT, self._shard, example, 1])
-    task = mix.tasks[int(rng.integers(len(mix.tasks)))]
-    haystack = mix.haystacks[int(rng.integers(len(mix.haystacks)))]
-    # ids = [bos] + prompt + answer + [eos] holds seq_len + 1 tokens at most.
-    prompt_len = seq_len - 1 - ANSWER_ROOM - self._slack
-    if prompt_len < 1:  # make_sample names the length a too-short prompt would need
-      raise ValueError(f"retrieval_mix needs data.seq_len > {1 + ANSWER_ROOM + self._slack}, "
-                       f"got {seq_len}")
-    sample = make_sample(task, tok, prompt_len, depth=float(rng.uniform()),
-                         seed=_TASK_SEED_BASE + (self._shard << 32) + example,
-                         haystack=haystack, corpus=self._corpus, text_split="train")
-    ids = [tok.bos_id] + tok.encode(sample.prompt) + tok.encode(answer_text(sample)) \
-        + [tok.eos_id]
-    if len(ids) > seq_len + 1:
-      raise ValueError(f"a generated {task} row took {len(ids)} tokens, more than data.seq_len + "
-                       f"1 = {seq_len + 1}: its answer is longer than ANSWER_ROOM={ANSWER_ROOM}")
-    n = len(ids) - 1
     row = {"inputs": np.full(seq_len, tok.pad_id, np.int32),
            "targets": np.full(seq_len, tok.pad_id, np.int32),
            "segment_ids": np.zeros(seq_len, np.int32),
            "positions": np.zeros(seq_len, np.int32),
            "loss_mask": np.zeros(seq_len, np.int32)}
-    row["inputs"][:n] = ids[:-1]
-    row["targets"][:n] = ids[1:]
-    row["segment_ids"][:n] = 1
-    row["positions"][:n] = np.arange(n)
-    row["loss_mask"][:n] = 1
+    lo = min(mix.min_length or seq_len, seq_len)
+    used, segment = 0, 0
+    while seq_len - used >= lo:
+      task = mix.tasks[int(rng.integers(len(mix.tasks)))]
+      haystack = mix.haystacks[int(rng.integers(len(mix.haystacks)))]
+      room, shortest = seq_len - used, max(lo, self._min_len(task))
+      if shortest > room:
+        if segment:
+          break  # padding ends the row
+        raise ValueError(f"retrieval_mix: a {task} sample needs at least {shortest} tokens, more "
+                         f"than data.seq_len={seq_len}")
+      # A sample of n positions holds n + 1 ids; a leftover too short for any task joins it.
+      n = min(room, int(np.exp(rng.uniform(np.log(shortest), np.log(seq_len + 1)))))
+      n = room if room - n < max(lo, min(map(self._min_len, mix.tasks))) else n
+      ids = self._sample(task, haystack, n, rng, example * 64 + segment)
+      segment += 1
+      span = slice(used, used + len(ids) - 1)
+      row["inputs"][span], row["targets"][span] = ids[:-1], ids[1:]
+      row["segment_ids"][span] = segment
+      row["positions"][span] = np.arange(len(ids) - 1)
+      row["loss_mask"][span] = 1
+      used += len(ids) - 1  # the answer took less than ANSWER_ROOM: the next sample starts here
     return row
+
+  def _sample(self, task, haystack, n, rng, index) -> list[int]:
+    """[bos] prompt answer [eos] in at most n + 1 ids."""
+    tok = self._tokenizer
+    # ids = [bos] + prompt + answer + [eos] holds n + 1 tokens at most.
+    prompt_len = n - 1 - ANSWER_ROOM - self._slack
+    if prompt_len < 1:  # make_sample names the length a too-short prompt would need
+      raise ValueError(f"retrieval_mix needs data.seq_len > {1 + ANSWER_ROOM + self._slack}, "
+                       f"got {n}")
+    sample = make_sample(task, tok, prompt_len, depth=float(rng.uniform()),
+                         seed=_TASK_SEED_BASE + (self._shard << 36) + index,
+                         haystack=haystack, corpus=self._corpus, text_split="train")
+    ids = [tok.bos_id] + tok.encode(sample.prompt) + tok.encode(answer_text(sample)) \
+        + [tok.eos_id]
+    if len(ids) > n + 1:
+      raise ValueError(f"a generated {task} sample took {len(ids)} tokens, more than {n + 1}: "
+                       f"its answer is longer than ANSWER_ROOM={ANSWER_ROOM}")
+    return ids
+
+  def _min_len(self, task: str) -> int:
+    """The shortest sample (positions) of `task`: its instructions, needles and question."""
+    if task not in self._min_lens:
+      n = 128
+      while True:
+        try:
+          make_sample(task, self._tokenizer, n - 1 - ANSWER_ROOM - self._slack, seed=0)
+          break
+        except ValueError:
+          n += 64
+      self._min_lens[task] = n
+    return self._min_lens[task]
 
   def get_state(self) -> dict:
     return {"parent": self._parent.get_state(), "retrieval_batches": self._batches}
