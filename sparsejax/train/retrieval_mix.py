@@ -126,7 +126,9 @@ class RetrievalMixIterator:
     while seq_len - used >= lo:
       task = mix.tasks[int(rng.integers(len(mix.tasks)))]
       haystack = mix.haystacks[int(rng.integers(len(mix.haystacks)))]
-      room, shortest = seq_len - used, max(lo, self._min_len(task))
+      # (One sample a row fills it; a row too short for it gets make_sample's own error.)
+      room = seq_len - used
+      shortest = max(lo, self._min_len(task)) if mix.min_length else lo
       if shortest > room:
         if segment:
           break  # padding ends the row
@@ -164,16 +166,18 @@ class RetrievalMixIterator:
     return ids
 
   def _min_len(self, task: str) -> int:
-    """The shortest sample (positions) of `task`: its instructions, needles and question."""
+    """The shortest sample (positions) of `task`: its instructions, needles and question, with
+    room for the longest random keys (one sample's fixed part varies by tens of tokens)."""
     if task not in self._min_lens:
       n = 128
       while True:
         try:
-          make_sample(task, self._tokenizer, n - 1 - ANSWER_ROOM - self._slack, seed=0)
+          for seed in range(8):
+            make_sample(task, self._tokenizer, n - 1 - ANSWER_ROOM - self._slack, seed=seed)
           break
         except ValueError:
-          n += 64
-      self._min_lens[task] = n
+          n += 32
+      self._min_lens[task] = n + 64
     return self._min_lens[task]
 
   def get_state(self) -> dict:
