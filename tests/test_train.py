@@ -26,16 +26,25 @@ def params_of(trainer):
   return jax.tree.map(np.asarray, trainer.params)
 
 
-def test_exact_resume(tmp_path):
-  straight = Trainer(micro_config(tmp_path / "a"), progress=False)
+def with_retrieval_rows(workdir):
+  c = micro_config(workdir, steps=4, checkpoint_every=2, batch_size=2)
+  c.model.max_seq_len = c.data.seq_len = 320
+  c.retrieval_mix.update(fraction=0.5, tasks="passkey")
+  return c
+
+
+@pytest.mark.parametrize("make_config", [micro_config, with_retrieval_rows])
+def test_exact_resume(tmp_path, make_config):
+  straight = Trainer(make_config(tmp_path / "a"), progress=False)
   full = straight.train()
   straight.close()
+  half_steps = straight.config.train.checkpoint_every
 
-  first = Trainer(micro_config(tmp_path / "b"), progress=False)
-  half = first.train(steps=3)
+  first = Trainer(make_config(tmp_path / "b"), progress=False)
+  half = first.train(steps=half_steps)
   first.close()
-  resumed = Trainer(micro_config(tmp_path / "b"), progress=False)
-  assert resumed.step == 3
+  resumed = Trainer(make_config(tmp_path / "b"), progress=False)
+  assert resumed.step == half_steps
   rest = resumed.train()
   resumed.close()
 
@@ -43,26 +52,6 @@ def test_exact_resume(tmp_path):
   resumed_losses = [h["loss"] for h in half["history"] + rest["history"]]
   assert losses == resumed_losses
   jax.tree.map(np.testing.assert_array_equal, params_of(straight), params_of(resumed))
-
-
-def test_exact_resume_with_retrieval_rows(tmp_path):
-  def config(workdir):
-    c = micro_config(workdir, steps=4, checkpoint_every=2, batch_size=2)
-    c.model.max_seq_len = c.data.seq_len = 320
-    c.retrieval_mix.update(fraction=0.5, tasks="passkey")
-    return c
-
-  straight = Trainer(config(tmp_path / "a"), progress=False)
-  full = straight.train()
-  straight.close()
-  first = Trainer(config(tmp_path / "b"), progress=False)
-  half = first.train(steps=2)
-  first.close()
-  resumed = Trainer(config(tmp_path / "b"), progress=False)
-  rest = resumed.train()
-  resumed.close()
-  assert [h["loss"] for h in full["history"]] == \
-      [h["loss"] for h in half["history"] + rest["history"]]
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
