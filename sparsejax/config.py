@@ -1,4 +1,5 @@
-"""The model's configuration: one frozen dataclass, built from the experiment's ConfigDict."""
+"""The model's configuration: one frozen dataclass, built from the experiment's ConfigDict; and
+`comma_list`, how list-valued config fields are read (command-line overrides give strings)."""
 import dataclasses
 from typing import Any
 
@@ -84,3 +85,15 @@ class ModelConfig:
     d["attention_options"] = dict(self.attention_options)
     d["ffn_options"] = dict(self.ffn_options)
     return d
+
+
+def comma_list(value, kind, name: str) -> tuple:
+  """A config field given as a comma-separated string ("a, b") or as a sequence, as a tuple of
+  `kind`; `name` is the field named in the error."""
+  items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) \
+      else list(value)
+  try:
+    return tuple(kind(x) for x in items)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a comma-separated list of {kind.__name__}, got "
+                     f"{value!r}") from None

@@ -12,7 +12,7 @@ from sparsejax.config import ModelConfig
 from sparsejax.data.corpus import read_text, resolve_corpus, stdlib_files
 from sparsejax.data.tokenizers import BPETokenizer, ByteTokenizer
 from sparsejax.eval import (TASKS, compare_methods, evaluate, harness,
-                            long_documents, long_perplexity, make_sample, perplexity, score,
+                            long_documents, long_perplexity, make_sample, score,
                             tasks, write_results)
 from sparsejax.model import DecoderLM
 from tests.test_experiments import run as run_module
@@ -122,22 +122,10 @@ def test_deterministic_by_seed():
     assert a != make_sample(task, BYTE, 1024, 0.5, seed=8, haystack="corpus")
 
 
-def test_corpus_haystack_uses_the_validation_split_only(monkeypatch):
-  splits = []
-
-  def spy(source, split, *args, **kwargs):
-    splits.append(split)
-    return resolve_corpus(source, split, *args, **kwargs)
-
-  monkeypatch.setattr(tasks, "resolve_corpus", spy)
-  monkeypatch.setattr(perplexity, "resolve_corpus", spy)
-  tasks._split_texts.cache_clear()
-  try:
-    s = make_sample("passkey", BYTE, 3000, 0.5, seed=0, haystack="corpus")
-    long_documents(BYTE, 2048, 2, seed=0)
-  finally:
-    tasks._split_texts.cache_clear()
-  assert splits and set(splits) == {"validation"}
+def test_corpus_haystack_uses_the_validation_split_only(corpus_splits_read):
+  s = make_sample("passkey", BYTE, 3000, 0.5, seed=0, haystack="corpus")
+  long_documents(BYTE, 2048, 2, seed=0)
+  assert corpus_splits_read and set(corpus_splits_read) == {"validation"}
   val_text = "".join(read_text(p) for p in resolve_corpus("stdlib", "validation"))
   lines = [l for l in s.prompt.splitlines()[1:-2] if len(l.strip()) > 30 and "pass key" not in l]
   assert len(lines) > 10 and all(l in val_text for l in lines)

@@ -83,20 +83,9 @@ def test_resume_continues_with_the_same_rows():
     again.set_state(make_train_iterator(DATA, TOK).get_state())
 
 
-def test_corpus_haystacks_read_the_training_split_only(monkeypatch):
-  splits = []
-
-  def spy(source, split, *args, **kwargs):
-    splits.append(split)
-    return resolve_corpus(source, split, *args, **kwargs)
-
-  monkeypatch.setattr(tasks, "resolve_corpus", spy)
-  tasks._split_texts.cache_clear()
-  try:
-    b = next(mixed(1.0, haystacks="corpus", tasks="passkey"))
-  finally:
-    tasks._split_texts.cache_clear()
-  assert splits and set(splits) == {"train"}
+def test_corpus_haystacks_read_the_training_split_only(corpus_splits_read):
+  b = next(mixed(1.0, haystacks="corpus", tasks="passkey"))
+  assert corpus_splits_read and set(corpus_splits_read) == {"train"}
   train_text = "".join(tasks.read_text(p) for p in resolve_corpus("stdlib", "train"))
   lines = [l for l in text(b["inputs"][0]).splitlines()[1:-2]
            if len(l.strip()) > 30 and "pass key" not in l]

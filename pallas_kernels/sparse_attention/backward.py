@@ -24,16 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.sparse_attention.forward import LOG2E, visible_tile
-
-
-def _per_row(visible, block_q: int, hp: int):
-  """The token mask [block_q, block_k] on the tile's (token, head) rows, as the forward lays it."""
-  if hp == 1:
-    return visible
-  block_k = visible.shape[-1]
-  return jnp.broadcast_to(visible[:, None, :], (block_q, hp, block_k)).reshape(block_q * hp,
-                                                                               block_k)
+from pallas_kernels.sparse_attention.forward import LOG2E, per_row, visible_tile
 
 
 def _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale):
@@ -67,7 +58,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, d
     v = v_ref[keys, :]
     visible = visible_tile(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
                            q_seg, kv_seg_ref[keys])
-    _, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, _per_row(visible, block_q, hp), scale)
+    _, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, per_row(visible, hp), scale)
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, union_ref[0], body, jnp.zeros((rows, head_dim), jnp.float32))
@@ -96,8 +87,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, range_ref,
     query_block = tiles_ref[first + i]
     tokens = pl.ds(query_block * block_q, block_q)
     q_pos = query_block * block_q + jnp.arange(block_q)
-    visible = _per_row(visible_tile(sel_ref[tokens, :], key_block, q_pos, k_pos,
-                                    q_seg_ref[tokens], k_seg), block_q, hp)
+    visible = per_row(visible_tile(sel_ref[tokens, :], key_block, q_pos, k_pos,
+                                   q_seg_ref[tokens], k_seg), hp)
     tile_rows = pl.ds(query_block * rows, rows)
 
     def over_head_chunks(c, carry):

@@ -33,6 +33,16 @@ def visible_tile(selected_blocks, block, q_pos, k_pos, q_seg, k_seg):
           & (q_seg[:, None] == k_seg[None, :]))
 
 
+def per_row(visible, heads_per_program: int):
+  """A tile's token mask [block_q, block_k] on its rows, the token-major (token, head) pairs of
+  heads_per_program heads: every head of a token shares its token's mask."""
+  if heads_per_program == 1:
+    return visible
+  block_q, block_k = visible.shape
+  return jnp.broadcast_to(visible[:, None, :], (block_q, heads_per_program, block_k)).reshape(
+      block_q * heads_per_program, block_k)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, *refs,
                     scale: float, block_q: int, block_k: int, heads_per_program: int):
   o_ref, lse_ref = refs[-2:]  # (with poisoned outputs, the aliased input buffers come first)
@@ -54,8 +64,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_r
     logits = plgpu.dot(q, k.T) * (scale * LOG2E)
     visible = visible_tile(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
                            q_seg, kv_seg_ref[keys])
-    if hp > 1:  # every head of a token shares its token's mask
-      visible = jnp.broadcast_to(visible[:, None, :], (block_q, hp, block_k)).reshape(rows, block_k)
+    visible = per_row(visible, hp)
     logits = jnp.where(visible, logits, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     correction = jnp.exp2(m_prev - m_next)

@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sparsejax.config import comma_list
 from sparsejax.data.corpus import read_text, resolve_corpus
 from sparsejax.eval.tasks import HAYSTACKS, TASKS, answer_text, make_sample
 from sparsejax.layers.retaining_heads import RetainingHeads
@@ -298,16 +299,6 @@ def score_metrics(preds: np.ndarray, labels: np.ndarray, mask: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # Training examples.
 
-def _csv(value, kind, name):
-  items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) \
-      else list(value)
-  try:
-    return tuple(kind(x) for x in items)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a comma-separated list of {kind.__name__}, got "
-                     f"{value!r}") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class ExampleConfig:
   """What the training examples look like (module docstring). Sequence-valued fields accept a
@@ -323,10 +314,11 @@ class ExampleConfig:
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
-    set_("lengths", _csv(self.lengths, int, "lengths"))
-    tasks = tuple(TASKS) if self.tasks in ("all", ("all",)) else _csv(self.tasks, str, "tasks")
+    set_("lengths", comma_list(self.lengths, int, "lengths"))
+    tasks = tuple(TASKS) if self.tasks in ("all", ("all",)) \
+        else comma_list(self.tasks, str, "tasks")
     set_("tasks", tasks)
-    set_("haystacks", _csv(self.haystacks, str, "haystacks"))
+    set_("haystacks", comma_list(self.haystacks, str, "haystacks"))
     if not self.lengths or min(self.lengths) < 1:
       raise ValueError(f"lengths must be positive ints, got lengths={self.lengths!r}")
     if isinstance(self.answer_max_len, bool) or not isinstance(self.answer_max_len, int) \

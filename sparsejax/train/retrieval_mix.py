@@ -27,19 +27,19 @@ import dataclasses
 import ml_collections
 import numpy as np
 
+from sparsejax.config import comma_list
 from sparsejax.eval.tasks import HAYSTACKS, TASKS, answer_text, make_sample
 
 _TASK_SEED_BASE = 2 ** 43
 _SALT = 0x3E7A1
 # Tokens kept free after the prompt for the answer and eos. The longest answer of the needle
 # tasks (multi_value / multi_query: four 7-digit numbers) is 37 bytes; variable_tracking's five
-# names 35; word lists are longer, hence the check in `_row`.
+# names 35; word lists are longer, hence the check in `_sample`.
 ANSWER_ROOM = 64
 
 
 def _names(value, name: str, allowed) -> tuple[str, ...]:
-  items = tuple(x.strip() for x in value.split(",") if x.strip()) if isinstance(value, str) \
-      else tuple(value)
+  items = comma_list(value, str, f"retrieval_mix.{name}")
   if not items or set(items) - set(allowed):
     raise ValueError(f"retrieval_mix.{name} must name some of {sorted(allowed)} (comma-"
                      f"separated), got {value!r}")
