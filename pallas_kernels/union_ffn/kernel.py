@@ -2,43 +2,63 @@
 
 At decode-sized n the FFN is memory bound: its time is the bytes of expert weights read. Both
 kernels read only the union's experts (those active for at least one of the n tokens) and nothing
-else, and the whole op is these two launches (plus, with down_groups > 1, one small XLA sum).
+else, and the whole op is these two launches.
+
+Layout. The kernels read the expert-major weights of reference.ExpertWeights, made once per layer
+from the layer's w_up [d, E, width] / w_down [E, width, d] (inference weights are static):
+
+  up_t   [E, width, d_model]   up_t[e, j, :]   = W_up_e[:, j], hidden unit j's d_model weights
+  down_t [E, d_model, width]   down_t[e, c, :] = W_down_e[:, c], output column c's width weights
+
+so every program streams contiguous kilobytes. In the layer layout one expert's up weights are
+d_model rows of width * 2 bytes at a stride of E * width * 2 (32 KB at the benchmark's layer), and
+a 16-unit chunk of them is 2048 pieces of 32 bytes; an H100 read 517 GB/s of such pieces (32.5 us
+at n = 1, 87.5% union sparsity, against a 5 us bytes floor): each scattered 32-byte sector costs a
+DRAM access of its own (a burst, mostly a row activation too), where contiguous blocks amortise
+them over kilobytes.
 
 Union index. Every program recomputes it from the router weights A [rows, E] (index="kernel",
 no extra launch): mask[e] = any_t A[t, e] != 0, its inclusive prefix count p = cumsum(mask)
 (tt.scan), count = p[E-1], and the u-th union expert = #{e : p[e] <= u} (a compare and a sum; no
 sort, no scatter). index="xla" takes the same list precomputed by XLA (reference.union_index)
-as an input instead: one more small launch, but programs then read two ints instead of A.
+as an input instead: one more small launch, but each program then reads two ints instead of all
+of A (16 KB at 32 rows, per program) and finds each down-loop expert with a load, not a reduction.
 
-Up kernel, grid (width // block_w, expert_slots). Program (c, s) handles union positions
-u = s, s + slots, ... < count (one at most with the default slots = E; the grid is static and
-sized for the worst case, programs past the count do nothing). For expert e = union[u] it
-streams w_up[:, e, c * block_w : (c+1) * block_w] in [block_k, block_w] tiles over d_model,
-accumulates x @ tile in float32, and writes h[:, e, chunk] = SiLU(acc) * A[:, e] (0 where
-A[t, e] = 0: the per-token mask) in the weights' dtype. The chunk axis is the grid's fastest, so
-the live programs (small s) are dispatched first, and with block_w = 16 a union of 16 experts
-already fills 128 SMs; no split over d_model here (SiLU needs the complete sum).
+Up kernel, grid (width // block_w, E). Program (c, u) does nothing past the union's count (the
+grid is static, sized for a union of every expert); below it, with e = union[u], it streams
+up_t[e, c * block_w : (c+1) * block_w, :], one contiguous block of block_w * d_model * 2 bytes
+(16 x 4 KB = 64 KB at the defaults and d 2048), in [block_w, block_k] tiles, accumulates
+acc[rows, block_w] += x_tile @ tile^T in float32 and writes h[e, :, chunk] = SiLU(acc) * A[:, e]
+(0 where A[t, e] = 0: the per-token mask) in the weights' dtype. The chunk axis is the grid's
+fastest, so the live programs (small u) are dispatched first: a union of 16 experts (87.5% of 128)
+is 16 x 128 / 16 = 128 live programs, one per SM. No split over d_model (SiLU needs the complete
+sum).
 
-Down kernel, grid (d_model // block_d, down_groups). Program (j, g) owns the output columns
-j * block_d ... and the union positions u = g, g + G, ...: for each it loads the [width, block_d]
-slice of w_down[e] (in block_h-row tiles) and the matching h columns, and accumulates in float32,
-`down_unroll` experts per loop iteration (their loads are independent, so in flight together).
-The reduction over experts: with down_groups = 1 (default) each program sums its whole column
-block over the union and writes y directly in x.dtype (no atomics, no second pass; d_model /
-block_d = 128 programs at d 2048, block_d 16). down_groups = G > 1 is split-K over expert groups:
-program (j, g) writes a float32 partial [G, rows, d] and XLA sums the G partials (one fused
-reduce+cast, G * rows * d * 4 bytes, 256 KB at G 4, rows 16), for when the union is long and
-the column blocks alone do not fill the GPU. Float atomics (plgpu.atomic_add) would need a zeroed
-float32 output plus a cast pass, i.e. the same launches as the partials, and a nondeterministic
-summation order, so they are not used.
+Down kernel, grid (d_model // block_d,). Program j owns the output columns j * block_d ... and
+loops over the union: for each expert e it reads down_t[e, j * block_d : (j+1) * block_d, :], one
+contiguous block_d * width * 2 bytes (16 x 256 B = 4 KB at the defaults), and h[e] (h is
+[E, rows, width]: contiguous too, and L2-resident), and accumulates acc[rows, block_d] +=
+h[e] @ tile^T in float32, `down_unroll` experts per loop iteration: their index lookups, then
+their loads, then their math, so the loads are in flight together even where Triton does not
+software-pipeline the loop (the broadcast path below; one 4 KB tile at a time cannot cover HBM
+latency). It writes y[:, columns] in x.dtype: every column has one owner, so no atomics, no
+partial sums, no second pass; d 2048 / 16 = 128 programs, each reading union x 4 KB (64 KB at a
+union of 16).
+
+So at the defaults and 87.5% sparsity both kernels run 128 programs of 64 KB each: 16 MB in all,
+the union's bytes, a 5.0 us floor at 3.35 TB/s (2.5 us a kernel, plus the launch gaps). With one
+program per SM, an SM's share of HBM is ~25 GB/s, i.e. ~25 KB in flight at ~1 us of latency:
+what block_k (up: one load of block_w x block_k, 32 KB at the defaults) and down_unroll (down:
+that many 4 KB tiles) provide where Triton's pipelining (num_stages) does not.
 
 Rows. tl.dot needs M >= 16. With `small_n="broadcast"`, fewer than 16 (padded) rows are computed
 as a broadcast multiply and a sum over K in float32 on the CUDA cores (the work is tiny; the weight
-tiles are the same; for 2-8 rows the [rows, K, N] product is capped at 8192 elements by shrinking
-block_k / block_h, which makes its tiles small). With `small_n="dot"` they are padded to 16 rows
-for tl.dot. "auto" (default) takes broadcast for one row (n = 1: no padding, one 2-D product per
-tile) and tl.dot for 2-15. 16 rows and up always use tl.dot. The op pads rows to a power of two
-(Triton tensors are powers of two) and to 16 for tl.dot: n = 1 and 32 need no padding.
+tiles are the same; for 2-8 rows the [rows, N, K] product is capped at 8192 elements by shrinking
+block_k and the down kernel's width chunk, which makes its tiles small). With `small_n="dot"` they
+are padded to 16 rows for tl.dot. "auto" (default) takes broadcast for one row (n = 1: no
+padding, one 2-D product per tile, summed along its contiguous axis) and tl.dot for 2-15. 16 rows
+and up always use tl.dot. The op pads rows to a power of two (Triton tensors are powers of two)
+and to 16 for tl.dot: n = 1 and 32 need no padding.
 """
 import dataclasses
 import functools
@@ -51,10 +71,11 @@ from jax.experimental.pallas import triton as plgpu
 
 SMALL_N_MODES = ("auto", "broadcast", "dot")
 INDEX_MODES = ("kernel", "xla")
+WARPS = (1, 2, 4, 8, 16)
 MIN_DOT_ROWS = 16      # tl.dot's minimum M (and N, K)
 MAX_ROWS = 128         # decode / verification sizes; longer inputs go to the reference path
-MAX_X_TILE = 16384     # elements of an x tile [rows, block_k] (32 KB in bf16), per pipeline stage
-MAX_PRODUCT = 8192     # elements of a broadcast product [rows, K, N] (rows 2..8, registers)
+MAX_DOT_TILE = 16384   # elements of a tl.dot operand tile (32 KB in bf16), per pipeline stage
+MAX_PRODUCT = 8192     # elements of a broadcast product [rows, N, K] (rows 2..8, registers)
 
 
 def next_power_of_2(x: int) -> int:
@@ -70,67 +91,55 @@ def _fit(block: int, dim: int) -> int:
 class UnionFFNConfig:
   """Tunables of the two kernels (static: each distinct config compiles once).
 
-  block_k:  up kernel, d_model rows per w_up tile (clipped so the x tile stays <= 16k elements).
-  block_w:  up kernel, expert-width columns per program (programs = union * width / block_w).
-  block_d:  down kernel, d_model output columns per program (programs = d_model / block_d * G).
-  block_h:  down kernel, expert-width rows per w_down tile.
-  down_groups: G, split-K of the down projection over union positions (G > 1: float32 partials
-            summed by XLA). 1 writes the output directly.
-  expert_slots: up kernel programs along the union (each loops over u = s, s + slots, ...);
-            None = num_experts (every union expert gets its own programs, none loop).
+  block_w:  up kernel, hidden units per program: programs = union * width / block_w, each
+            reading block_w * d_model contiguous weights. At 16 a union of 16 experts of width
+            128 is 128 programs, about one per H100 SM (132).
+  block_k:  up kernel, d_model elements per tile (a tile is block_w rows of block_k contiguous
+            elements): the bytes one load has in flight where Triton does not pipeline (one row)
+            and per pipeline stage where it does (tl.dot). Clipped so that tl.dot operand tiles
+            stay <= 16k elements.
+  num_warps, num_stages: the up kernel's Triton warps and software-pipelining depth.
+  block_d:  down kernel, output columns per program: programs = d_model / block_d, each reading
+            block_d * width contiguous weights per union expert.
+  down_unroll: down kernel, union experts per loop iteration: their loads are emitted back to
+            back, so `down_unroll` tiles (4 KB each at the defaults) are in flight together even
+            where Triton does not pipeline the loop (the broadcast path).
+  down_num_warps, down_num_stages: the same as num_warps / num_stages for the down kernel, whose
+            tiles ([block_d, width], 4 KB) are 8x smaller than the up kernel's.
   small_n:  "auto" | "broadcast" | "dot": how fewer than 16 rows are computed (see the module
             docstring); "auto": broadcast for one row, tl.dot on 16 padded rows for 2-15.
-  index:    "kernel" | "xla": where the union list is computed.
-  num_warps, num_stages: Triton's warps per program and software-pipelining depth (up kernel).
-  down_num_warps, down_num_stages: the same for the down kernel (None: as the up kernel's). Its
-            tiles are small ([block_h, block_d], 4 KB at 128 x 16 bf16), so its depth sets how
-            many bytes each program keeps in flight.
-  down_unroll: union experts per down-kernel loop iteration (independent loads in flight even
-            where Triton does not software-pipeline, as for the broadcast path's loads).
+  index:    "kernel" | "xla": where the union list is computed (see the module docstring).
   Blocks are powers of two >= 16; each is clipped to the largest power of two dividing its axis.
   """
-  block_k: int = 512
   block_w: int = 16
-  block_d: int = 16
-  block_h: int = 128
-  down_groups: int = 1
-  expert_slots: int | None = None
-  small_n: str = "auto"
-  index: str = "kernel"
+  block_k: int = 1024
   num_warps: int = 4
   num_stages: int = 3
-  down_num_warps: int | None = None
-  down_num_stages: int | None = 4
-  down_unroll: int = 2
+  block_d: int = 16
+  down_unroll: int = 4
+  down_num_warps: int = 4
+  down_num_stages: int = 3
+  small_n: str = "auto"
+  index: str = "kernel"
 
   def __post_init__(self):
-    for name in ("block_k", "block_w", "block_d", "block_h"):
+    for name in ("block_w", "block_k", "block_d"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 16 or value & (value - 1):
         raise ValueError(f"UnionFFNConfig: {name} must be a power of two >= 16, got {value!r}")
-    for name in ("down_groups", "down_unroll"):
+    for name in ("down_unroll", "num_stages", "down_num_stages"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"UnionFFNConfig: {name} must be an int >= 1, got {value!r}")
-    if self.expert_slots is not None and (not isinstance(self.expert_slots, int)
-                                          or self.expert_slots < 1):
-      raise ValueError(f"UnionFFNConfig: expert_slots must be None or an int >= 1, got "
-                       f"{self.expert_slots!r}")
+    for name in ("num_warps", "down_num_warps"):
+      if getattr(self, name) not in WARPS:
+        raise ValueError(f"UnionFFNConfig: {name} must be one of {WARPS}, got "
+                         f"{getattr(self, name)!r}")
     if self.small_n not in SMALL_N_MODES:
       raise ValueError(f"UnionFFNConfig: small_n must be one of {SMALL_N_MODES}, got "
                        f"{self.small_n!r}")
     if self.index not in INDEX_MODES:
       raise ValueError(f"UnionFFNConfig: index must be one of {INDEX_MODES}, got {self.index!r}")
-    for name in ("num_warps", "down_num_warps"):
-      value = getattr(self, name)
-      if value not in (1, 2, 4, 8, 16) and not (name.startswith("down") and value is None):
-        raise ValueError(f"UnionFFNConfig: {name} must be one of 1, 2, 4, 8, 16, got {value!r}")
-    for name in ("num_stages", "down_num_stages"):
-      value = getattr(self, name)
-      if value is None and name.startswith("down"):
-        continue
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"UnionFFNConfig: {name} must be an int >= 1, got {value!r}")
 
 
 def kernel_rows(n: int, small_n: str) -> tuple[int, bool]:
@@ -153,141 +162,138 @@ def _union(a_ref, idx_ref):
   return count, lambda u: jnp.sum((prefix <= u).astype(jnp.int32))
 
 
-def _matmul(a, b, use_dot):
-  """a [rows, K] @ b [K, N] -> float32 [rows, N]. tl.dot (rows >= 16) or, for fewer rows, a
-  broadcast multiply and a sum over K in float32 on the CUDA cores (2-D for one row)."""
+def _matmul_nt(a, b, use_dot):
+  """a [rows, K] @ b [N, K]^T -> float32 [rows, N]: tl.dot with a transposed operand (rows >= 16)
+  or, for fewer rows, a broadcast multiply and a sum over K (b's contiguous axis) in float32."""
   if use_dot:
-    return plgpu.dot(a.astype(b.dtype), b)
+    return plgpu.dot(a.astype(b.dtype), b, trans_b=True)
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   if a.shape[0] == 1:
-    return jnp.sum(jnp.squeeze(a, 0)[:, None] * b, axis=0)[None, :]
-  return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
+    return jnp.sum(a * b, axis=1)[None, :]                   # [1, K] * [N, K]: 2-D, no padding
+  return jnp.sum(a[:, None, :] * b[None, :, :], axis=2)
 
 
-def _up_kernel(*refs, has_index, rows, width, d_model, block_k, block_w, slots, use_dot):
+def _up_kernel(*refs, has_index, rows, width, d_model, block_k, block_w, use_dot):
   if has_index:
     x_ref, a_ref, idx_ref, w_ref, *rest = refs
   else:
     (x_ref, a_ref, w_ref, *rest), idx_ref = refs, None
   h_ref = rest[-1]                   # (with poisoned outputs, the aliased input comes first)
-  chunk, slot = pl.program_id(0), pl.program_id(1)
+  chunk, u = pl.program_id(0), pl.program_id(1)
   count, expert_of = _union(a_ref, idx_ref)
 
-  def one_expert(i, carry):
-    e = expert_of(slot + i * slots)
-    cols = pl.ds(e * width + chunk * block_w, block_w)       # same columns in w_up and h
+  @pl.when(u < count)
+  def _():
+    e = expert_of(u)
+    units = pl.ds(e * width + chunk * block_w, block_w)      # rows of up_t
 
     def step(kb, acc):
       ks = pl.ds(kb * block_k, block_k)
-      return acc + _matmul(x_ref[:, ks], w_ref[ks, cols], use_dot)
+      return acc + _matmul_nt(x_ref[:, ks], w_ref[units, ks], use_dot)
 
     acc = lax.fori_loop(0, d_model // block_k, step, jnp.zeros((rows, block_w), jnp.float32))
     a = a_ref[:, pl.ds(e, 1)].astype(jnp.float32)           # [rows, 1]
-    h_ref[:, cols] = jnp.where(a != 0, jax.nn.silu(acc) * a, 0.0).astype(h_ref.dtype)
-    return carry
-
-  # slot < slots and count >= 0, so the numerator is >= 0 and lax.div is a floor division.
-  lax.fori_loop(0, lax.div(count - slot + (slots - 1), slots), one_expert, 0)
+    h_ref[pl.ds(e * rows, rows), pl.ds(chunk * block_w, block_w)] = jnp.where(
+        a != 0, jax.nn.silu(acc) * a, 0.0).astype(h_ref.dtype)
 
 
-def _down_kernel(*refs, has_index, rows, width, block_d, block_h, groups, unroll, use_dot):
+def _down_kernel(*refs, has_index, rows, width, d_model, block_d, block_h, unroll, use_dot):
   if has_index:
     h_ref, a_ref, idx_ref, w_ref, *rest = refs
   else:
     (h_ref, a_ref, w_ref, *rest), idx_ref = refs, None
   out_ref = rest[-1]
-  column_block, group = pl.program_id(0), pl.program_id(1)
+  column_block = pl.program_id(0)
   count, expert_of = _union(a_ref, idx_ref)
-  cols = pl.ds(column_block * block_d, block_d)
-  positions = lax.div(count - group + (groups - 1), groups)   # this group's union positions
 
   def step(i, acc):
-    # `unroll` experts per iteration: their tile loads are independent, so they are in flight
-    # together whether or not Triton software-pipelines this loop.
-    for j in range(unroll):
-      p = i * unroll + j
-      # Past this group's last position: reload the union's last expert (a cache hit) and drop
-      # its contribution, rather than branch.
-      e = expert_of(jnp.minimum(group + p * groups, count - 1))
+    # The iteration's index lookups first (with index="kernel" each is a reduction over E, with
+    # barriers), then all its loads, then the math: the loads are emitted back to back, so they
+    # are in flight together instead of each waiting behind the previous expert's arithmetic.
+    positions = [i * unroll + j for j in range(unroll)]
+    # Past the union's end (the last iteration of a ragged unroll): reload the union's last
+    # expert (a cache hit) and drop its contribution, rather than branch.
+    experts = [expert_of(jnp.minimum(u, count - 1)) for u in positions]
+    tiles = []
+    for u, e in zip(positions, experts):
+      columns = pl.ds(e * d_model + column_block * block_d, block_d)   # rows of down_t
       for c in range(width // block_h):
-        hs = pl.ds(e * width + c * block_h, block_h)         # rows of w_down, columns of h
-        h = h_ref[:, hs]
-        if unroll > 1:
-          h = jnp.where(p < positions, h, jnp.zeros_like(h))
-        acc = acc + _matmul(h, w_ref[hs, cols], use_dot)
+        width_chunk = pl.ds(c * block_h, block_h)
+        tiles.append((u, h_ref[pl.ds(e * rows, rows), width_chunk], w_ref[columns, width_chunk]))
+    for u, h, w in tiles:
+      if unroll > 1:
+        h = jnp.where(u < count, h, jnp.zeros_like(h))
+      acc = acc + _matmul_nt(h, w, use_dot)
     return acc
 
-  acc = lax.fori_loop(0, lax.div(positions + (unroll - 1), unroll), step,
+  acc = lax.fori_loop(0, lax.div(count + (unroll - 1), unroll), step,
                       jnp.zeros((rows, block_d), jnp.float32))
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
 def _full(shape):
   """BlockSpec of a whole array (kernels index it themselves with pl.ds)."""
-  return pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-@functools.partial(jax.jit, static_argnames=("width", "config", "interpret", "poison"))
-def union_ffn_kernels(x, a, index, w_up2, w_down2, *, width: int, config: UnionFFNConfig,
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "poison"))
+def union_ffn_kernels(x, a, index, up_t, down_t, *, config: UnionFFNConfig,
                       interpret: bool = False, poison: bool = False):
   """The two kernels on prepared inputs.
 
   x [rows, d] (rows from kernel_rows), a [rows, E'] float router weights (E' >= E; a power of
   two with index="kernel"), index int32 [L] from reference.union_index (index="xla"; ignored
-  otherwise, pass None), w_up2 [d, E * width] and w_down2 [E * width, d] (the contract's
-  w_up [d, E, width] and w_down [E, width, d] reshaped, which is free). d and width must be
-  multiples of 16. Returns y [rows, d] in x.dtype (down_groups == 1) or float32 partials
-  [down_groups, rows, d]. poison=True runs on NaN-filled h and output buffers (tests: a tile the
-  kernels leave unwritten, or an h column the down kernel reads but the up kernel did not write,
-  shows up as NaN).
+  otherwise, pass None), up_t [E, width, d] and down_t [E, d, width] (ExpertWeights' fields).
+  d and width must be multiples of 16. Returns y [rows, d] in x.dtype. poison=True runs on
+  NaN-filled h and output buffers (tests: a tile the kernels leave unwritten, or an h column the
+  down kernel reads but the up kernel did not write, shows up as NaN).
   """
   rows, d_model = x.shape
-  num_experts = w_up2.shape[1] // width
+  num_experts, width, _ = up_t.shape
   use_dot = rows >= MIN_DOT_ROWS
   block_w = _fit(config.block_w, width)
-  block_d = _fit(config.block_d, d_model)
   block_k = _fit(config.block_k, d_model)
-  block_h = _fit(config.block_h, width)
-  if use_dot:                     # x tile [rows, block_k] (shared memory, per pipeline stage)
-    block_k = max(16, min(block_k, MAX_X_TILE // rows))
-  elif rows > 1:                  # the [rows, K, N] product lives in registers
-    block_k = max(16, min(block_k, MAX_PRODUCT // (rows * block_w)))
-    block_h = max(16, min(block_h, MAX_PRODUCT // (rows * block_d)))
-  slots = min(config.expert_slots or num_experts, num_experts)
-  groups = config.down_groups
+  block_d = _fit(config.block_d, d_model)
+  block_h = width                 # the down kernel's width chunk: whole rows of down_t
+  # Caps (all powers of two, so the clipped blocks still divide their axes).
+  if use_dot:                     # operand tiles in shared memory, per pipeline stage
+    block_k = min(block_k, max(16, MAX_DOT_TILE // max(rows, block_w)))
+    block_h = _fit(max(16, MAX_DOT_TILE // max(rows, block_d)), width)
+  elif rows > 1:                  # the [rows, N, K] product lives in registers
+    block_k = min(block_k, max(16, MAX_PRODUCT // (rows * block_w)))
+    block_h = _fit(max(16, MAX_PRODUCT // (rows * block_d)), width)
   has_index = config.index == "xla"
-  up_params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-  down_params = plgpu.CompilerParams(num_warps=config.down_num_warps or config.num_warps,
-                                     num_stages=config.down_num_stages or config.num_stages)
   index_in = [index] if has_index else []
+  # Reshapes of contiguous arrays: free. Rows of up_t2 are (expert, hidden unit), of down_t2
+  # (expert, output column); each kernel slices them with one pl.ds per tile.
+  up_t2 = up_t.reshape(num_experts * width, d_model)
+  down_t2 = down_t.reshape(num_experts * d_model, width)
 
-  h_shape = jax.ShapeDtypeStruct((rows, num_experts * width), w_down2.dtype)
-  up_inputs = [x, a, *index_in, w_up2]
+  # h is expert-major too ([E * rows, width]: expert e's rows are one block, 256 B per row at
+  # width 128), so the down kernel reads each expert's activations contiguously.
+  h_shape = jax.ShapeDtypeStruct((num_experts * rows, width), down_t.dtype)
+  up_inputs = [x, a, *index_in, up_t2]
   up_aliases = {}
   if poison:
     up_inputs.append(jnp.full(h_shape.shape, jnp.nan, h_shape.dtype))
     up_aliases = {len(up_inputs) - 1: 0}
   h = pl.pallas_call(
       functools.partial(_up_kernel, has_index=has_index, rows=rows, width=width,
-                        d_model=d_model, block_k=block_k, block_w=block_w, slots=slots,
-                        use_dot=use_dot),
-      grid=(width // block_w, slots),
+                        d_model=d_model, block_k=block_k, block_w=block_w, use_dot=use_dot),
+      grid=(width // block_w, num_experts),
       in_specs=[_full(v.shape) for v in up_inputs],
       out_specs=_full(h_shape.shape),
       out_shape=h_shape,
       input_output_aliases=up_aliases,
-      compiler_params=up_params,
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
       interpret=interpret,
       name="union_ffn_up",
   )(*up_inputs)
 
-  if groups == 1:
-    out_shape = jax.ShapeDtypeStruct((rows, d_model), x.dtype)
-    out_spec = pl.BlockSpec((rows, block_d), lambda j, g: (0, j))
-  else:
-    out_shape = jax.ShapeDtypeStruct((groups, rows, d_model), jnp.float32)
-    out_spec = pl.BlockSpec((None, rows, block_d), lambda j, g: (g, 0, j))
-  down_inputs = [h, a, *index_in, w_down2]
+  out_shape = jax.ShapeDtypeStruct((rows, d_model), x.dtype)
+  out_spec = pl.BlockSpec((rows, block_d), lambda j: (0, j))
+  down_inputs = [h, a, *index_in, down_t2]
   down_specs = [_full(v.shape) for v in down_inputs]
   down_aliases = {}
   if poison:
@@ -296,14 +302,15 @@ def union_ffn_kernels(x, a, index, w_up2, w_down2, *, width: int, config: UnionF
     down_aliases = {len(down_inputs) - 1: 0}
   return pl.pallas_call(
       functools.partial(_down_kernel, has_index=has_index, rows=rows, width=width,
-                        block_d=block_d, block_h=block_h, groups=groups,
+                        d_model=d_model, block_d=block_d, block_h=block_h,
                         unroll=config.down_unroll, use_dot=use_dot),
-      grid=(d_model // block_d, groups),
+      grid=(d_model // block_d,),
       in_specs=down_specs,
       out_specs=out_spec,
       out_shape=out_shape,
       input_output_aliases=down_aliases,
-      compiler_params=down_params,
+      compiler_params=plgpu.CompilerParams(num_warps=config.down_num_warps,
+                                           num_stages=config.down_num_stages),
       interpret=interpret,
       name="union_ffn_down",
   )(*down_inputs)

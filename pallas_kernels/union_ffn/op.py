@@ -1,16 +1,19 @@
 """The public op: BlockFFN's union-of-experts FFN for a few tokens, with an implementation switch.
 
-  union_ffn(x, weights, w_up, w_down, implementation="pallas" | "interpret" | "reference",
-            config=UnionFFNConfig(...))
+  experts = ExpertWeights.from_layer(w_up, w_down)       # once per layer, when loading weights
+  y = union_ffn(x, weights, experts, implementation="pallas" | "interpret" | "reference",
+                config=UnionFFNConfig(...))
 
 x [n, d_model] (n <= 128 for the kernels: decode, speculative verification, short chunks),
 weights [n, E] the router's expert weights (A[t, i] = 0: expert i inactive for token t),
-w_up [d_model, E, width], w_down [E, width, d_model]. Returns y [n, d_model] in x.dtype:
-y[t] = sum_i A[t, i] * SiLU(x[t] @ w_up[:, i, :]) @ w_down[i], accumulated in float32 (the
-kernels round the hidden activations to the weights' dtype between the two projections, as a
-dense bf16 FFN does). The kernels read the weights of the union of the n tokens' experts only;
-see kernel.py. Inference only: no VJP (jax.grad through "pallas"/"interpret" fails; "reference"
-is differentiable).
+experts the layer's expert weights in the expert-major layout (reference.ExpertWeights: up_t
+[E, width, d_model], down_t [E, d_model, width], made once from the layer's w_up [d_model, E,
+width] / w_down [E, width, d_model]; every path reads them, so no call pays for the transpose).
+Returns y [n, d_model] in x.dtype: y[t] = sum_i A[t, i] * SiLU(x[t] @ w_up[:, i, :]) @ w_down[i],
+accumulated in float32 (the kernels round the hidden activations to the weights' dtype between
+the two projections, as a dense bf16 FFN does). The kernels read the weights of the union of the
+n tokens' experts only, as contiguous blocks; see kernel.py. Inference only: no VJP (jax.grad
+through "pallas"/"interpret" fails; "reference" is differentiable).
 """
 import functools
 
@@ -19,18 +22,22 @@ import jax.numpy as jnp
 
 from pallas_kernels.union_ffn.kernel import (MAX_ROWS, UnionFFNConfig, kernel_rows,
                                              next_power_of_2, union_ffn_kernels)
-from pallas_kernels.union_ffn.reference import union_ffn_reference, union_index
+from pallas_kernels.union_ffn.reference import ExpertWeights, union_ffn_reference, union_index
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
 
 
-def _check(x, weights, w_up, w_down, implementation, config):
+def _check(x, weights, experts, implementation, config):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"union_ffn: implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
   if config is not None and not isinstance(config, UnionFFNConfig):
     raise ValueError(f"union_ffn: config must be a UnionFFNConfig or None, got {type(config)}")
-  for name, v in (("x", x), ("weights", weights), ("w_up", w_up), ("w_down", w_down)):
+  if not isinstance(experts, ExpertWeights):
+    raise ValueError("union_ffn: experts must be an ExpertWeights (ExpertWeights.from_layer("
+                     f"w_up, w_down), once per layer), got {type(experts).__name__}")
+  for name, v in (("x", x), ("weights", weights), ("experts.up_t", experts.up_t),
+                  ("experts.down_t", experts.down_t)):
     if not hasattr(v, "dtype") or not jnp.issubdtype(v.dtype, jnp.floating):
       raise ValueError(f"union_ffn: {name} must be a floating-point array, got "
                        f"{getattr(v, 'dtype', type(v))}")
@@ -38,22 +45,23 @@ def _check(x, weights, w_up, w_down, implementation, config):
     raise ValueError(f"union_ffn: x must be [n_tokens, d_model] with n_tokens >= 1, got "
                      f"shape {x.shape}")
   n, d_model = x.shape
-  if w_up.ndim != 3 or w_up.shape[0] != d_model:
-    raise ValueError(f"union_ffn: w_up must be [d_model={d_model}, num_experts, expert_width], "
-                     f"got shape {w_up.shape}")
-  _, num_experts, width = w_up.shape
-  if w_down.shape != (num_experts, width, d_model):
-    raise ValueError(f"union_ffn: w_down must be [num_experts, expert_width, d_model] = "
-                     f"{(num_experts, width, d_model)} (from w_up {w_up.shape}), got shape "
-                     f"{w_down.shape}")
+  up_t, down_t = experts
+  if up_t.ndim != 3 or up_t.shape[2] != d_model:
+    raise ValueError(f"union_ffn: experts.up_t must be [num_experts, expert_width, "
+                     f"d_model={d_model}], got shape {up_t.shape}")
+  num_experts, width, _ = up_t.shape
+  if down_t.shape != (num_experts, d_model, width):
+    raise ValueError(f"union_ffn: experts.down_t must be [num_experts, d_model, expert_width] = "
+                     f"{(num_experts, d_model, width)} (from experts.up_t {up_t.shape}), got "
+                     f"shape {down_t.shape}")
   if weights.shape != (n, num_experts):
     raise ValueError(f"union_ffn: weights must be [n_tokens, num_experts] = {(n, num_experts)}, "
                      f"got shape {weights.shape}")
   if implementation == "reference":
     return
-  if w_up.dtype != w_down.dtype:
-    raise ValueError(f"union_ffn: w_up and w_down must share a dtype, got {w_up.dtype} and "
-                     f"{w_down.dtype}")
+  if up_t.dtype != down_t.dtype:
+    raise ValueError(f"union_ffn: experts.up_t and experts.down_t must share a dtype, got "
+                     f"{up_t.dtype} and {down_t.dtype}")
   if n > MAX_ROWS:
     raise ValueError(f"union_ffn: x has n_tokens={n}; the kernels take at most {MAX_ROWS} "
                      "(decode / verification sizes): split longer inputs into chunks or use "
@@ -66,22 +74,22 @@ def _check(x, weights, w_up, w_down, implementation, config):
                      f"{width}")
 
 
-def union_ffn(x: jax.Array, weights: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
+def union_ffn(x: jax.Array, weights: jax.Array, experts: ExpertWeights, *,
               implementation: str = "pallas", config: UnionFFNConfig | None = None,
               poison_outputs: bool = False) -> jax.Array:
   """See the module docstring. config: the kernels' tunables (UnionFFNConfig(); ignored by
   "reference"); poison_outputs: run the kernels on NaN-filled buffers (a coverage test)."""
-  _check(x, weights, w_up, w_down, implementation, config)
+  _check(x, weights, experts, implementation, config)
   if implementation == "reference":
-    return union_ffn_reference(x, weights, w_up, w_down)
-  return _union_ffn_kernels(x, weights, w_up, w_down, config=config or UnionFFNConfig(),
+    return union_ffn_reference(x, weights, experts)
+  return _union_ffn_kernels(x, weights, experts, config=config or UnionFFNConfig(),
                             interpret=implementation == "interpret", poison=poison_outputs)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "poison"))
-def _union_ffn_kernels(x, weights, w_up, w_down, *, config, interpret, poison):
-  n, d_model = x.shape
-  _, num_experts, width = w_up.shape
+def _union_ffn_kernels(x, weights, experts, *, config, interpret, poison):
+  n = x.shape[0]
+  num_experts = experts.up_t.shape[0]
   rows, _ = kernel_rows(n, config.small_n)
   # Padded tokens have zero weights: inactive everywhere, so the union and the real rows are
   # unchanged. Only ragged n pays for the pads (n = 1, 8, 32 with the defaults pay none).
@@ -95,9 +103,6 @@ def _union_ffn_kernels(x, weights, w_up, w_down, *, config, interpret, poison):
   index = None
   if config.index == "xla":
     index = union_index(weights[:, :num_experts], next_power_of_2(num_experts + 1))
-  out = union_ffn_kernels(x, weights, index, w_up.reshape(d_model, num_experts * width),
-                          w_down.reshape(num_experts * width, d_model), width=width,
-                          config=config, interpret=interpret, poison=poison)
-  if config.down_groups > 1:
-    out = jnp.sum(out, axis=0)
-  return out[:n].astype(x.dtype)
+  out = union_ffn_kernels(x, weights, index, experts.up_t, experts.down_t, config=config,
+                          interpret=interpret, poison=poison)
+  return out[:n]

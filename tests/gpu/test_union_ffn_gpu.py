@@ -1,13 +1,15 @@
 """The union-of-experts FFN kernels on the GPU (Triton lowering) against the jnp reference, bf16,
 at the benchmark's layer (d_model 2048, 128 experts of width 128) and BlockFFN's 0.1B layer
-(d_model 768, 48 experts of width 64: a non-power-of-two expert count), with every kernel mode
-and poisoned output buffers."""
+(d_model 768, 48 experts of width 64: a non-power-of-two expert count), with every kernel mode,
+the benchmark sweep's extreme tiles and poisoned output buffers; weights in the expert-major
+layout (ExpertWeights.from_layer on the device)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.union_ffn import UnionFFNConfig, union_ffn, union_ffn_reference
+from pallas_kernels.union_ffn import (ExpertWeights, UnionFFNConfig, union_ffn,
+                                      union_ffn_reference)
 
 SPARSITIES = (0.0, 0.5, 0.875, 0.95, 1.0)
 CONFIGS = {
@@ -15,11 +17,11 @@ CONFIGS = {
     "dot_rows": UnionFFNConfig(small_n="dot"),
     "broadcast_rows": UnionFFNConfig(small_n="broadcast"),
     "xla_index": UnionFFNConfig(index="xla"),
-    "split_k": UnionFFNConfig(block_d=64, down_groups=4, down_num_stages=3),
-    "slots_w32": UnionFFNConfig(expert_slots=32, block_w=32, num_warps=2, num_stages=4),
-    "wide_k_unroll4": UnionFFNConfig(block_k=2048, num_warps=8, down_unroll=4,
-                                     down_num_stages=3, down_num_warps=4),
-    "one_per_iter": UnionFFNConfig(down_unroll=1, small_n="dot"),
+    "w32_d32": UnionFFNConfig(block_w=32, block_k=512, block_d=32, num_stages=4),
+    "wide_k_unroll8": UnionFFNConfig(block_k=2048, num_warps=8, num_stages=2, down_unroll=8,
+                                     down_num_stages=2),
+    "one_per_iter": UnionFFNConfig(down_unroll=1, down_num_stages=4, small_n="dot"),
+    "few_warps": UnionFFNConfig(num_warps=2, down_num_warps=2),
 }
 
 
@@ -29,13 +31,14 @@ def rel_err(a, b):
 
 
 def layer(seed, n, d_model, num_experts, width):
+  """x [n, d] and the layer's experts, made in the layer layout and transposed on the device."""
   keys = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(keys[0], (n, d_model), jnp.float32).astype(jnp.bfloat16)
   w_up = (jax.random.normal(keys[1], (d_model, num_experts, width), jnp.float32)
           / np.sqrt(d_model)).astype(jnp.bfloat16)
   w_down = (jax.random.normal(keys[2], (num_experts, width, d_model), jnp.float32)
             / np.sqrt(width)).astype(jnp.bfloat16)
-  return x, w_up, w_down
+  return x, jax.jit(ExpertWeights.from_layer)(w_up, w_down)
 
 
 def router_weights(rng, n, num_experts, sparsity):
@@ -51,14 +54,14 @@ def router_weights(rng, n, num_experts, sparsity):
 
 
 def check(n, d_model, num_experts, width, config, sparsities=SPARSITIES):
-  x, w_up, w_down = layer(n, n, d_model, num_experts, width)
+  x, experts = layer(n, n, d_model, num_experts, width)
   rng = np.random.default_rng(n + d_model)
   kernel = jax.jit(lambda *a: union_ffn(*a, config=config, poison_outputs=True))
   reference = jax.jit(lambda x, *a: union_ffn_reference(x.astype(jnp.float32), *a))
   for sparsity in sparsities:
     weights = router_weights(rng, n, num_experts, sparsity)
-    got = kernel(x, weights, w_up, w_down)
-    want = reference(x, weights, w_up, w_down)
+    got = kernel(x, weights, experts)
+    want = reference(x, weights, experts)
     assert got.dtype == jnp.bfloat16 and got.shape == (n, d_model)
     got = np.asarray(got, np.float32)
     assert np.isfinite(got).all(), f"NaN (unwritten tile / unwritten h read) at {sparsity}"
@@ -80,4 +83,5 @@ def test_pallas_matches_reference(n, name):
 def test_blockffn_small_layer_and_long_rows(n):
   """d 768, 48 experts (padded to 64 for the in-kernel index) of width 64; up to 128 rows."""
   check(n, 768, 48, 64, UnionFFNConfig(), sparsities=(0.5, 0.875, 1.0))
-  check(n, 768, 48, 64, UnionFFNConfig(index="xla", down_groups=2), sparsities=(0.7,))
+  check(n, 768, 48, 64, UnionFFNConfig(index="xla", block_d=32, down_unroll=3),
+        sparsities=(0.7,))
