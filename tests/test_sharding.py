@@ -39,6 +39,17 @@ SCRIPT = textwrap.dedent("""
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), pa, pb))
     print("max param diff", max(diffs))
     assert max(diffs) < 1e-5, max(diffs)
+
+    # cuDNN attention needs q, k, v sharded alike: rows over (data, fsdp), heads over tensor
+    # where the KV heads divide (here 2 of them over 2 shards; 1 of them stays replicated).
+    from jax.sharding import PartitionSpec as P
+    from sparsejax.ops.attention import _shard_alike
+    for kv_heads, heads_axis in [(2, "tensor"), (1, None)]:
+      q, k = np.zeros((8, 16, 4, 8), np.float32), np.zeros((8, 16, kv_heads, 8), np.float32)
+      with jax.set_mesh(t.mesh):
+        placed = jax.jit(_shard_alike)(q, k, k)
+      want = jax.sharding.NamedSharding(t.mesh, P(("data", "fsdp"), None, heads_axis, None))
+      assert all(x.sharding.is_equivalent_to(want, 4) for x in placed), [x.sharding for x in placed]
     print("OK")
 """)
 

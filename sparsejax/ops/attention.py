@@ -11,6 +11,7 @@ Conventions shared by every attention in sparsejax:
   window attention) key j is also required to satisfy (q_start + t) - j < W: the query and the
   W - 1 keys before it.
 """
+import math
 from typing import Literal
 
 import jax
@@ -167,11 +168,29 @@ def segment_runs(segment_ids: jax.Array, max_segments: int):
   return seqlens, offsets, num_runs
 
 
+def _shard_alike(q, k, v):
+  """cuDNN's partitioner insists that q, k and v be sharded alike, while the projections leave
+  q's heads split over `tensor` and the (fewer) KV heads replicated. Under a mesh (jax.set_mesh,
+  as the trainer runs its steps) all three get rows split over the batch axes and heads split
+  over `tensor` where the KV heads divide, replicated otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return q, k, v
+  batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
+  tensor = mesh.shape.get("tensor", 1)
+  splits = math.prod(mesh.shape[a] for a in batch_axes)
+  rows = batch_axes if batch_axes and q.shape[0] % splits == 0 else None
+  heads = "tensor" if tensor > 1 and k.shape[2] % tensor == 0 else None
+  spec = jax.sharding.PartitionSpec(rows, None, heads, None)
+  return tuple(jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
+
+
 def _cudnn_attention(q, k, v, segment_ids, max_segments, window=None):
   # The cuDNN entry point that takes packed offsets is not re-exported by jax.nn; jax is pinned.
   from jax._src.cudnn.fused_attention_stablehlo import MaskType
   from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dpa
 
+  q, k, v = _shard_alike(q, k, v)
   scale = float(1.0 / np.sqrt(q.shape[-1]))
   # cuDNN's sliding window covers (pos - window, pos]: the same keys as `window` here.
   if segment_ids is None:

@@ -145,10 +145,10 @@ class Trainer:
     self.writer = None  # opened by train(), so a failed construction leaves no open files
     # Fresh lambdas: jax caches traces per function object, and bound methods of two Trainers
     # (say, on different meshes in one process) would otherwise share one.
-    self._train_step = jax.jit(
+    self._train_step = self._under_mesh(jax.jit(
         lambda p, o, b, c: self._train_step_impl(p, o, b, c), donate_argnums=(0, 1),
-        out_shardings=(self.param_shardings, self.opt_shardings, None))
-    self._eval_step = jax.jit(lambda p, b: self._eval_step_impl(p, b))
+        out_shardings=(self.param_shardings, self.opt_shardings, None)))
+    self._eval_step = self._under_mesh(jax.jit(lambda p, b: self._eval_step_impl(p, b)))
     self._eval_batches = None
     if self.checkpointer.latest_step() is not None:
       if not config.resume:
@@ -157,6 +157,14 @@ class Trainer:
             f"{self.checkpointer.latest_step()}); set --config.resume=True to continue that run "
             "or choose a new --config.workdir")
       self.restore()
+
+  def _under_mesh(self, step):
+    """Runs (and traces) `step` with this trainer's mesh set, so ops that must place their
+    operands themselves (cuDNN attention, see sparsejax.ops.attention) can see it."""
+    def call(*args):
+      with jax.set_mesh(self.mesh):
+        return step(*args)
+    return call
 
   # ---- pure functions (jitted) -------------------------------------------------------------
   def _init_params(self):
@@ -250,7 +258,7 @@ class Trainer:
     cfg = self.config.train
     steps = cfg.steps if steps is None else steps
     tokens_per_step = cfg.batch_size * self.data_config.seq_len
-    peak = peak_flops(jax.devices()[0])
+    peak = peak_flops(self.mesh.devices.flat[0])  # this run's devices, not the process's
     if self.writer is None:
       self.writer = MetricsWriter(os.path.join(self.config.workdir, "logs"))
     summary: dict[str, Any] = {"params": self.num_params, "start_step": self.step}
@@ -281,7 +289,7 @@ class Trainer:
         metrics.update(lr=float(self.schedule(self.step - 1)), tokens_per_s=tokens_per_s,
                        data_ms_per_step=1e3 * data_seconds / window_steps)
         if peak is not None:
-          metrics["mfu"] = tokens_per_s * self.flops_per_token / (peak * jax.device_count())
+          metrics["mfu"] = tokens_per_s * self.flops_per_token / (peak * self.mesh.size)
         if self.step > cfg.log_every:  # the first window includes compilation
           timed.append((window_steps, elapsed))
         self.writer.write("train", self.step, metrics)
@@ -309,7 +317,7 @@ class Trainer:
       total_time = sum(t for _, t in timed)
       summary["tokens_per_s"] = total_steps * tokens_per_step / total_time
       if peak is not None:
-        summary["mfu"] = summary["tokens_per_s"] * self.flops_per_token / (peak * jax.device_count())
+        summary["mfu"] = summary["tokens_per_s"] * self.flops_per_token / (peak * self.mesh.size)
     summary["history"] = history
     summary["step"] = self.step
     return summary
