@@ -31,6 +31,8 @@ _OUT = flags.DEFINE_string("out", "experiments/results/blockffn_ablation", "Outp
 _TINY = flags.DEFINE_bool("tiny", False, "CPU-sized model and a few steps (for tests).")
 _STEPS = flags.DEFINE_integer("steps", None, "Override train.steps.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "Override train.eval_batches.")
+_MERGE = flags.DEFINE_list("merge", [], "Train nothing: join the methods of these result JSONs "
+                           "(runs split over processes or GPU calls) into --out.")
 
 # The paper's 0.1B numbers (TLS %, CLS8 %, PPL), for the table's reference row.
 PAPER = {"dense": (None, None, 14.90), "topk_moe": (79.2, 49.2, 16.22),
@@ -132,6 +134,20 @@ def main(argv):
   unknown = [m for m in _METHODS.value if m not in ablation.METHODS]
   if unknown:
     raise ValueError(f"--methods: unknown {unknown}; known: {list(ablation.METHODS)}")
+  if _MERGE.value:
+    results, devices = {}, set()
+    for path in _MERGE.value:
+      with open(path) as f:
+        part = json.load(f)
+      results.update(part["methods"])
+      devices.add(part["device"])
+    if len(devices) != 1:
+      raise ValueError(f"--merge: the parts ran on different devices {sorted(devices)}")
+    results = {m: results[m] for m in ablation.METHODS if m in results}  # the paper's order
+    device = devices.pop()
+    write_outputs(results, device)
+    print(markdown(results, _header(results, device)))
+    return
   # Results are rewritten after every method, so a run cut short (a GPU call's time limit)
   # still leaves the methods it finished.
   results = {}
@@ -149,24 +165,28 @@ def _scale():
           "tiny": _TINY.value}
 
 
-def _header(results):
+def _device() -> str:
   import jax
+  return jax.devices()[0].device_kind
+
+
+def _header(results, device=None):
   scale = _scale()
-  return (f"# BlockFFN ablation ({jax.devices()[0].device_kind}; d_model {scale['d_model']}, "
+  return (f"# BlockFFN ablation ({device or _device()}; d_model {scale['d_model']}, "
           f"{scale['num_layers']} layers, {scale['steps']} steps of {scale['batch_size']} x "
           f"{scale['seq_len']} byte tokens)")
 
 
-def write_outputs(results):
+def write_outputs(results, device=None):
   import jax
-  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "scale": _scale(),
+  out = {"device": device or _device(), "jax": jax.__version__, "scale": _scale(),
          "paper_0.1b": {k: {"tls": t, "cls8": c, "ppl": p} for k, (t, c, p) in PAPER.items()},
          "methods": results}
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value + ".json", "w") as f:
     json.dump(out, f, indent=2)
   with open(_OUT.value + ".md", "w") as f:
-    f.write(markdown(results, _header(results)))
+    f.write(markdown(results, _header(results, device)))
   plot(results, _OUT.value + ".png")
 
 if __name__ == "__main__":
