@@ -1,10 +1,11 @@
-"""The BlockFFN ablation (arXiv 2507.08771, its 0.1B comparison) at one H100-minute per method.
+"""The BlockFFN ablation (arXiv 2507.08771, its 0.1B comparison) at a few H100-minutes a method.
 
   python -m experiments.blockffn_ablation                       # all six methods, one table
   python -m experiments.pretrain --config=configs/blockffn_ablation.py:remoe
   python -m experiments.pretrain --config=configs/blockffn_ablation.py:blockffn,tiny   # CPU
 
-The argument is a method, optionally followed by ",tiny" (a CPU-sized model for tests):
+The argument is a method, optionally followed by ",tiny" (a model for tests) or ",cpu" (the
+ablation at a size two CPU cores train in about half an hour for all six methods):
   dense           SwiGLU FFN (the paper's dense baseline)
   relu_dense      non-gated ReLU FFN (not in the paper's table; the Sparsing-Law dense variant)
   topk_moe        softmax router, top-k of E experts, Switch balance loss
@@ -13,9 +14,13 @@ The argument is a method, optionally followed by ",tiny" (a CPU-sized model for 
   blockffn_no_al  blockffn without L_al;  blockffn_no_cs  without L_cs
 
 Model, the same for every method: byte-level vocabulary (259), d_model 384, 8 layers, 6 query
-heads and 2 KV heads of 64, sequences of 512 tokens, 64 rows per step (32,768 tokens), 1,000
-steps (32.8M tokens, ~12.9M parameters: about 2.5 tokens per parameter, far below the paper's
+heads and 2 KV heads of 64, sequences of 512 tokens, 32 rows per step (16,384 tokens), 1,000
+steps (16.4M tokens, ~12.9M parameters: about 1.3 tokens per parameter, far below the paper's
 0.1B models trained on billions of tokens, so compare orderings and ratios, not values).
+GPU time (H100, 2026-12-06): this model is launch-bound. Six runs side by side at 64 rows a step
+made ~164k tokens/s together (300 steps each in ~6 minutes), so the 64-row version needed ~17
+GPU-minutes in all, more than a session's device time; at 32 rows three methods side by side
+take ~5 minutes: experiments/gpu_blockffn.sh runs three per call.
 
 Matching (as the paper's 0.1B setup, scaled down): every expert kind has E = 48 experts of width
 w = 32 (d/12, so E*w = 4d as in the paper's 48 x 64 at d = 768) and a [d, E] router: 1,198,080
@@ -52,9 +57,9 @@ def get_config(arg: str = "blockffn"):
   if method not in METHODS:
     raise ValueError(f"configs/blockffn_ablation.py: method must be one of {METHODS}, "
                      f"got {method!r}")
-  if extra not in ([], ["tiny"]):
-    raise ValueError(f"configs/blockffn_ablation.py: after the method only ',tiny' may follow, "
-                     f"got {arg!r}")
+  if extra not in ([], ["tiny"], ["cpu"]):
+    raise ValueError(f"configs/blockffn_ablation.py: after the method only ',tiny' or ',cpu' "
+                     f"may follow, got {arg!r}")
   tiny = extra == ["tiny"]
 
   c = base_config()
@@ -66,12 +71,21 @@ def get_config(arg: str = "blockffn"):
     c.data.seq_len = 64
     c.train.update(steps=3, batch_size=4, lr=3e-3, warmup_steps=1, decay_fraction=0.2,
                    log_every=1, eval_every=0, eval_batches=1, checkpoint_every=3)
+  elif extra == ["cpu"]:
+    # The same comparison at a size two CPU cores train in a few minutes per method: E*w = 4d
+    # (32 experts of 16), 7 of 32 active for TopK (ReMoE's target 78%), schedules scaled down.
+    experts, width, top_k, hold, window = 32, 16, 7, 120, 30
+    c.model.update(vocab_size=259, d_model=128, num_layers=3, num_heads=2, num_kv_heads=1,
+                   head_dim=64, max_seq_len=256, dtype="float32")
+    c.data.seq_len = 256
+    c.train.update(steps=600, batch_size=16, lr=3e-3, warmup_steps=60, decay_fraction=0.2,
+                   log_every=25, eval_every=0, eval_batches=4, checkpoint_every=600)
   else:
     experts, width, top_k, hold, window = 48, 32, 10, 200, 50
     c.model.update(vocab_size=259, d_model=384, num_layers=8, num_heads=6, num_kv_heads=2,
                    head_dim=64, max_seq_len=512, dtype="bfloat16")
     c.data.seq_len = 512
-    c.train.update(steps=1000, batch_size=64, lr=3e-3, warmup_steps=100, decay_fraction=0.2,
+    c.train.update(steps=1000, batch_size=32, lr=3e-3, warmup_steps=100, decay_fraction=0.2,
                    log_every=50, eval_every=0, eval_batches=8, checkpoint_every=1000)
   c.sample.max_new_tokens = 0
   experts_opts = dict(num_experts=experts, expert_width=width)

@@ -2,8 +2,9 @@
 evaluates it and writes one comparison.
 
   python -m experiments.blockffn_ablation --workdir=runs/blockffn_ablation \
-      --out=experiments/results/blockffn_ablation        # all six, ~1 H100-minute each
-  python -m experiments.blockffn_ablation --tiny --methods=dense,blockffn --out=/tmp/abl   # CPU
+      --out=experiments/results/blockffn_ablation        # all six, ~2 H100-minutes each
+  python -m experiments.blockffn_ablation --size=cpu --out=/tmp/abl    # all six on 2 CPU cores, ~30 min
+  python -m experiments.blockffn_ablation --size=tiny --methods=dense,blockffn --out=/tmp/abl   # seconds
 
 Per method: validation loss, perplexity (per byte: the tokenizer is byte-level) and bits per
 byte, and the FFN's activation sparsity on the validation batches: TLS, CLS_L for L in
@@ -28,7 +29,9 @@ _METHODS = flags.DEFINE_list("methods", list(ablation.ABLATION),
 _WORKDIR = flags.DEFINE_string("workdir", "runs/blockffn_ablation",
                                "Each method trains in <workdir>/<method>.")
 _OUT = flags.DEFINE_string("out", "experiments/results/blockffn_ablation", "Output path stem.")
-_TINY = flags.DEFINE_bool("tiny", False, "CPU-sized model and a few steps (for tests).")
+_SIZE = flags.DEFINE_enum("size", "gpu", ["gpu", "cpu", "tiny"],
+                          "gpu: the ablation's model (~2 H100-minutes a method); cpu: a smaller "
+                          "one for two CPU cores; tiny: a few steps (tests).")
 _STEPS = flags.DEFINE_integer("steps", None, "Override train.steps.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "Override train.eval_batches.")
 _MERGE = flags.DEFINE_list("merge", [], "Train nothing: join the methods of these result JSONs "
@@ -44,14 +47,18 @@ def _clean(value):
   return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def _config_arg(method: str) -> str:
+  return method if _SIZE.value == "gpu" else f"{method},{_SIZE.value}"
+
+
 def run_method(method: str) -> dict:
-  config = ablation.get_config(method + (",tiny" if _TINY.value else ""))
+  config = ablation.get_config(_config_arg(method))
   config.workdir = os.path.join(_WORKDIR.value, method)
   if _STEPS.value is not None:
     config.train.steps = _STEPS.value
   if _EVAL_BATCHES.value is not None:
     config.train.eval_batches = _EVAL_BATCHES.value
-  trainer = Trainer(config, progress=not _TINY.value)
+  trainer = Trainer(config, progress=_SIZE.value != "tiny")
   print(f"{method}: {trainer.num_params / 1e6:.2f}M parameters, ffn={config.model.ffn}, "
         f"workdir {os.path.abspath(config.workdir)}", flush=True)
   start = time.perf_counter()
@@ -158,11 +165,11 @@ def main(argv):
 
 
 def _scale():
-  first = ablation.get_config(_METHODS.value[0] + (",tiny" if _TINY.value else ""))
+  first = ablation.get_config(_config_arg(_METHODS.value[0]))
   return {"d_model": first.model.d_model, "num_layers": first.model.num_layers,
           "seq_len": first.data.seq_len, "batch_size": first.train.batch_size,
           "steps": _STEPS.value or first.train.steps, "tokenizer": first.data.tokenizer,
-          "tiny": _TINY.value}
+          "size": _SIZE.value}
 
 
 def _device() -> str:

@@ -6,13 +6,9 @@
 # after `experiments.longctx_ablation --scale=gpu`); otherwise it is retrained here with the same
 # recipe and fewer pretraining steps (PRETRAIN_STEPS).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
+source experiments/gpu_env.sh
 ROOT=${ROOT:-runs/longctx_ablation_gpu}
 HEADS=${HEADS:-runs/locret_longctx}
-mkdir -p "$OUT"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 quiet() { grep -v -i "warning\|^  warnings\|^$"; }

@@ -3,13 +3,7 @@
 # pretraining throughput run and its report. Run from the repo root on the GPU machine, with
 # the missing wheels carried in .whl/ (README: "Running on a GPU").
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+source experiments/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 if [ -z "${SKIP_GPU_TESTS:-}" ]; then
   python3 -m pytest -q tests/gpu > "$OUT/gpu_tests.txt" 2>&1; tail -8 "$OUT/gpu_tests.txt"

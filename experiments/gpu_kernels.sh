@@ -2,11 +2,7 @@
 # One device call: every GPU test and the kernel benchmarks, results under $OUT.
 #   bash experiments/gpu_kernels.sh   (on the GPU machine, from the repo root, .whl carried)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+source experiments/gpu_env.sh
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 stamp "gpu tests"

@@ -72,7 +72,7 @@ _MESHES = flags.DEFINE_list("meshes", list(MESHES),
                             f"Meshes over all devices, from {list(MESHES)}.")
 _LOSS_STEPS = flags.DEFINE_integer("loss_steps", 50, "Steps whose losses are compared with the "
                                    "single-device run's (logged one by one).")
-_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 30, "Steps after the loss steps, timed in "
+_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 60, "Steps after the loss steps, timed in "
                                     "logging windows of timed_steps // 2 (the first a warm-up).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/runs/multigpu",
                                "Root of the runs' workdirs (<root>/<mesh>, emptied first).")

@@ -318,7 +318,7 @@ def test_ablation_binary_trains_each_kind_and_writes_results(tmp_path):
   # (blockffn above, swiglu in test_train) and their logged aux losses and coefficients.
   out, runs = str(tmp_path / "abl"), tmp_path / "runs"
   methods = ["topk_moe", "remoe", "relu_dense"]
-  text = run("experiments.blockffn_ablation", "--tiny", f"--methods={','.join(methods)}",
+  text = run("experiments.blockffn_ablation", "--size=tiny", f"--methods={','.join(methods)}",
              f"--workdir={runs}", f"--out={out}", "--steps=2")
   assert "| remoe |" in text
   with open(out + ".json") as f:
@@ -339,6 +339,16 @@ def test_ablation_binary_trains_each_kind_and_writes_results(tmp_path):
       assert all(math.isfinite(float(row[name])) for row in rows), (method, name)
   # Sparsity under the target at init: ReMoE's coefficient rises, its reading one step late.
   assert [float(r["coef/l1"]) for r in read_log(runs / "remoe")] == pytest.approx([1e-5, 1e-5])
+  # Runs split over calls merge into one table, in the paper's order, measurements untouched.
+  part = dict(json.load(open(out + ".json")), methods={"dense": dict(results["remoe"])})
+  with open(tmp_path / "part.json", "w") as f:
+    json.dump(part, f)
+  run("experiments.blockffn_ablation", "--size=tiny", f"--merge={out}.json,{tmp_path}/part.json",
+      f"--out={tmp_path}/merged")
+  with open(tmp_path / "merged.json") as f:
+    merged = json.load(f)
+  assert list(merged["methods"]) == ["dense", "relu_dense", "topk_moe", "remoe"]
+  assert merged["methods"]["remoe"] == results["remoe"] and merged["device"] == part["device"]
 
 
 def test_ppl_sparsity_search_on_a_swiglu_model():
