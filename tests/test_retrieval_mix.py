@@ -138,3 +138,22 @@ def test_rows_pack_samples_of_several_lengths():
 def test_min_length_is_checked():
   with pytest.raises(ValueError, match="min_length must be an int >= 0"):
     RetrievalMixConfig(min_length=-1)
+
+
+def test_copy_rows_repeat_a_random_string():
+  it = mixed(1.0, tasks="copy", min_length=1)
+  strings = set()
+  b = next(it)
+  for r in range(DATA.batch_size):
+    seg = b["segment_ids"][r]
+    assert (seg > 0).sum() >= SEQ - 16  # packed copy samples fill the row
+    for s in range(1, seg.max() + 1):
+      where = np.flatnonzero(seg == s)
+      ids = np.append(b["inputs"][r, where], b["targets"][r, where[-1]])
+      assert ids[0] == TOK.bos_id and ids[-1] == TOK.eos_id
+      body = ids[1:-1]
+      half = len(body) // 2
+      assert len(body) == 2 * half and half >= 7
+      np.testing.assert_array_equal(body[:half], body[half:])
+      strings.add(text(body[:half]))
+  assert len(strings) > DATA.batch_size  # several samples a row, all different

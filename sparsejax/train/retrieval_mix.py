@@ -36,6 +36,15 @@ _SALT = 0x3E7A1
 # tasks (multi_value / multi_query: four 7-digit numbers) is 37 bytes; variable_tracking's five
 # names 35; word lists are longer, hence the check in `_sample`.
 ANSWER_ROOM = 64
+# A training-only row kind beside the harness's tasks: [bos] s s [eos], s random characters. The
+# loss on the second copy is pure in-context copying, the induction-head skill every retrieval
+# task rests on, with a dense signal (half the row) where a task row has a few answer tokens.
+# Each sample draws s from a random subset of 2 to 40 characters: over a small alphabet the next
+# character is only known after matching a long stretch of the first copy, the way "pass key is"
+# must be told from the noise's "sky is" (a byte model must match 6 characters back).
+COPY = "copy"
+_COPY_ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789 .,:", np.uint8)
+_COPY_MIN_LEN = 16
 
 
 def _names(value, name: str, allowed) -> tuple[str, ...]:
@@ -48,8 +57,9 @@ def _names(value, name: str, allowed) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalMixConfig:
-  """`fraction` of the rows of every batch are tasks drawn uniformly from `tasks`, on a haystack
-  drawn from `haystacks`, needle depth uniform in [0, 1]. 0 turns the mix off."""
+  """`fraction` of the rows of every batch are tasks drawn uniformly from `tasks` (the harness's
+  tasks, and "copy": see COPY), on a haystack drawn from `haystacks`, needle depth uniform in
+  [0, 1]. 0 turns the mix off."""
   fraction: float = 0.0
   tasks: tuple[str, ...] = ("passkey", "multi_key", "multi_value", "multi_query")
   haystacks: tuple[str, ...] = ("noise", "corpus")
@@ -68,7 +78,7 @@ class RetrievalMixConfig:
     m = self.min_length
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
       raise ValueError(f"retrieval_mix.min_length must be an int >= 0, got {m!r}")
-    object.__setattr__(self, "tasks", _names(self.tasks, "tasks", TASKS))
+    object.__setattr__(self, "tasks", _names(self.tasks, "tasks", (*TASKS, COPY)))
     object.__setattr__(self, "haystacks", _names(self.haystacks, "haystacks", HAYSTACKS))
 
   @classmethod
@@ -150,6 +160,8 @@ class RetrievalMixIterator:
   def _sample(self, task, haystack, n, rng, index) -> list[int]:
     """[bos] prompt answer [eos] in at most n + 1 ids."""
     tok = self._tokenizer
+    if task == COPY:
+      return self._copy_sample(n, rng)
     # ids = [bos] + prompt + answer + [eos] holds n + 1 tokens at most.
     prompt_len = n - 1 - ANSWER_ROOM - self._slack
     if prompt_len < 1:  # make_sample names the length a too-short prompt would need
@@ -165,9 +177,24 @@ class RetrievalMixIterator:
                        f"its answer is longer than ANSWER_ROOM={ANSWER_ROOM}")
     return ids
 
+  def _copy_sample(self, n: int, rng) -> list[int]:
+    """[bos] s s [eos] in at most n + 1 ids (s's tokens decided once: a BPE could merge
+    differently across the seam, so the second copy repeats the first's ids)."""
+    tok = self._tokenizer
+    if n < _COPY_MIN_LEN:
+      raise ValueError(f"retrieval_mix: a copy sample needs at least {_COPY_MIN_LEN} tokens, "
+                       f"got {n}")
+    size = int(np.exp(rng.uniform(np.log(2), np.log(len(_COPY_ALPHABET) + 1))))
+    alphabet = rng.choice(_COPY_ALPHABET, size=min(size, len(_COPY_ALPHABET)), replace=False)
+    chars = alphabet[rng.integers(len(alphabet), size=n)].tobytes().decode()
+    s = tok.encode(chars)[:(n - 1) // 2]
+    return [tok.bos_id] + s + s + [tok.eos_id]
+
   def _min_len(self, task: str) -> int:
     """The shortest sample (positions) of `task`: its instructions, needles and question, with
     room for the longest random keys (one sample's fixed part varies by tens of tokens)."""
+    if task == COPY:
+      return _COPY_MIN_LEN
     if task not in self._min_lens:
       n = 128
       while True:
