@@ -51,6 +51,14 @@ program per SM, an SM's share of HBM is ~25 GB/s, i.e. ~25 KB in flight at ~1 us
 what block_k (up: one load of block_w x block_k, 32 KB at the defaults) and down_unroll (down:
 that many 4 KB tiles) provide where Triton's pipelining (num_stages) does not.
 
+Measured (H100, experiments/results/bench_ffn.md, best config per row): n = 1 at 87.5% union
+sparsity 17.1 us (2.3x the 7.5 us bound of dense x active fraction, 3.5x faster than dense), at
+95% 11.6 us against a 1.9 us bytes floor. Time grows with the union at ~0.5 us per expert (its
+1 MB at ~2 TB/s) on top of a ~8.5 us per-layer constant: two launches and their tails, and the
+up grid's (width / block_w) x E programs of which only the union's do work. Fusing both
+projections into one launch (a grid barrier, or h kept per program) is what the constant asks
+for.
+
 Rows. tl.dot needs M >= 16. With `small_n="broadcast"`, fewer than 16 (padded) rows are computed
 as a broadcast multiply and a sum over K in float32 on the CUDA cores (the work is tiny; the weight
 tiles are the same; for 2-8 rows the [rows, N, K] product is capped at 8192 elements by shrinking
