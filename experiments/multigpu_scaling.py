@@ -66,19 +66,21 @@ ROW_TOKENS = 256
 # Where the checkpoint is restored: {label in the JSON's keys: words in the table}.
 RESTORE_LABELS = {"1gpu": "one device", "cpu": "the CPU"}
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_100m.py",
-                                          "Experiment config file.")
-_MESHES = flags.DEFINE_list("meshes", list(MESHES),
-                            f"Meshes over all devices, from {list(MESHES)}.")
-_LOSS_STEPS = flags.DEFINE_integer("loss_steps", 50, "Steps whose losses are compared with the "
-                                   "single-device run's (logged one by one).")
-_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 60, "Steps after the loss steps, timed in "
-                                    "logging windows of timed_steps // 2 (the first a warm-up).")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/runs/multigpu",
-                               "Root of the runs' workdirs (<root>/<mesh>, emptied first).")
-_OUT = flags.DEFINE_string("out", "experiments/results/multigpu_scaling",
-                           "Output path prefix: writes <out>.json and <out>.md.")
-_CPU_RESTORE = flags.DEFINE_bool("cpu_restore", True, "Also restore the checkpoint on the CPU.")
+
+def define_flags() -> None:
+  """The binary's flags, defined when it runs rather than on import: the tests import this
+  module beside other binaries whose flags (workdir, out) would otherwise collide."""
+  config_flags.DEFINE_config_file("config", "configs/pretrain_100m.py", "Experiment config file.")
+  flags.DEFINE_list("meshes", list(MESHES), f"Meshes over all devices, from {list(MESHES)}.")
+  flags.DEFINE_integer("loss_steps", 50, "Steps whose losses are compared with the "
+                       "single-device run's (logged one by one).")
+  flags.DEFINE_integer("timed_steps", 60, "Steps after the loss steps, timed in logging windows "
+                       "of timed_steps // 2 (the first a warm-up).")
+  flags.DEFINE_string("workdir", "/tmp/runs/multigpu",
+                      "Root of the runs' workdirs (<root>/<mesh>, emptied first).")
+  flags.DEFINE_string("out", "experiments/results/multigpu_scaling",
+                      "Output path prefix: writes <out>.json and <out>.md.")
+  flags.DEFINE_bool("cpu_restore", True, "Also restore the checkpoint on the CPU.")
 
 
 def mesh_shapes(names, n: int, batch_size: int) -> dict[str, tuple[int, int, int]]:
@@ -424,13 +426,15 @@ def main(argv):
   # JAX starts its GPU backend (the first jax.devices()), so it is set before anything does.
   os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
   logging.set_verbosity(logging.WARNING)
-  result = run_scaling(_CONFIG.value, _MESHES.value, _LOSS_STEPS.value, _TIMED_STEPS.value,
-                       _WORKDIR.value, _CPU_RESTORE.value)
+  FLAGS = flags.FLAGS
+  result = run_scaling(FLAGS.config, FLAGS.meshes, FLAGS.loss_steps, FLAGS.timed_steps,
+                       FLAGS.workdir, FLAGS.cpu_restore)
   result["command"] = " ".join(["python3 -m experiments.multigpu_scaling"] + sys.argv[1:])
-  print(write_outputs(result, _OUT.value))
+  print(write_outputs(result, FLAGS.out))
   if result["failures"]:
     raise SystemExit(f"failed: {'; '.join(result['failures'])}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
