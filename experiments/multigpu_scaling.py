@@ -23,13 +23,13 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from sparsejax.model import DecoderLM
+from sparsejax.train.loss import lm_loss_sums
 from sparsejax.train.trainer import Trainer, peak_flops
 
 # Mesh name -> its (data, fsdp, tensor) shape over n devices.
@@ -172,16 +172,16 @@ def row_loss_fn(trainer: Trainer):
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))), nnx.Param)
 
   @jax.jit
-  def loss(params, row):
+  def loss(params, row, token_bytes):
     logits, _, _ = nnx.merge(graphdef, params)(row["inputs"], positions=row["positions"],
                                                segment_ids=row["segment_ids"])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, row["targets"])
-    mask = row["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    sums = lm_loss_sums(logits, row["targets"], row["loss_mask"], token_bytes)
+    return sums["nll"] / jnp.maximum(sums["tokens"], 1.0)
 
   def on(trainer: Trainer, row) -> float:
     replicated = NamedSharding(trainer.mesh, PartitionSpec())
-    return float(loss(trainer.params, jax.device_put(row, replicated)))
+    return float(loss(trainer.params, jax.device_put(row, replicated),
+                      jax.device_put(trainer.token_bytes, replicated)))
 
   return on
 
