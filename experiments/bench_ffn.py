@@ -6,8 +6,9 @@ same parameter count and against XLA gathering the union's weights, at decode-si
   python -m experiments.bench_ffn --quick --out=/tmp/ffn_quick              # CPU smoke (interpret)
 
 Layer: d_model 2048, 128 experts of width 128, bf16 (w_up [2048, 128, 128], w_down
-[128, 128, 2048], made in the layer layout and turned into ExpertWeights once per layer, before
-any timing: serving transposes static weights once); dense anchor: x @ W1 [2048, 16384] -> SiLU ->
+[128, 128, 2048], made in the layer layout and turned into ExpertWeights, and FusedExpertWeights
+for the fused path (the same up_t and w_down itself), once per layer, before any timing: serving
+transposes static weights once); dense anchor: x @ W1 [2048, 16384] -> SiLU ->
 @ W2 [16384, 2048], bf16 with float32 accumulation (the same non-gated form and parameter count).
 For each n in --n_tokens and union sparsity s in --sparsities the router weights give each token a
 random subset of a random union of round(E * (1 - s)) experts, every union expert used by at least
@@ -32,14 +33,19 @@ and rel_err (relative L2 error) of the kernel against the jnp reference on that 
 layer; a configuration over 2e-2 is reported as WRONG and never counts as the best.
 
 Configurations. Without --sweep the run times the Cartesian product of the tunable flags (each a
-list; defaults: UnionFFNConfig's). --sweep searches around one base config (the tunable flags,
-one value each; a flag given explicitly fixes its field): the base, then the up kernel's options
-(UP_OPTIONS) with the base's down kernel, the down kernel's options (DOWN_OPTIONS) with the base's
-up kernel, and whole-op options (index, and small_n at n = 1). The two kernels are separate
-launches, so their times add: for each row the best up, down and whole-op choices are combined and
-that combination is timed too. Each row reports the fastest configuration timed; the JSON's
-"sweep" has every configuration's times. 11-14 configurations per n, a few seconds each (mostly
-compilation), under --max_minutes (3 with --sweep unless given).
+list; defaults: UnionFFNConfig's; --quick adds --fusion=fused to the default two_kernels, so the
+smoke run covers both paths). Fields a configuration's path ignores (the down kernel's for the
+fused path; block_n and atomics for two kernels) are reset to their defaults, so no kernel is
+timed twice. --sweep searches around one base config (the tunable flags, one value each; a flag
+given explicitly fixes its field): the base; the fused path's options (FUSED_OPTIONS, the first
+of them also with acq_rel atomics and, under 16 tokens, in the other row mode; skipped when
+--fusion=two_kernels is given); the up kernel's options (UP_OPTIONS) with the base's down kernel;
+the down kernel's options (DOWN_OPTIONS) with the base's up kernel; and whole-op options (index,
+and small_n at n = 1). The two kernels are separate launches, so their times add: for each row the
+best up, down and whole-op choices are combined and that combination is timed too, and so is the
+fastest fused option with the best whole-op choice. Each row reports the fastest configuration
+timed; the JSON's "sweep" has every configuration's times. About 20 configurations per n, a few
+seconds each (mostly compilation), under --max_minutes (4 with --sweep unless given).
 """
 import dataclasses
 import itertools
@@ -53,8 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from pallas_kernels.union_ffn import (ExpertWeights, UnionFFNConfig, union_ffn,
-                                      union_ffn_gathered, union_ffn_reference)
+from pallas_kernels.union_ffn import (ExpertWeights, FusedExpertWeights, UnionFFNConfig,
+                                      union_ffn, union_ffn_gathered, union_ffn_reference)
 from pallas_kernels.union_ffn.kernel import kernel_rows
 
 _N_TOKENS = flags.DEFINE_list("n_tokens", ["1", "8", "32"], "Tokens per call.")
@@ -74,7 +80,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "CPU smoke run: interpret mode, tiny 
 _SWEEP = flags.DEFINE_bool("sweep", False, "Search the kernel tunables around the base config "
                            "(see the module docstring), report the best per row.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_MAX_MINUTES = flags.DEFINE_float("max_minutes", 8.5, "Time budget (3 with --sweep unless "
+_MAX_MINUTES = flags.DEFINE_float("max_minutes", 8.5, "Time budget (4 with --sweep unless "
                                   "given): each n gets an equal share; past it no new kernel "
                                   "configuration starts (its rows keep the best so far).")
 # Kernel tunables (UnionFFNConfig fields), each a list: the run times every combination.
@@ -98,9 +104,20 @@ DOWN_OPTIONS = [dict(block_d=16, down_unroll=1, down_num_warps=4, down_num_stage
                 dict(block_d=16, down_unroll=2, down_num_warps=4, down_num_stages=3),
                 dict(block_d=16, down_unroll=8, down_num_warps=4, down_num_stages=2),
                 dict(block_d=32, down_unroll=4, down_num_warps=4, down_num_stages=3)]
+# Fused path: 16-unit chunks (128 programs at a union of 16: one per SM, 262k atomics at n = 1)
+# with 256-2048-column steps and 4 or 8 warps, or 32 / 64-unit chunks (half / a quarter of the
+# programs and of the atomics, each program streaming 2x / 4x the bytes).
+FUSED_OPTIONS = [dict(block_w=16, block_k=1024, block_n=1024, num_warps=4, num_stages=3),
+                 dict(block_w=16, block_k=1024, block_n=512, num_warps=8, num_stages=3),
+                 dict(block_w=16, block_k=2048, block_n=2048, num_warps=8, num_stages=2),
+                 dict(block_w=16, block_k=512, block_n=256, num_warps=4, num_stages=4),
+                 dict(block_w=32, block_k=1024, block_n=1024, num_warps=8, num_stages=2),
+                 dict(block_w=64, block_k=512, block_n=512, num_warps=8, num_stages=3)]
 UP_FIELDS = ("block_w", "block_k", "num_warps", "num_stages")
 DOWN_FIELDS = ("block_d", "down_unroll", "down_num_warps", "down_num_stages")
 WHOLE_FIELDS = ("small_n", "index")
+# The fields each path ignores (reset to the defaults, so that equal kernels compare equal).
+IGNORED = {"fused": DOWN_FIELDS, "two_kernels": ("block_n", "atomics")}
 
 
 MAX_REL_ERR = 2e-2   # bf16 weights and activations: the kernel's error is ~3e-3
@@ -111,8 +128,10 @@ def present(field):
 
 
 def canonical(cfg, n):
-  """cfg with small_n spelled out for n (16+ rows always use tl.dot: small_n changes nothing),
-  so that configurations computing the same thing compare equal."""
+  """cfg with small_n spelled out for n (16+ rows always use tl.dot: small_n changes nothing)
+  and the fields its path ignores at their defaults, so that configurations computing the same
+  thing compare equal."""
+  cfg = dataclasses.replace(cfg, **{f: _DEFAULT[f] for f in IGNORED[cfg.fusion]})
   if kernel_rows(n, "broadcast")[1]:
     return dataclasses.replace(cfg, small_n="auto")
   return dataclasses.replace(cfg, small_n="dot" if kernel_rows(n, cfg.small_n)[1] else
@@ -139,16 +158,34 @@ def sweep_families(base, n):
   whole = [dict(index="xla" if base.index == "kernel" else "kernel")]
   if kernel_rows(n, base.small_n) == (1, False):   # one row: tl.dot on 16 padded rows instead
     whole.append(dict(small_n="dot"))
-  return {"base": [base], "up": [around(o) for o in UP_OPTIONS],
-          "down": [around(o) for o in DOWN_OPTIONS], "whole": [around(o) for o in whole]}
+  families = {"base": [base]}
+  if base.fusion == "fused" or not present("fusion"):
+    fused = [dict(o, fusion="fused") for o in FUSED_OPTIONS]
+    # Also with the public plgpu.atomic_add's ordering (a fence per atomic), to measure it.
+    fused.append(dict(fused[0], atomics="acq_rel" if base.atomics == "relaxed" else "relaxed"))
+    if not kernel_rows(n, "broadcast")[1]:
+      # Under 16 tokens, the first option in the other row mode too: the fused path's atomics
+      # grow with the rows, which tl.dot pads to 16 (n = 1: tl.dot's tiles may still win).
+      rows_mode = "broadcast" if kernel_rows(n, base.small_n)[1] else "dot"
+      fused.append(dict(fused[0], small_n=rows_mode))
+    families["fused"] = [around(o) for o in fused]
+  families.update({"up": [around(o) for o in UP_OPTIONS],
+                   "down": [around(o) for o in DOWN_OPTIONS],
+                   "whole": [around(o) for o in whole]})
+  return families
 
 
 def combine(base, picks):
-  """base with the fields of each family taken from that family's pick."""
+  """The second stage's configs: base with the fields of each family taken from that family's
+  pick, and (where the fused family was timed) its pick with the whole-op family's fields."""
   fields = {}
   for family, names in (("up", UP_FIELDS), ("down", DOWN_FIELDS), ("whole", WHOLE_FIELDS)):
     fields.update({f: getattr(picks[family], f) for f in names})
-  return dataclasses.replace(base, **fields)
+  combos = [dataclasses.replace(base, **fields)]
+  if "fused" in picks and picks["fused"].fusion == "fused":
+    combos.append(dataclasses.replace(
+        picks["fused"], **{f: getattr(picks["whole"], f) for f in WHOLE_FIELDS}))
+  return combos
 
 
 def router_weights(rng, n, num_experts, sparsity):
@@ -203,6 +240,9 @@ def rel_err(a, b):
 
 
 def config_text(c):
+  if c["fusion"] == "fused":
+    return (f"fused w{c['block_w']} k{c['block_k']} n{c['block_n']} nw{c['num_warps']} "
+            f"ns{c['num_stages']}; {c['small_n']} {c['index']} {c['atomics']}")
   return (f"up w{c['block_w']} k{c['block_k']} nw{c['num_warps']} ns{c['num_stages']}; "
           f"down d{c['block_d']} unroll{c['down_unroll']} nw{c['down_num_warps']} "
           f"ns{c['down_num_stages']}; {c['small_n']} {c['index']}")
@@ -242,7 +282,7 @@ def write(result, rows):
             f"= union weight bytes / {_HBM_GBPS.value:.0f} GB/s; GB/s = union weight bytes / "
             "sparsejax time; XLA gather = jnp.take of the union's experts from the same "
             "ExpertWeights (static union size) then two einsums. Configs are the requested "
-            "blocks (the kernels clip block_k for tl.dot tiles at 16+ rows).\n")
+            "blocks (the kernels clip block_k and block_n to their tile caps).\n")
 
 
 def main(argv):
@@ -254,8 +294,10 @@ def main(argv):
                         (_SPARSITIES, ["0.875"])):
       if not flags.FLAGS[flag.name].present:
         flags.FLAGS[flag.name].value = value
+    if not _SWEEP.value and not present("fusion"):   # the smoke run covers both paths
+      flags.FLAGS[TUNABLES["fusion"].name].value = ["two_kernels", "fused"]
   if _SWEEP.value:
-    for flag, value in ((_ITERS, 7), (_MAX_MINUTES, 3.0)):
+    for flag, value in ((_ITERS, 7), (_MAX_MINUTES, 4.0)):
       if not flags.FLAGS[flag.name].present:
         flags.FLAGS[flag.name].value = value
     for field, flag in TUNABLES.items():
@@ -273,18 +315,23 @@ def main(argv):
   rng = np.random.default_rng(_SEED.value)
   keys = jax.random.split(jax.random.key(_SEED.value), 4 * layers)
   # Fresh random weights per layer (never zeros), scaled to keep activations O(1); the layer
-  # layout is transposed to ExpertWeights here, once, and dropped.
+  # layout is transposed to ExpertWeights here, once, and w_up dropped. FusedExpertWeights share
+  # ExpertWeights' up_t and keep w_down as it is (the fused path's layout).
   to_experts = jax.jit(ExpertWeights.from_layer)
-  experts = [to_experts(
-      (jax.random.normal(keys[4 * l], (d, num_experts, width), jnp.float32)
-       / np.sqrt(d)).astype(dtype),
-      (jax.random.normal(keys[4 * l + 1], (num_experts, width, d), jnp.float32)
-       / np.sqrt(num_experts * width / 4)).astype(dtype)) for l in range(layers)]
+  experts, fused_experts = [], []
+  for l in range(layers):
+    w_down = (jax.random.normal(keys[4 * l + 1], (num_experts, width, d), jnp.float32)
+              / np.sqrt(num_experts * width / 4)).astype(dtype)
+    experts.append(to_experts(
+        (jax.random.normal(keys[4 * l], (d, num_experts, width), jnp.float32)
+         / np.sqrt(d)).astype(dtype), w_down))
+    fused_experts.append(FusedExpertWeights(experts[-1].up_t, w_down))
+  weights_for = {"two_kernels": experts, "fused": fused_experts}   # by UnionFFNConfig.fusion
   w1 = [(jax.random.normal(keys[4 * l + 2], (d, num_experts * width), jnp.float32)
          / np.sqrt(d)).astype(dtype) for l in range(layers)]
   w2 = [(jax.random.normal(keys[4 * l + 3], (num_experts * width, d), jnp.float32)
          / np.sqrt(num_experts * width)).astype(dtype) for l in range(layers)]
-  jax.block_until_ready((experts, w1, w2))
+  jax.block_until_ready((experts, fused_experts, w1, w2))
 
   def dense_layer(x, w1, w2):
     h = jax.nn.silu(jnp.dot(x, w1, preferred_element_type=jnp.float32)).astype(dtype)
@@ -331,11 +378,12 @@ def main(argv):
           return
         kernel = chain(lambda x, a, ew, cfg=cfg: union_ffn(x, a, ew, config=cfg,
                                                            implementation=implementation))
+        stack = weights_for[cfg.fusion]
         times, errs = [], []
         try:
           for s, a, union, want, _ in per_sparsity:
-            err = rel_err(kernel(x, a, experts)[1], want)
-            t = timeit(kernel, x, a, experts)
+            err = rel_err(kernel(x, a, stack)[1], want)
+            t = timeit(kernel, x, a, stack)
             if err > MAX_REL_ERR:      # a wrong result never counts as the fastest
               print(f"  {cfg} WRONG at sparsity {s}: rel err {err:.2e}", flush=True)
               t = None
@@ -370,7 +418,7 @@ def main(argv):
         for j in range(len(per_sparsity)):
           picks = {family: fastest([base] + configs, j) or base
                    for family, configs in families.items() if family != "base"}
-          combos.append(combine(base, picks))
+          combos += [canonical(c, n) for c in combine(base, picks)]
         measure(combos, deadline)
     else:
       measure(flag_configs(n), deadline)

@@ -1,10 +1,12 @@
 """The union-of-experts FFN kernels (Pallas, interpret mode on the CPU) against the jnp reference:
-n = 1, 3, 8, 32 tokens, ragged d_model / expert counts / widths, bf16 and f32, union sparsities
-0%, 50%, 90% and 100% (no expert active: zeros), tokens with no expert, every kernel mode
-(broadcast and tl.dot rows, union index in the kernel or from XLA, unrolled down loops with
-ragged tails, several d_model tiles and width chunks), poisoned buffers; ExpertWeights against
-the layer layout; the XLA gather path; bad arguments; the GPU path's lowering to Triton IR
-(without a GPU); the benchmark's --quick smoke runs, with and without --sweep.
+n = 1, 3, 8, 17, 32 tokens, ragged d_model / expert counts / widths, bf16 and f32, union
+sparsities 0%, 50%, 90% and 100% (no expert active: zeros), tokens with no expert, both paths
+(two kernels, and the fused one with its atomic adds) in every kernel mode (broadcast and tl.dot
+rows, union index in the kernel or from XLA, unrolled down loops with ragged tails, several
+d_model tiles, width chunks and output column blocks), poisoned buffers (two kernels);
+ExpertWeights and FusedExpertWeights against the layer layout; the XLA gather path; bad arguments
+and mismatched layouts; the GPU path's lowering to Triton IR (without a GPU); the benchmark's
+--quick smoke runs, with and without --sweep.
 
 Each case compiles once and runs its four sparsities on the same compiled kernels (the union is
 data), which keeps the file within its CPU budget.
@@ -19,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.union_ffn import (ExpertWeights, UnionFFNConfig, union_experts, union_ffn,
-                                      union_ffn_gathered, union_ffn_reference, union_index)
+from pallas_kernels.union_ffn import (ExpertWeights, FusedExpertWeights, UnionFFNConfig,
+                                      union_experts, union_ffn, union_ffn_gathered,
+                                      union_ffn_reference, union_index)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPARSITIES = (0.0, 0.5, 0.9, 1.0)
@@ -51,10 +54,14 @@ def layer(seed, n, d_model, num_experts, width, dtype):
   return tuple(a.astype(np.float32).astype(jnp.dtype(dtype)) for a in arrays)
 
 
-def host_experts(w_up, w_down):
-  """ExpertWeights.from_layer's layout, transposed by numpy (no compile; the jnp transpose is
-  checked against the layer-layout formula in test_expert_weights_reference_and_gathered_path)."""
-  return ExpertWeights(np.transpose(w_up, (1, 2, 0)), np.transpose(w_down, (0, 2, 1)))
+def host_experts(w_up, w_down, fusion="two_kernels"):
+  """ExpertWeights.from_layer's layout (FusedExpertWeights' for fusion="fused"), transposed by
+  numpy (no compile; the jnp transposes are checked against the layer-layout formula in
+  test_expert_weights_reference_and_gathered_path)."""
+  up_t = np.transpose(w_up, (1, 2, 0))
+  if fusion == "fused":
+    return FusedExpertWeights(up_t, w_down)
+  return ExpertWeights(up_t, np.transpose(w_down, (0, 2, 1)))
 
 
 CASES = [  # n, d_model, experts, width, dtype, config
@@ -71,16 +78,38 @@ CASES = [  # n, d_model, experts, width, dtype, config
     # down iteration (ragged tails).
     (32, 128, 8, 32, jnp.float32, UnionFFNConfig(block_k=32, block_w=32, block_d=32,
                                                  down_unroll=3)),
+    # The fused path. One row (2-D broadcast, a [16, 1] column against [16, 32] down tiles): two
+    # d_model tiles, two column blocks, two hidden chunks per expert.
+    (1, 64, 8, 32, jnp.float32, UnionFFNConfig(fusion="fused", block_k=32, block_n=32)),
+    # 3 -> 4 rows broadcast, 12 experts (padded to 16 for the in-kernel index), d_model 48 (three
+    # 16-column blocks), width 48 (three 16-unit chunks).
+    (3, 48, 12, 48, jnp.bfloat16, UnionFFNConfig(fusion="fused", small_n="broadcast")),
+    # 8 -> 16 rows for tl.dot, 6 experts, union list from XLA, one whole-d_model column block.
+    (8, 64, 6, 16, jnp.bfloat16, UnionFFNConfig(fusion="fused", small_n="dot", index="xla")),
+    # 17 -> 32 rows (tl.dot), 10 experts padded to 16, 32-unit chunks, two column blocks; the
+    # public plgpu.atomic_add (acquire-release) instead of the relaxed primitive.
+    (17, 64, 10, 32, jnp.float32, UnionFFNConfig(fusion="fused", block_w=32, block_n=32,
+                                                 atomics="acq_rel")),
+    # 32 rows, bf16, 16-unit chunks of a 64-wide expert, four column blocks, 64-element tiles.
+    (32, 128, 8, 64, jnp.bfloat16, UnionFFNConfig(fusion="fused", block_k=64, block_n=32,
+                                                  index="xla")),
 ]
 
 
-@pytest.mark.parametrize("n,d_model,num_experts,width,dtype,config", CASES)
+def case_id(case):
+  n, d_model, num_experts, width, dtype, config = case
+  return f"{config.fusion}-n{n}-d{d_model}-e{num_experts}-w{width}-{jnp.dtype(dtype).name}"
+
+
+@pytest.mark.parametrize("n,d_model,num_experts,width,dtype,config", CASES,
+                         ids=[case_id(c) for c in CASES])
 def test_interpret_matches_reference(n, d_model, num_experts, width, dtype, config):
   x, w_up, w_down = layer(n + d_model + width, n, d_model, num_experts, width, dtype)
-  experts = host_experts(w_up, w_down)
+  experts = host_experts(w_up, w_down, config.fusion)
   rng = np.random.default_rng(n * 1000 + d_model)
+  # The fused path has nothing to poison: its output starts at zeros by design.
   kernel = jax.jit(lambda *a: union_ffn(*a, implementation="interpret", config=config,
-                                        poison_outputs=True))
+                                        poison_outputs=config.fusion == "two_kernels"))
   reference = jax.jit(union_ffn_reference)
   tol = 2e-5 if dtype == jnp.float32 else 2e-2
   for sparsity in SPARSITIES:
@@ -107,19 +136,25 @@ def test_expert_weights_reference_and_gathered_path():
   @jax.jit
   def everything(x, weights, w_up, w_down):
     experts = ExpertWeights.from_layer(w_up, w_down)
-    return (experts, union_experts(weights, 5), union_index(weights, 8),
+    fused = FusedExpertWeights.from_layer(w_up, w_down)
+    return (experts, fused, union_experts(weights, 5), union_index(weights, 8),
             union_ffn_reference(x, weights, experts),
-            union_ffn(x, weights, experts, implementation="reference"),
-            [union_ffn_gathered(x, weights, experts, max_union=u) for u in (3, 5)])
+            [union_ffn(x, weights, e, implementation="reference") for e in (experts, fused)],
+            [union_ffn_gathered(x, weights, e, max_union=u) for u in (3, 5)
+             for e in (experts, fused)])
 
-  experts, (union, count), index, want, ref_op, gathered = everything(x, weights, w_up, w_down)
-  assert isinstance(experts, ExpertWeights)
+  experts, fused, (union, count), index, want, ref_ops, gathered = everything(
+      x, weights, w_up, w_down)
+  assert isinstance(experts, ExpertWeights) and isinstance(fused, FusedExpertWeights)
   np.testing.assert_array_equal(experts.up_t, host_experts(w_up, w_down).up_t)
   np.testing.assert_array_equal(experts.down_t, host_experts(w_up, w_down).down_t)
+  np.testing.assert_array_equal(fused.up_t, experts.up_t)
+  np.testing.assert_array_equal(fused.down, w_down)
   assert int(count) == 3
   np.testing.assert_array_equal(union, [1, 3, 4, 0, 0])
   np.testing.assert_array_equal(index, [3, 1, 3, 4, 0, 0, 0, 0])
-  np.testing.assert_array_equal(ref_op, want)
+  np.testing.assert_array_equal(ref_ops[0], want)
+  np.testing.assert_allclose(ref_ops[1], want, rtol=1e-6, atol=1e-6)   # the other layout
   # Against a float64 numpy evaluation of the formula on the layer layout.
   xn, wun, wdn, an = (np.asarray(v, np.float64) for v in (x, w_up, w_down, weights))
   pre = np.einsum("nd,dew->new", xn, wun)
@@ -133,7 +168,9 @@ def test_bad_inputs_are_named():
   # numpy inputs: validation reads shapes and dtypes only, so nothing compiles here.
   x, w_up, w_down = layer(0, 4, 32, 8, 16, jnp.float32)
   up_t, down_t = host_experts(w_up, w_down)              # [8, 16, 32], [8, 32, 16]
+  fused = FusedExpertWeights(up_t, w_down)               # [8, 16, 32], [8, 16, 32]
   weights = np.ones((4, 8), np.float32)
+  fused_config = UnionFFNConfig(fusion="fused")
   cases = [
       (dict(implementation="cuda"), "implementation must be one of"),
       (dict(experts=(up_t, down_t)), "experts must be an ExpertWeights"),
@@ -156,6 +193,19 @@ def test_bad_inputs_are_named():
       (dict(experts=ExpertWeights(up_t[:, :8], down_t[..., :8])),
        "expert_width must be a multiple of 16"),
       (dict(config="fast"), "config must be a UnionFFNConfig"),
+      # Layouts that don't match the config, or each other.
+      (dict(experts=fused), "config.fusion='two_kernels' needs experts of type ExpertWeights "
+       "\\(ExpertWeights.from_layer\\(w_up, w_down\\)\\), got FusedExpertWeights"),
+      (dict(config=fused_config),
+       "config.fusion='fused' needs experts of type FusedExpertWeights .* got ExpertWeights"),
+      (dict(experts=FusedExpertWeights(up_t, down_t), config=fused_config),
+       "experts.down must be \\[num_experts, expert_width, d_model\\] = \\(8, 16, 32\\)"),
+      (dict(experts=ExpertWeights(up_t, w_down)),
+       "experts.down_t must be \\[num_experts, d_model, expert_width\\] = \\(8, 32, 16\\)"),
+      (dict(experts=FusedExpertWeights(up_t, w_down.astype(jnp.bfloat16)), config=fused_config),
+       "experts.up_t and experts.down must share a dtype"),
+      (dict(experts=fused, config=fused_config, poison_outputs=True),
+       "poison_outputs=True does not apply to config.fusion='fused'"),
   ]
   for override, message in cases:
     args = dict(x=x, weights=weights, experts=ExpertWeights(up_t, down_t),
@@ -167,9 +217,13 @@ def test_bad_inputs_are_named():
     ExpertWeights.from_layer(w_up[0], w_down)
   with pytest.raises(ValueError, match="from_layer: w_down must be .* = \\(8, 16, 32\\)"):
     ExpertWeights.from_layer(w_up, down_t)                 # expert-major instead of the layer's
+  with pytest.raises(ValueError, match="FusedExpertWeights.from_layer: w_down must be .* = "
+                     "\\(8, 16, 32\\)"):
+    FusedExpertWeights.from_layer(w_up, down_t)
   for field, value in (("block_k", 24), ("block_w", 8), ("block_d", 0), ("small_n", "tiny"),
                        ("index", "host"), ("num_warps", 3), ("down_num_warps", 32),
-                       ("num_stages", 0), ("down_num_stages", 0), ("down_unroll", 0)):
+                       ("num_stages", 0), ("down_num_stages", 0), ("down_unroll", 0),
+                       ("block_n", 48), ("fusion", "one_kernel"), ("atomics", "seq_cst")):
     with pytest.raises(ValueError, match=f"UnionFFNConfig: {field} must be"):
       UnionFFNConfig(**{field: value})
 
@@ -180,30 +234,55 @@ def test_bad_inputs_are_named():
     (8, UnionFFNConfig(small_n="dot", index="xla")),
     (32, UnionFFNConfig(block_d=32, block_w=32, down_unroll=8, down_num_warps=8)),
     (128, UnionFFNConfig(block_k=2048, num_stages=4)),
+    (1, UnionFFNConfig(fusion="fused")),
+    (5, UnionFFNConfig(fusion="fused", small_n="broadcast", block_n=256)),
+    (8, UnionFFNConfig(fusion="fused", small_n="dot", index="xla")),
+    (32, UnionFFNConfig(fusion="fused", block_w=32, block_n=512, num_warps=8,
+                        atomics="acq_rel")),
+    (128, UnionFFNConfig(fusion="fused", block_w=64, num_stages=4)),
 ])
 def test_kernels_lower_to_triton_for_cuda(monkeypatch, n, config):
   """The GPU path's Pallas -> Triton IR lowering at the benchmark's shape, on the CPU: catches a
   primitive or shape the Triton lowering rejects (not Triton's own compile to PTX, which only the
   GPU tests exercise). jax.export lowers for "cuda" without a GPU; the Triton lowering asks for
-  the device's compute capability, which a fake H100 answers (a private hook of jax 0.11)."""
+  the device's compute capability, which a fake H100 answers (a private hook of jax 0.11). The
+  fused kernel's Triton IR must carry its atomics' memory order (the relaxed one is our own
+  primitive's lowering)."""
   from jax import export
-  from jax._src.pallas.triton import gpu_info
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration
   h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
   monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: h100)
+  triton_ir = []
+  lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
+
+  def spy(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    triton_ir.append(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+
+  monkeypatch.setattr(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", spy)
+  fused = config.fusion == "fused"
+  up_t = jax.ShapeDtypeStruct((128, 128, 2048), jnp.bfloat16)
+  experts = (FusedExpertWeights(up_t, up_t) if fused else
+             ExpertWeights(up_t, jax.ShapeDtypeStruct((128, 2048, 128), jnp.bfloat16)))
   args = (jax.ShapeDtypeStruct((n, 2048), jnp.bfloat16),
-          jax.ShapeDtypeStruct((n, 128), jnp.float32),
-          ExpertWeights(jax.ShapeDtypeStruct((128, 128, 2048), jnp.bfloat16),
-                        jax.ShapeDtypeStruct((128, 2048, 128), jnp.bfloat16)))
-  fn = jax.jit(lambda *a: union_ffn(*a, config=config, poison_outputs=True))
+          jax.ShapeDtypeStruct((n, 128), jnp.float32), experts)
+  fn = jax.jit(lambda *a: union_ffn(*a, config=config, poison_outputs=not fused))
   exported = export.export(
       fn, platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2   # two kernels, one launch each
+  module = exported.mlir_module()
+  assert module.count("__gpu$xla.gpu.triton") == (1 if fused else 2)   # one launch per kernel
+  atomics = [ir.count("tt.atomic_rmw") for ir in triton_ir]
+  if fused:
+    assert atomics == [1] and f"tt.atomic_rmw fadd, {config.atomics}, gpu" in triton_ir[0]
+  else:
+    assert atomics == [0, 0]
 
 
 # The sweep's smoke run fixes the up kernel's fields (flags given fix them), so it times the base,
-# three down-kernel options and two whole-op options (plus their combination, if new): the family
-# and combination logic in a few seconds.
+# the fused options' four block_n values (and tl.dot rows), three down-kernel options and two
+# whole-op options (plus the combinations, if new): the family and combination logic in seconds.
 SWEEP_SMOKE = ["--sweep", "--block_w=16", "--block_k=1024", "--num_warps=4", "--num_stages=3",
                "--block_d=16", "--down_num_warps=4"]
 
@@ -230,13 +309,15 @@ def test_bench_quick(tmp_path, extra):
   timed = [entry["config"] for entry in result["sweep"]]
   assert all("sparsejax_ms" in entry for entry in result["sweep"])   # none failed
   assert row["config"] in timed
+  assert {c["fusion"] for c in timed} == {"two_kernels", "fused"}   # both paths, even plain
   if extra:
-    assert len(timed) >= 6 and len({json.dumps(c, sort_keys=True) for c in timed}) == len(timed)
+    assert len(timed) >= 10 and len({json.dumps(c, sort_keys=True) for c in timed}) == len(timed)
     assert {c["index"] for c in timed} == {"kernel", "xla"}
     assert {c["small_n"] for c in timed} == {"broadcast", "dot"}
     assert {c["down_unroll"] for c in timed} >= {1, 2, 4, 8}
+    assert {c["block_n"] for c in timed if c["fusion"] == "fused"} >= {256, 512, 1024, 2048}
     assert {c["block_k"] for c in timed} == {1024}                  # a given flag fixes its field
   else:
-    assert len(timed) == 1
+    assert len(timed) == 2
   with open(out + ".md") as f:
     assert "| n | union sparsity | sparsejax us |" in f.read()

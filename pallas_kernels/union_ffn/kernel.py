@@ -1,11 +1,12 @@
-"""The union-of-experts FFN as two Pallas kernels (Triton lowering), for n <= 128 tokens.
+"""The union-of-experts FFN as Pallas kernels (Triton lowering), for n <= 128 tokens: two kernels
+(UnionFFNConfig.fusion="two_kernels", the default) or one fused launch ("fused", further below).
 
 At decode-sized n the FFN is memory bound: its time is the bytes of expert weights read. Both
-kernels read only the union's experts (those active for at least one of the n tokens) and nothing
-else, and the whole op is these two launches.
+paths read only the union's experts (those active for at least one of the n tokens) and nothing
+else, and the whole op is these launches.
 
-Layout. The kernels read the expert-major weights of reference.ExpertWeights, made once per layer
-from the layer's w_up [d, E, width] / w_down [E, width, d] (inference weights are static):
+Layout. The two kernels read the expert-major weights of reference.ExpertWeights, made once per
+layer from the layer's w_up [d, E, width] / w_down [E, width, d] (inference weights are static):
 
   up_t   [E, width, d_model]   up_t[e, j, :]   = W_up_e[:, j], hidden unit j's d_model weights
   down_t [E, d_model, width]   down_t[e, c, :] = W_down_e[:, c], output column c's width weights
@@ -56,8 +57,50 @@ sparsity 17.1 us (2.3x the 7.5 us bound of dense x active fraction, 3.5x faster 
 95% 11.6 us against a 1.9 us bytes floor. Time grows with the union at ~0.5 us per expert (its
 1 MB at ~2 TB/s) on top of a ~8.5 us per-layer constant: two launches and their tails, and the
 up grid's (width / block_w) x E programs of which only the union's do work. Fusing both
-projections into one launch (a grid barrier, or h kept per program) is what the constant asks
-for.
+projections into one launch is what the constant asks for: the fused path below.
+
+Fused path (fusion="fused"; weights reference.FusedExpertWeights: up_t as above, and down =
+w_down [E, width, d_model] itself, each hidden unit's d_model output weights one contiguous row).
+One launch on the up kernel's grid (width // block_w, E), chunk axis fastest. Program (c, u)
+below the union's count computes its h [rows, block_w] exactly as the up kernel does (the same
+code, rounded to the weights' dtype), then, instead of storing it, multiplies it at once by the
+down weights of the same block_w hidden units: rows e * width + c * block_w ... of w_down, again
+one contiguous block_w x d_model block (64 KB at the defaults), read in [block_w, block_n] tiles.
+Each tile gives a [rows, block_n] float32 partial sum of y, which the program adds into the
+output with atomics (tl.atomic_rmw fadd: every program contributes to every output column, so
+there is no single owner), relaxed by default: no ordering is needed, and acquire-release (the
+public plgpu.atomic_add's) puts a GPU-scope fence before every atomic (see _atomic_add). The
+output is a float32 [rows, d_model] buffer that starts as zeros (an aliased input); the op casts
+it to x.dtype (in a model that cast fuses into the residual add).
+
+What it was built to remove: the second launch (its tail and gap), the h round trip through
+memory, and the down-grid programs that loop over the union serially; the
+bytes are the same union weights (each live program reads 64 KB of up and 64 KB of down weights,
+in two contiguous streams). What it costs: rows * d_model float32 atomics per live program, e.g.
+128 programs x 2048 = 262k at n = 1 and 87.5% union sparsity (relaxed: 4-wide fire-and-forget
+reductions, resolved in L2, where the 8 KB output lives), and 16x more at 16 padded rows.
+
+Measured (H100, experiments/results/bench_ffn.md, --sweep, best config per row; the dense FFN
+58.9 us in the same run):
+  n = 1 (broadcast rows): the fused path wins at every sparsity. 87.5%: 13.0 us against 16.6 us
+    for the best two-kernel config (4.5x faster than dense; 1.76x the bound); 50%: 29.8 us
+    (1.01x the bound), 70%: 20.9 us (1.20x), 95%: 9.5 us (6.2x faster than dense). A line
+    through the four points: ~0.35 us per union expert (its 1 MB at ~2.9 TB/s) on top of ~7.4
+    us, against 0.51 us per expert on top of ~7.9 us for the two kernels in the same run. So the
+    fusion bought bandwidth (the serial down loop and the h round trip), not the constant, which
+    is what still stands between 13 us and the 6x target (9.8 us): the launch itself, the
+    output's zeroing and cast (two small XLA ops), and the idle programs past the union.
+  n = 8 and 32 (16+ rows, tl.dot): fused wins at 50-70% (n = 8: 33.6 vs 39.2 us) and loses at
+    87.5-95% (n = 32, 87.5%: 27.5 vs 17.1 us), where the 16x atomics of the padded rows outweigh
+    the launch they save. So: FusedExpertWeights + fusion="fused" for single-token decode, the
+    two kernels for verification batches at high sparsity.
+  Acquire-release atomics: 17.4 us against 14.2 us relaxed (n = 1, 87.5%, same config). Loading
+    the first down tile before the up reduction (both streams in flight at once) was tried and
+    measured no faster (13.4-13.7 us either way, experiments/results/bench_ffn_prefetch.md);
+    it is not kept. A persistent grid over the union's (expert, chunk) pairs would remove the
+    idle programs; the output's zeroing could move into the previous layer.
+(Before a GPU was used, the fused kernel's Triton IR was compiled with Triton 3.5.1 for sm_90:
+no spills, its relaxed atomics REDG.E.ADD.F32x4.)
 
 Rows. tl.dot needs M >= 16. With `small_n="broadcast"`, fewer than 16 (padded) rows are computed
 as a broadcast multiply and a sum over K in float32 on the CUDA cores (the work is tiny; the weight
@@ -66,7 +109,10 @@ block_k and the down kernel's width chunk, which makes its tiles small). With `s
 are padded to 16 rows for tl.dot. "auto" (default) takes broadcast for one row (n = 1: no
 padding, one 2-D product per tile, summed along its contiguous axis) and tl.dot for 2-15. 16 rows
 and up always use tl.dot. The op pads rows to a power of two (Triton tensors are powers of two)
-and to 16 for tl.dot: n = 1 and 32 need no padding.
+and to 16 for tl.dot: n = 1 and 32 need no padding. The fused path's down tiles are [block_w,
+block_n] (N contiguous, K = block_w); its broadcast product sums over block_w, and its block_n is
+capped so that the tl.dot tile stays within MAX_DOT_TILE and its [rows, block_n] float32 result,
+or the [rows, block_w, block_n] broadcast product at 2-8 rows, within MAX_PRODUCT.
 """
 import dataclasses
 import functools
@@ -74,16 +120,26 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax import tree_util
+from jax._src import core as jax_core
+from jax._src.lib.triton import dialect as tt_dialect
+from jax._src.pallas.triton import lowering as triton_lowering
+from jax._src.pallas.triton import primitives as triton_primitives
+from jax._src.state import discharge as state_discharge
+from jax._src.state import primitives as state_primitives
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 SMALL_N_MODES = ("auto", "broadcast", "dot")
 INDEX_MODES = ("kernel", "xla")
+FUSION_MODES = ("two_kernels", "fused")
+ATOMICS_MODES = ("relaxed", "acq_rel")
 WARPS = (1, 2, 4, 8, 16)
 MIN_DOT_ROWS = 16      # tl.dot's minimum M (and N, K)
 MAX_ROWS = 128         # decode / verification sizes; longer inputs go to the reference path
 MAX_DOT_TILE = 16384   # elements of a tl.dot operand tile (32 KB in bf16), per pipeline stage
-MAX_PRODUCT = 8192     # elements of a broadcast product [rows, N, K] (rows 2..8, registers)
+MAX_PRODUCT = 8192     # elements of a float32 tile in registers: a broadcast product [rows, N, K]
+                       # (rows 2..8), the fused path's tl.dot result [rows, block_n]
 
 
 def next_power_of_2(x: int) -> int:
@@ -97,7 +153,14 @@ def _fit(block: int, dim: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class UnionFFNConfig:
-  """Tunables of the two kernels (static: each distinct config compiles once).
+  """Tunables of the kernels (static: each distinct config compiles once).
+
+  fusion:   "two_kernels" | "fused": the up and down kernels (they read ExpertWeights), or one
+            launch on the up kernel's grid that multiplies each hidden chunk by its down weights
+            at once and adds into the output with atomics (it reads FusedExpertWeights); see the
+            module docstring. The fused path reads block_w, block_k, num_warps, num_stages (its
+            grid and up half are the up kernel's), block_n, atomics, small_n and index; the down
+            kernel's fields do nothing there, and block_n and atomics nothing for two kernels.
 
   block_w:  up kernel, hidden units per program: programs = union * width / block_w, each
             reading block_w * d_model contiguous weights. At 16 a union of 16 experts of width
@@ -114,6 +177,11 @@ class UnionFFNConfig:
             where Triton does not pipeline the loop (the broadcast path).
   down_num_warps, down_num_stages: the same as num_warps / num_stages for the down kernel, whose
             tiles ([block_d, width], 4 KB) are 8x smaller than the up kernel's.
+  block_n:  fused path, output columns per step of its loop over d_model: each step reads a
+            [block_w, block_n] tile of down weights (block_w rows of block_n contiguous elements)
+            and adds a [rows, block_n] float32 tile into the output. Clipped like block_k.
+  atomics:  fused path, "relaxed" | "acq_rel": the memory ordering of its atomic adds (see
+            _atomic_add; "acq_rel" is plgpu.atomic_add's, which fences every atomic).
   small_n:  "auto" | "broadcast" | "dot": how fewer than 16 rows are computed (see the module
             docstring); "auto": broadcast for one row, tl.dot on 16 padded rows for 2-15.
   index:    "kernel" | "xla": where the union list is computed (see the module docstring).
@@ -127,11 +195,14 @@ class UnionFFNConfig:
   down_unroll: int = 4
   down_num_warps: int = 4
   down_num_stages: int = 3
+  block_n: int = 1024
   small_n: str = "auto"
   index: str = "kernel"
+  fusion: str = "two_kernels"
+  atomics: str = "relaxed"
 
   def __post_init__(self):
-    for name in ("block_w", "block_k", "block_d"):
+    for name in ("block_w", "block_k", "block_d", "block_n"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 16 or value & (value - 1):
         raise ValueError(f"UnionFFNConfig: {name} must be a power of two >= 16, got {value!r}")
@@ -148,6 +219,12 @@ class UnionFFNConfig:
                        f"{self.small_n!r}")
     if self.index not in INDEX_MODES:
       raise ValueError(f"UnionFFNConfig: index must be one of {INDEX_MODES}, got {self.index!r}")
+    if self.fusion not in FUSION_MODES:
+      raise ValueError(f"UnionFFNConfig: fusion must be one of {FUSION_MODES}, got "
+                       f"{self.fusion!r}")
+    if self.atomics not in ATOMICS_MODES:
+      raise ValueError(f"UnionFFNConfig: atomics must be one of {ATOMICS_MODES}, got "
+                       f"{self.atomics!r}")
 
 
 def kernel_rows(n: int, small_n: str) -> tuple[int, bool]:
@@ -170,15 +247,44 @@ def _union(a_ref, idx_ref):
   return count, lambda u: jnp.sum((prefix <= u).astype(jnp.int32))
 
 
-def _matmul_nt(a, b, use_dot):
-  """a [rows, K] @ b [N, K]^T -> float32 [rows, N]: tl.dot with a transposed operand (rows >= 16)
-  or, for fewer rows, a broadcast multiply and a sum over K (b's contiguous axis) in float32."""
+def _matmul(a, b, use_dot, trans_b):
+  """a [rows, K] @ b -> float32 [rows, N], b [N, K] (trans_b: the up kernel's and the down
+  kernel's tiles, K contiguous) or [K, N] (the fused path's down tiles, N contiguous).
+
+  tl.dot for rows >= 16; for fewer rows a broadcast multiply and a sum over K in float32 on the
+  CUDA cores. One row stays 2-D (no [1, ., .] padding): [1, K] against [N, K], or a [K, 1] column
+  against [K, N]."""
   if use_dot:
-    return plgpu.dot(a.astype(b.dtype), b, trans_b=True)
+    return plgpu.dot(a.astype(b.dtype), b, trans_b=trans_b)
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   if a.shape[0] == 1:
-    return jnp.sum(a * b, axis=1)[None, :]                   # [1, K] * [N, K]: 2-D, no padding
-  return jnp.sum(a[:, None, :] * b[None, :, :], axis=2)
+    if trans_b:
+      return jnp.sum(a * b, axis=1)[None, :]
+    return jnp.sum(a.reshape(-1, 1) * b, axis=0)[None, :]
+  if trans_b:
+    return jnp.sum(a[:, None, :] * b[None, :, :], axis=2)
+  return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+def _hidden_chunk(x_ref, a_ref, up_ref, e, chunk, *, width, d_model, block_k, block_w,
+                  use_dot):
+  """h [rows, block_w] = SiLU(x @ W_up_e[:, chunk units]) * A[:, e] (0 where A[t, e] = 0: the
+  per-token mask) in up_ref's dtype: the up projection of one program, shared by the up kernel
+  (which stores it) and the fused kernel (which multiplies it by its down weights at once).
+  It streams up_t[e, chunk units, :], one contiguous block_w x d_model block, in [block_w,
+  block_k] tiles and accumulates in float32."""
+  units = pl.ds(e * width + chunk * block_w, block_w)        # rows of up_t [E * width, d]
+
+  def step(kb, acc):
+    ks = pl.ds(kb * block_k, block_k)
+    return acc + _matmul(x_ref[:, ks], up_ref[units, ks], use_dot, trans_b=True)
+
+  rows = x_ref.shape[0]
+  acc = lax.fori_loop(0, d_model // block_k, step, jnp.zeros((rows, block_w), jnp.float32))
+  a = a_ref[:, pl.ds(e, 1)].astype(jnp.float32)             # [rows, 1]
+  # Rounded to the weights' dtype as the two-kernel path stores h: both paths give the same
+  # numbers up to the order of the float32 sums.
+  return jnp.where(a != 0, jax.nn.silu(acc) * a, 0.0).astype(up_ref.dtype)
 
 
 def _up_kernel(*refs, has_index, rows, width, d_model, block_k, block_w, use_dot):
@@ -193,16 +299,9 @@ def _up_kernel(*refs, has_index, rows, width, d_model, block_k, block_w, use_dot
   @pl.when(u < count)
   def _():
     e = expert_of(u)
-    units = pl.ds(e * width + chunk * block_w, block_w)      # rows of up_t
-
-    def step(kb, acc):
-      ks = pl.ds(kb * block_k, block_k)
-      return acc + _matmul_nt(x_ref[:, ks], w_ref[units, ks], use_dot)
-
-    acc = lax.fori_loop(0, d_model // block_k, step, jnp.zeros((rows, block_w), jnp.float32))
-    a = a_ref[:, pl.ds(e, 1)].astype(jnp.float32)           # [rows, 1]
-    h_ref[pl.ds(e * rows, rows), pl.ds(chunk * block_w, block_w)] = jnp.where(
-        a != 0, jax.nn.silu(acc) * a, 0.0).astype(h_ref.dtype)
+    h_ref[pl.ds(e * rows, rows), pl.ds(chunk * block_w, block_w)] = _hidden_chunk(
+        x_ref, a_ref, w_ref, e, chunk, width=width, d_model=d_model, block_k=block_k,
+        block_w=block_w, use_dot=use_dot).astype(h_ref.dtype)
 
 
 def _down_kernel(*refs, has_index, rows, width, d_model, block_d, block_h, unroll, use_dot):
@@ -231,12 +330,90 @@ def _down_kernel(*refs, has_index, rows, width, d_model, block_d, block_h, unrol
     for u, h, w in tiles:
       if unroll > 1:
         h = jnp.where(u < count, h, jnp.zeros_like(h))
-      acc = acc + _matmul_nt(h, w, use_dot)
+      acc = acc + _matmul(h, w, use_dot, trans_b=True)
     return acc
 
   acc = lax.fori_loop(0, lax.div(count + (unroll - 1), unroll), step,
                       jnp.zeros((rows, block_d), jnp.float32))
   out_ref[...] = acc.astype(out_ref.dtype)
+
+
+# A relaxed atomic add. plgpu.atomic_add lowers to tt.atomic_rmw with acquire-release order at GPU
+# scope, which ptxas (sm_90) compiles to MEMBAR.ALL.GPU + ATOMG + CCTL.IVALL per 4-wide atomic
+# instruction: each waits for the thread's previous one (an L2 round trip each), 4 per program at
+# n = 1 and 64 at 16 rows (16 per thread per [16, 512] tile, 4 tiles). The fused path needs no
+# ordering at all (its output is read after the kernel ends), so this primitive is atomic_rmw's
+# (the same abstract evaluation, and the same discharge rule, which interpret mode runs) with a
+# relaxed lowering, which ptxas turns into fire-and-forget REDG.E.ADD.F32x4 (no fences). It uses
+# JAX internals (jax._src.pallas.triton, as of jax 0.11); UnionFFNConfig(atomics="acq_rel") takes
+# the public plgpu.atomic_add instead.
+_relaxed_atomic_add_p = jax_core.Primitive("union_ffn_relaxed_atomic_add")
+_relaxed_atomic_add_p.def_effectful_abstract_eval(triton_primitives._atomic_abstract_eval)
+state_discharge.register_discharge_rule(_relaxed_atomic_add_p)(
+    triton_primitives._atomic_rmw_discharge_rule)
+
+
+@triton_lowering.register_lowering(_relaxed_atomic_add_p)
+def _relaxed_atomic_add_lowering(ctx, *args_flat, args_tree, atomic_type):
+  del atomic_type                                           # always ADD
+  block_info, *_ = ctx.block_infos
+  ptr, (indexer,), value, _ = args_tree.unflatten(args_flat)
+  *_, value_aval, _ = args_tree.unflatten(ctx.avals_in)
+  ptr = triton_lowering._compute_pointers_from_indices(ptr, block_info, indexer)
+  return triton_lowering._atomic_rmw(
+      tt_dialect.RMWOp.FADD, ptr, triton_lowering._ensure_ir_value(value, value_aval),
+      semantic=tt_dialect.MemSemantic.RELAXED)
+
+
+def _atomic_add(ref, idx, value, atomics):
+  """ref[idx] += value, atomically (float32; idx a tuple of pl.ds, no mask)."""
+  if atomics == "acq_rel":
+    plgpu.atomic_add(ref, idx, value)
+    return
+  ref, transforms = state_primitives.get_ref_and_transforms(ref, idx, "atomic_add")
+  args_flat, args_tree = tree_util.tree_flatten((ref, transforms, value, None))
+  _relaxed_atomic_add_p.bind(*args_flat, args_tree=args_tree,
+                             atomic_type=triton_primitives.AtomicOpType.ADD)
+
+
+def _fused_kernel(*refs, has_index, width, d_model, block_k, block_w, block_n, use_dot,
+                  atomics):
+  if has_index:
+    x_ref, a_ref, idx_ref, up_ref, down_ref, _, out_ref = refs
+  else:
+    (x_ref, a_ref, up_ref, down_ref, _, out_ref), idx_ref = refs, None
+  chunk, u = pl.program_id(0), pl.program_id(1)
+  count, expert_of = _union(a_ref, idx_ref)
+
+  @pl.when(u < count)
+  def _():
+    e = expert_of(u)
+    units = pl.ds(e * width + chunk * block_w, block_w)      # rows of down [E * width, d]
+    rows = pl.ds(0, x_ref.shape[0])
+    h = _hidden_chunk(x_ref, a_ref, up_ref, e, chunk, width=width, d_model=d_model,
+                      block_k=block_k, block_w=block_w, use_dot=use_dot)
+
+    # This chunk's down weights are the same block_w units' rows of w_down: one contiguous
+    # block_w x d_model block, read in [block_w, block_n] tiles. Every program adds into every
+    # output column, hence the atomics (float32: Pallas' atomics take no bf16, and float32 sums
+    # keep the result as the two-kernel path's).
+    @pl.loop(0, d_model // block_n)
+    def _(j):
+      columns = pl.ds(j * block_n, block_n)
+      _atomic_add(out_ref, (rows, columns),
+                  _matmul(h, down_ref[units, columns], use_dot, trans_b=False), atomics)
+
+
+def _up_blocks(config, rows, width, d_model):
+  """(block_w, block_k) of the up kernel's grid and tiles, which the fused kernel shares."""
+  block_w = _fit(config.block_w, width)
+  block_k = _fit(config.block_k, d_model)
+  # Caps (all powers of two, so the clipped blocks still divide their axes).
+  if rows >= MIN_DOT_ROWS:        # tl.dot operand tiles in shared memory, per pipeline stage
+    block_k = min(block_k, max(16, MAX_DOT_TILE // max(rows, block_w)))
+  elif rows > 1:                  # the [rows, N, K] product lives in registers
+    block_k = min(block_k, max(16, MAX_PRODUCT // (rows * block_w)))
+  return block_w, block_k
 
 
 def _full(shape):
@@ -259,16 +436,12 @@ def union_ffn_kernels(x, a, index, up_t, down_t, *, config: UnionFFNConfig,
   rows, d_model = x.shape
   num_experts, width, _ = up_t.shape
   use_dot = rows >= MIN_DOT_ROWS
-  block_w = _fit(config.block_w, width)
-  block_k = _fit(config.block_k, d_model)
+  block_w, block_k = _up_blocks(config, rows, width, d_model)
   block_d = _fit(config.block_d, d_model)
   block_h = width                 # the down kernel's width chunk: whole rows of down_t
-  # Caps (all powers of two, so the clipped blocks still divide their axes).
-  if use_dot:                     # operand tiles in shared memory, per pipeline stage
-    block_k = min(block_k, max(16, MAX_DOT_TILE // max(rows, block_w)))
+  if use_dot:                     # tl.dot operand tiles in shared memory, per pipeline stage
     block_h = _fit(max(16, MAX_DOT_TILE // max(rows, block_d)), width)
   elif rows > 1:                  # the [rows, N, K] product lives in registers
-    block_k = min(block_k, max(16, MAX_PRODUCT // (rows * block_w)))
     block_h = _fit(max(16, MAX_PRODUCT // (rows * block_d)), width)
   has_index = config.index == "xla"
   index_in = [index] if has_index else []
@@ -322,3 +495,43 @@ def union_ffn_kernels(x, a, index, up_t, down_t, *, config: UnionFFNConfig,
       interpret=interpret,
       name="union_ffn_down",
   )(*down_inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def union_ffn_fused_kernel(x, a, index, up_t, down, *, config: UnionFFNConfig,
+                           interpret: bool = False):
+  """The fused kernel on prepared inputs: as union_ffn_kernels, with down [E, width, d]
+  (FusedExpertWeights.down, the layer's w_down). Returns y [rows, d] in float32, the atomics'
+  dtype (the caller casts). There is no poison mode: the output must start at zeros, which the
+  programs add into, and there is no intermediate buffer (see the module docstring).
+  """
+  rows, d_model = x.shape
+  num_experts, width, _ = up_t.shape
+  use_dot = rows >= MIN_DOT_ROWS
+  block_w, block_k = _up_blocks(config, rows, width, d_model)
+  block_n = _fit(config.block_n, d_model)
+  if use_dot:      # the down tile in shared memory, and the [rows, block_n] result in registers
+    block_n = min(block_n, max(16, MAX_DOT_TILE // block_w), max(16, MAX_PRODUCT // rows))
+  elif rows > 1:   # the [rows, block_w, block_n] product lives in registers
+    block_n = min(block_n, max(16, MAX_PRODUCT // (rows * block_w)))
+  has_index = config.index == "xla"
+  index_in = [index] if has_index else []
+  # Both weights reshaped (free) to rows of (expert, hidden unit): a program's up and down
+  # weights are the same rows of the two arrays.
+  zeros = jnp.zeros((rows, d_model), jnp.float32)
+  inputs = [x, a, *index_in, up_t.reshape(num_experts * width, d_model),
+            down.reshape(num_experts * width, d_model), zeros]
+  return pl.pallas_call(
+      functools.partial(_fused_kernel, has_index=has_index, width=width, d_model=d_model,
+                        block_k=block_k, block_w=block_w, block_n=block_n, use_dot=use_dot,
+                        atomics=config.atomics),
+      grid=(width // block_w, num_experts),
+      in_specs=[_full(v.shape) for v in inputs],
+      out_specs=_full(zeros.shape),
+      out_shape=jax.ShapeDtypeStruct(zeros.shape, zeros.dtype),
+      input_output_aliases={len(inputs) - 1: 0},       # the output starts as these zeros
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+      name="union_ffn_fused",
+  )(*inputs)
