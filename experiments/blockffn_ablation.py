@@ -8,10 +8,11 @@ evaluates it and writes one comparison.
 
 Per method: validation loss, perplexity (per byte: the tokenizer is byte-level) and bits per
 byte, and the FFN's activation sparsity on the validation batches: TLS, CLS_L for L in
-(2, 4, ..., 64) and the adjacent-token reuse ratio (sparsejax.ops.sparsity). Writes <out>.json
-({"methods": {name: {"ppl", "bits_per_byte", "tls", "cls8", "cls": {L: value}, "reuse", ...}}}),
-<out>.md (a table) and <out>.png (CLS_L against L per method; L = 1 is TLS). A method whose run
-already finished in its workdir is evaluated again without retraining.
+(2, 4, ..., 64), the adjacent-token reuse ratio and the shares of experts never and always
+active on a validation batch (sparsejax.ops.sparsity: without routing both are chunk-sparse).
+Writes <out>.json ({"methods": {name: {"ppl", "bits_per_byte", "tls", "cls8", "cls": {L: value},
+"reuse", ...}}}), <out>.md (a table) and <out>.png (CLS_L against L per method; L = 1 is TLS).
+A method whose run already finished in its workdir is evaluated again without retraining.
 """
 import json
 import math
@@ -79,6 +80,8 @@ def run_method(method: str) -> dict:
       "cls8": metric("cls8"),
       "cls": {str(length): metric(f"cls{length}") for length in CLS_LENGTHS},
       "reuse": metric("reuse"),
+      "never_active": metric("never_active"),
+      "always_active": metric("always_active"),
       "steps": summary["step"],
       "tokens": summary["step"] * config.train.batch_size * config.data.seq_len,
       "train_seconds": train_seconds if summary["step"] > summary["start_step"] else None,
@@ -98,13 +101,15 @@ def _pct(value) -> str:
 def markdown(results: dict, header: str) -> str:
   cls_cols = " | ".join(f"CLS{length}" for length in CLS_LENGTHS)
   lines = [header, "",
-           f"| method | PPL | bits/byte | TLS % | {cls_cols} | reuse % | params | tokens/s |",
-           "|---" * (7 + len(CLS_LENGTHS)) + "|"]
+           f"| method | PPL | bits/byte | TLS % | {cls_cols} | reuse % | never % | always % | "
+           "params | tokens/s |",
+           "|---" * (9 + len(CLS_LENGTHS)) + "|"]
   for name, r in results.items():
     cls = " | ".join(_pct(r["cls"][str(length)]) for length in CLS_LENGTHS)
     tps = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
     lines.append(f"| {name} | {r['ppl']:.3f} | {r['bits_per_byte']:.4f} | {_pct(r['tls'])} | "
-                 f"{cls} | {_pct(r['reuse'])} | {r['params'] / 1e6:.2f}M | {tps} |")
+                 f"{cls} | {_pct(r['reuse'])} | {_pct(r.get('never_active'))} | "
+                 f"{_pct(r.get('always_active'))} | {r['params'] / 1e6:.2f}M | {tps} |")
   lines += ["", "The paper at 0.1B (TLS % / CLS8 % / PPL, per BPE token): " + "; ".join(
       f"{name} {'-' if t is None else t} / {'-' if c is None else c} / {p}"
       for name, (t, c, p) in PAPER.items()) + "; without both losses BlockFFN's CLS8 falls to "

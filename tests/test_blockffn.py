@@ -14,7 +14,8 @@ from flax import nnx
 from configs.blockffn_ablation import get_config
 from experiments import ppl_sparsity
 from sparsejax.config import ModelConfig
-from sparsejax.ops.sparsity import chunk_level_sparsity, reuse_ratio, token_level_sparsity
+from sparsejax.ops.sparsity import (chunk_level_sparsity, reuse_ratio, static_experts,
+                                    token_level_sparsity)
 from sparsejax.layers import moe
 from sparsejax.model import DecoderLM, matmul_flops_per_token
 from sparsejax.train.coefficients import (Coefficients, TargetController, WindowRatioController,
@@ -214,6 +215,20 @@ def test_sparsity_metrics_on_hand_made_masks():
     chunk_level_sparsity(active, seg, 0)
 
 
+def test_static_experts_counts_dead_and_always_on_experts_over_real_tokens():
+  # 4 experts over 3 real tokens and one padding token: expert 0 always fires, expert 1 never,
+  # expert 2 for one token, expert 3 only on the padding token (so never, among real tokens).
+  active = jnp.array([[[1, 0, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]]], bool)
+  seg = jnp.array([[1, 1, 2, 0]])
+  never, always = static_experts(active, seg)
+  np.testing.assert_allclose([never, always], [0.5, 0.25])
+  never, always = static_experts(active, None)              # the padding token counts now
+  np.testing.assert_allclose([never, always], [0.25, 0.0])
+  assert all(np.isnan(v) for v in static_experts(active, jnp.zeros((1, 4), jnp.int32)))
+  with pytest.raises(ValueError, match="static_experts: segment_ids must have shape"):
+    static_experts(active, seg[:, :3])
+
+
 # ---- coefficients --------------------------------------------------------------------------------
 def test_lambda_cs_controller_follows_the_rule_and_round_trips():
   c = WindowRatioController(1.0, metric="scaled_loss/cs", hold=2, window=2)
@@ -309,7 +324,7 @@ def test_blockffn_exact_resume_with_its_coefficient(tmp_path):
                jax.tree.map(np.asarray, resumed.params))
   assert straight.coefficients.state_dict() == resumed.coefficients.state_dict()
   assert {"loss", "bits_per_byte", "metric/tls", "metric/cls8", "metric/cls64",
-          "metric/reuse"} <= set(ev)
+          "metric/reuse", "metric/never_active", "metric/always_active"} <= set(ev)
   assert 0 <= ev["metric/tls"] <= 1
 
 

@@ -124,13 +124,38 @@ def reuse_ratio(active: jax.Array, segment_ids: jax.Array | None = None) -> jax.
   return _ratio(shared, current)
 
 
+def static_experts(active: jax.Array, segment_ids: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(never, always): the shares of experts active for none / for every one of the batch's real
+  tokens. A router can reach a high TLS and CLS without routing at all: experts that never fire
+  (dead: lost capacity) and experts that always do (a dense FFN in disguise) are both perfectly
+  "chunk-sparse". Only 1 - never - always of the experts depend on the token.
+
+  Args:
+    active: [batch, seq, experts] bool.
+    segment_ids: [batch, seq] int (0 = padding) or None.
+  Returns:
+    Two float32 scalars in [0, 1] (NaN without real tokens).
+  """
+  seg = _checked(active, segment_ids, "static_experts")
+  real = (seg != 0)[..., None]
+  fired = jnp.sum(active & real, axis=(0, 1))                # [experts]
+  tokens = jnp.sum(real)
+  nan = jnp.where(tokens > 0, 0.0, jnp.nan)
+  return (jnp.mean(fired == 0, dtype=jnp.float32) + nan,
+          jnp.mean(fired == tokens, dtype=jnp.float32) + nan)
+
+
 def sparsity_metrics(active: jax.Array, segment_ids: jax.Array | None = None,
                      lengths=CLS_LENGTHS) -> dict[str, jax.Array]:
   """The aux metrics every expert FFN reports: {"metric/tls", "metric/cls<L>" for L in
-  `lengths`, "metric/reuse"}, each a float32 scalar (see the functions above)."""
+  `lengths`, "metric/reuse", "metric/never_active", "metric/always_active"}, each a float32
+  scalar (see the functions above)."""
   active = jax.lax.stop_gradient(active)
   metrics = {"metric/tls": token_level_sparsity(active, segment_ids)}
   for length, value in chunk_level_sparsities(active, segment_ids, lengths).items():
     metrics[f"metric/cls{length}"] = value
   metrics["metric/reuse"] = reuse_ratio(active, segment_ids)
+  metrics["metric/never_active"], metrics["metric/always_active"] = static_experts(
+      active, segment_ids)
   return metrics
