@@ -30,9 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
       init_from=""))
 
   # Generated retrieval rows replacing a fraction of every batch's rows
-  # (sparsejax.train.retrieval_mix; 0 = off). Tasks and haystacks are comma-separated.
+  # (sparsejax.train.retrieval_mix; 0 = off). Tasks and haystacks are comma-separated. The
+  # first early_batches batches use early_fraction and early_tasks ("": tasks) instead.
   c.retrieval_mix = ml_collections.ConfigDict(dict(
-      fraction=0.0, tasks="passkey,multi_key,multi_value,multi_query", haystacks="noise,corpus"))
+      fraction=0.0, tasks="passkey,multi_key,multi_value,multi_query", haystacks="noise,corpus",
+      early_batches=0, early_fraction=0.0, early_tasks=""))
 
   # Devices are arranged (data, fsdp, tensor); data=-1 takes whatever is left.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

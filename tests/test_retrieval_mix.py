@@ -96,6 +96,9 @@ def test_corpus_haystacks_read_the_training_split_only(corpus_splits_read):
     ("fraction", 1.5, "fraction must be a number in"),
     ("tasks", "passkey,nope", "tasks must name some of"),
     ("haystacks", "", "haystacks must name some of"),
+    ("early_fraction", -0.1, "early_fraction must be a number in"),
+    ("early_batches", 1.5, "early_batches must be an int >= 0"),
+    ("early_tasks", "copy,nope", "early_tasks must name some of"),
 ])
 def test_bad_config_is_named(field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -133,6 +136,24 @@ def test_rows_pack_samples_of_several_lengths():
         assert "pass key is" in text(b["inputs"][r, where])
         lengths.append(len(where))
   assert max(segments) >= 2 and min(lengths) < 500 < max(lengths)  # log-uniform lengths, short and long
+
+
+def test_early_batches_use_the_early_fraction_and_tasks_then_the_main_ones():
+  # Two early batches of copy rows only (every row), then batches with no task rows at all.
+  it = mixed(0.0, tasks="passkey", early_batches=2, early_fraction=1.0, early_tasks="copy",
+             min_length=1)
+  plain = make_train_iterator(DATA, TOK)
+  for index in range(4):
+    b, p = next(it), next(plain)
+    if index < 2:
+      assert all(b["inputs"][r, 0] == TOK.bos_id for r in range(DATA.batch_size))
+      assert not any("pass key is" in text(b["inputs"][r]) for r in range(DATA.batch_size))
+    else:
+      assert all(np.array_equal(b[k], p[k]) for k in b)
+  config = RetrievalMixConfig(fraction=0.0, early_batches=2, early_fraction=0.5)
+  assert config.active and config.stage(1) == (0.5, config.tasks)
+  assert config.stage(2) == (0.0, config.tasks)  # early_tasks default to tasks
+  assert not RetrievalMixConfig(early_batches=3).active
 
 
 def test_min_length_is_checked():

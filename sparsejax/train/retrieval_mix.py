@@ -59,11 +59,22 @@ def _names(value, name: str, allowed) -> tuple[str, ...]:
 class RetrievalMixConfig:
   """`fraction` of the rows of every batch are tasks drawn uniformly from `tasks` (the harness's
   tasks, and "copy": see COPY), on a haystack drawn from `haystacks`, needle depth uniform in
-  [0, 1]. 0 turns the mix off."""
+  [0, 1]. 0 turns the mix off. For the first `early_batches` batches `early_fraction` of the rows
+  are tasks drawn from `early_tasks` (empty: `tasks`) instead."""
   fraction: float = 0.0
   tasks: tuple[str, ...] = ("passkey", "multi_key", "multi_value", "multi_query")
   haystacks: tuple[str, ...] = ("noise", "corpus")
   min_length: int = 0
+  early_batches: int = 0
+  early_fraction: float = 0.0
+  early_tasks: tuple[str, ...] = ()
+
+  # The early stage exists because in-context copying is a skill a small model either has or
+  # does not, and it forms far sooner when most rows demand it: on the H100 (2026-12-06) the
+  # long-context ablation's 26M byte-level model, 200 steps x 128 rows x 1024 tokens, answered
+  # every passkey with one fixed number at fraction 0.5 over all four tasks, but with fraction
+  # 0.9 over passkey and copy rows it emitted the needle's digits, mostly reordered ("29231" ->
+  # "99231", "85549" -> "85499"): copying had started (experiments/results/longctx_copy_probe).
 
   # min_length: 0 = one sample filling each row. Otherwise each row packs samples (separate
   # documents, segment ids 1, 2, ...) of log-uniform lengths between the task's shortest and the
@@ -72,14 +83,29 @@ class RetrievalMixConfig:
   # the formats but no retrieval: "The pass key is" got the same number for every prompt).
 
   def __post_init__(self):
-    f = self.fraction
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
-      raise ValueError(f"retrieval_mix.fraction must be a number in [0, 1], got {f!r}")
-    m = self.min_length
-    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-      raise ValueError(f"retrieval_mix.min_length must be an int >= 0, got {m!r}")
+    for name in ("fraction", "early_fraction"):
+      f = getattr(self, name)
+      if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+        raise ValueError(f"retrieval_mix.{name} must be a number in [0, 1], got {f!r}")
+    for name in ("min_length", "early_batches"):
+      m = getattr(self, name)
+      if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"retrieval_mix.{name} must be an int >= 0, got {m!r}")
     object.__setattr__(self, "tasks", _names(self.tasks, "tasks", (*TASKS, COPY)))
+    early = self.early_tasks or self.tasks
+    object.__setattr__(self, "early_tasks", _names(early, "early_tasks", (*TASKS, COPY)))
     object.__setattr__(self, "haystacks", _names(self.haystacks, "haystacks", HAYSTACKS))
+
+  @property
+  def active(self) -> bool:
+    """Whether any batch gets task rows."""
+    return self.fraction > 0 or (self.early_batches > 0 and self.early_fraction > 0)
+
+  def stage(self, batch_index: int) -> tuple[float, tuple[str, ...]]:
+    """(fraction, tasks) of the batch_index-th batch (0-based)."""
+    if batch_index < self.early_batches:
+      return self.early_fraction, self.early_tasks
+    return self.fraction, self.tasks
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict | None) -> "RetrievalMixConfig":
@@ -110,18 +136,19 @@ class RetrievalMixIterator:
     batch = next(self._parent)
     index, self._batches = self._batches, self._batches + 1
     rows = batch["inputs"].shape[0]
+    fraction, tasks = self._mix.stage(index)
     rng = np.random.default_rng([self._seed, _SALT, self._shard, index])
-    chosen = np.flatnonzero(rng.uniform(size=rows) < self._mix.fraction)
+    chosen = np.flatnonzero(rng.uniform(size=rows) < fraction)
     if not len(chosen):
       return batch
     batch = {k: np.array(v) for k, v in batch.items()}
     for r in chosen:
-      row = self._row(index * rows + int(r), batch["inputs"].shape[1])
+      row = self._row(index * rows + int(r), batch["inputs"].shape[1], tasks)
       for k, v in row.items():
         batch[k][r] = v
     return batch
 
-  def _row(self, example: int, seq_len: int) -> dict[str, np.ndarray]:
+  def _row(self, example: int, seq_len: int, tasks: tuple[str, ...]) -> dict[str, np.ndarray]:
     """One row of packed task samples (segments 1, 2, ...), each [bos] prompt answer [eos];
     sample lengths log-uniform in [min_length, seq_len] (one sample when min_length is 0)."""
     tok, mix = self._tokenizer, self._mix
@@ -134,7 +161,7 @@ class RetrievalMixIterator:
     lo = min(mix.min_length or seq_len, seq_len)
     used, segment = 0, 0
     while seq_len - used >= lo:
-      task = mix.tasks[int(rng.integers(len(mix.tasks)))]
+      task = tasks[int(rng.integers(len(tasks)))]
       haystack = mix.haystacks[int(rng.integers(len(mix.haystacks)))]
       # (One sample a row fills it; a row too short for it gets make_sample's own error.)
       room = seq_len - used
@@ -146,7 +173,7 @@ class RetrievalMixIterator:
                          f"than data.seq_len={seq_len}")
       # A sample of n positions holds n + 1 ids; a leftover too short for any task joins it.
       n = min(room, int(np.exp(rng.uniform(np.log(shortest), np.log(seq_len + 1)))))
-      n = room if room - n < max(lo, min(map(self._min_len, mix.tasks))) else n
+      n = room if room - n < max(lo, min(map(self._min_len, tasks))) else n
       ids = self._sample(task, haystack, n, rng, example * 64 + segment)
       segment += 1
       span = slice(used, used + len(ids) - 1)

@@ -138,7 +138,7 @@ class Trainer:
                                          shard_index=jax.process_index(),
                                          shard_count=jax.process_count())
     self.retrieval_mix = RetrievalMixConfig.from_config(config.get("retrieval_mix"))
-    if self.retrieval_mix.fraction > 0:
+    if self.retrieval_mix.active:
       self.data_iter = RetrievalMixIterator(
           self.data_iter, self.tokenizer, self.retrieval_mix, corpus=self.data_config.source,
           seed=self.data_config.seed, shard_index=jax.process_index())
