@@ -11,8 +11,9 @@ byte, and the FFN's activation sparsity on the validation batches: TLS, CLS_L fo
 (2, 4, ..., 64), the adjacent-token reuse ratio and the shares of experts never and always
 active on a validation batch (sparsejax.ops.sparsity: without routing both are chunk-sparse).
 Writes <out>.json ({"methods": {name: {"ppl", "bits_per_byte", "tls", "cls8", "cls": {L: value},
-"reuse", ...}}}), <out>.md (a table) and <out>.png (CLS_L against L per method; L = 1 is TLS).
-A method whose run already finished in its workdir is evaluated again without retraining.
+"reuse", "train_loss", ...}}}), <out>.md (a table) and <out>.png (CLS_L against L per method,
+L = 1 being TLS, beside the training loss curves). A method whose run already finished in its
+workdir is evaluated again without retraining.
 """
 import json
 import math
@@ -88,6 +89,9 @@ def run_method(method: str) -> dict:
       "tokens_per_s": summary.get("tokens_per_s"),
       "mfu": summary.get("mfu"),
       "final_coefficients": coefs,
+      # The training loss at every log step: the end-point PPLs alone cannot tell a method that
+      # learns slower from one that had not yet passed a sudden drop (e.g. in-context copying).
+      "train_loss": [[h["step"], round(h["loss"], 4)] for h in summary.get("history", [])],
   }
   if "metric/neuron_sparsity" in ev:  # relu_dense: zero hidden units, not skippable experts
     result["neuron_sparsity"] = metric("neuron_sparsity")
@@ -118,10 +122,12 @@ def markdown(results: dict, header: str) -> str:
 
 
 def plot(results: dict, path: str) -> None:
+  """Left: CLS_L against L per expert method. Right: the training loss curves (runs that
+  recorded them)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  fig, (ax, curves) = plt.subplots(1, 2, figsize=(12, 4.2))
   for name, r in results.items():
     if r["tls"] is None:
       continue  # dense kinds have no experts to skip
@@ -135,6 +141,15 @@ def plot(results: dict, path: str) -> None:
   ax.set_title("BlockFFN ablation: chunk-level sparsity")
   ax.grid(alpha=0.3)
   ax.legend()
+  for name, r in results.items():
+    if r.get("train_loss"):
+      curves.plot(*zip(*r["train_loss"]), lw=1, label=name)
+  curves.set_xlabel("step")
+  curves.set_ylabel("training loss (nats per byte)")
+  curves.set_title("training loss")
+  curves.grid(alpha=0.3)
+  if curves.lines:
+    curves.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -342,6 +342,8 @@ def test_ablation_binary_trains_each_kind_and_writes_results(tmp_path):
   remoe = results["remoe"]
   assert math.isfinite(remoe["ppl"]) and 0 <= remoe["tls"] <= 1 and "cls8" in remoe
   assert set(remoe["cls"]) == {"2", "4", "8", "16", "32", "64"}
+  assert 0 <= remoe["never_active"] <= 1 and 0 <= remoe["always_active"] <= 1
+  assert [step for step, _ in remoe["train_loss"]] == [1, 2]   # tiny logs every step
   assert results["relu_dense"]["tls"] is None and results["relu_dense"]["neuron_sparsity"] > 0
   assert os.path.getsize(out + ".png") > 0 and os.path.exists(out + ".md")
   logged = {"topk_moe": ["loss/balance", "metric/tls"],
