@@ -383,6 +383,8 @@ class _ExpertFFN(nnx.Module):
     o = self.options(config)
     d, e, w, pdt = config.d_model, o.num_experts, o.expert_width, config.params_dtype
     self.opts = o
+    # Set by sparsejax.inference.union_decode.prepare_union_decode (data: it holds arrays).
+    self.union_decode = nnx.data(None)
     self.w_router = param(rngs, (d, e), ("embed", "experts"), std=config.init_std, dtype=pdt)
     self.w_up = param(rngs, (d, e, w), ("embed", "experts", "expert_mlp"), std=config.init_std,
                       dtype=pdt)
@@ -390,6 +392,11 @@ class _ExpertFFN(nnx.Module):
                         std=config.init_std / (2 * config.num_layers) ** 0.5, dtype=pdt)
 
   def experts(self, x: jax.Array, gates: jax.Array) -> jax.Array:
+    # One new token per row (a decode step) with a union-of-experts kernel installed
+    # (sparsejax.inference.union_decode): only the experts some row uses are read.
+    union_decode = self.union_decode
+    if union_decode is not None and union_decode.applies(x):
+      return union_decode(x, gates)
     return mix_experts(x, self.w_up[...], self.w_down[...], gates)
 
   def gates(self, x: jax.Array) -> jax.Array:
