@@ -51,6 +51,31 @@ def matched_dense_hidden(num_experts: int, expert_width: int) -> int:
   return units // 3
 
 
+# Sizes: experts (E of width w; top_k active for TopK, ReMoE's target 1 - top_k / E), the
+# lambda_cs schedule (hold, window), the model, the row length and the training run.
+SIZES = {
+    # A model for tests.
+    "tiny": dict(experts=6, width=8, top_k=1, hold=2, window=1, seq_len=64,
+                 model=dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                            dtype="float32"),
+                 train=dict(steps=3, batch_size=4, warmup_steps=1, log_every=1,
+                            eval_batches=1)),
+    # The same comparison at a size two CPU cores train in a few minutes per method: E*w = 4d
+    # (32 experts of 16), 7 of 32 active for TopK (ReMoE's target 78%), schedules scaled down.
+    "cpu": dict(experts=32, width=16, top_k=7, hold=120, window=30, seq_len=256,
+                model=dict(d_model=128, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=64,
+                           dtype="float32"),
+                train=dict(steps=600, batch_size=16, warmup_steps=60, log_every=25,
+                           eval_batches=4)),
+    # The ablation (module docstring).
+    "gpu": dict(experts=48, width=32, top_k=10, hold=200, window=50, seq_len=512,
+                model=dict(d_model=384, num_layers=8, num_heads=6, num_kv_heads=2, head_dim=64,
+                           dtype="bfloat16"),
+                train=dict(steps=1000, batch_size=32, warmup_steps=100, log_every=50,
+                           eval_batches=8)),
+}
+
+
 def get_config(arg: str = "blockffn"):
   parts = [p.strip() for p in (arg or "blockffn").split(",")]
   method, extra = parts[0], parts[1:]
@@ -60,33 +85,18 @@ def get_config(arg: str = "blockffn"):
   if extra not in ([], ["tiny"], ["cpu"]):
     raise ValueError(f"configs/blockffn_ablation.py: after the method only ',tiny' or ',cpu' "
                      f"may follow, got {arg!r}")
-  tiny = extra == ["tiny"]
+  size = extra[0] if extra else "gpu"
+  tiny = size == "tiny"
+  z = SIZES[size]
 
   c = base_config()
   c.workdir = f"runs/blockffn_ablation/{method}"
-  if tiny:
-    experts, width, top_k, hold, window = 6, 8, 1, 2, 1
-    c.model.update(vocab_size=259, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   head_dim=16, max_seq_len=64, dtype="float32")
-    c.data.seq_len = 64
-    c.train.update(steps=3, batch_size=4, lr=3e-3, warmup_steps=1, decay_fraction=0.2,
-                   log_every=1, eval_every=0, eval_batches=1, checkpoint_every=3)
-  elif extra == ["cpu"]:
-    # The same comparison at a size two CPU cores train in a few minutes per method: E*w = 4d
-    # (32 experts of 16), 7 of 32 active for TopK (ReMoE's target 78%), schedules scaled down.
-    experts, width, top_k, hold, window = 32, 16, 7, 120, 30
-    c.model.update(vocab_size=259, d_model=128, num_layers=3, num_heads=2, num_kv_heads=1,
-                   head_dim=64, max_seq_len=256, dtype="float32")
-    c.data.seq_len = 256
-    c.train.update(steps=600, batch_size=16, lr=3e-3, warmup_steps=60, decay_fraction=0.2,
-                   log_every=25, eval_every=0, eval_batches=4, checkpoint_every=600)
-  else:
-    experts, width, top_k, hold, window = 48, 32, 10, 200, 50
-    c.model.update(vocab_size=259, d_model=384, num_layers=8, num_heads=6, num_kv_heads=2,
-                   head_dim=64, max_seq_len=512, dtype="bfloat16")
-    c.data.seq_len = 512
-    c.train.update(steps=1000, batch_size=32, lr=3e-3, warmup_steps=100, decay_fraction=0.2,
-                   log_every=50, eval_every=0, eval_batches=8, checkpoint_every=1000)
+  experts, width, top_k, hold, window = (z[k] for k in ("experts", "width", "top_k", "hold",
+                                                           "window"))
+  c.model.update(vocab_size=259, max_seq_len=z["seq_len"], **z["model"])
+  c.data.seq_len = z["seq_len"]
+  c.train.update(lr=3e-3, decay_fraction=0.2, eval_every=0, checkpoint_every=z["train"]["steps"],
+                 **z["train"])
   c.sample.max_new_tokens = 0
   experts_opts = dict(num_experts=experts, expert_width=width)
   c.model.ffn_hidden = matched_dense_hidden(experts, width)
