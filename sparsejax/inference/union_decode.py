@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.union_ffn import ExpertWeights, FusedExpertWeights, UnionFFNConfig, union_ffn
+from pallas_kernels.union_ffn import UnionFFNConfig, union_ffn
 from pallas_kernels.union_ffn.kernel import MAX_ROWS
+from pallas_kernels.union_ffn.op import EXPERT_WEIGHTS
 from sparsejax.layers.moe import _ExpertFFN
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
@@ -30,7 +31,7 @@ class UnionDecode(nnx.Module):
   """One expert layer's weights in the kernel's layout, and how to run it."""
 
   def __init__(self, ffn: _ExpertFFN, *, implementation: str, config: UnionFFNConfig, dtype):
-    layout = FusedExpertWeights if config.fusion == "fused" else ExpertWeights
+    layout = EXPERT_WEIGHTS[config.fusion]
     weights = layout.from_layer(ffn.w_up[...].astype(dtype), ffn.w_down[...].astype(dtype))
     self.up_t = nnx.Variable(weights[0])
     self.down = nnx.Variable(weights[1])
