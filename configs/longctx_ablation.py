@@ -9,15 +9,18 @@ a sliding window with as many visible tokens as InfLLM-V2.
   python -m experiments.pretrain --config=configs/longctx_ablation.py:gpu,infllmv2   # a phase 2
 
 The argument (big_vision style) is "<scale>[,<phase>]":
-  scale  "gpu": the one-H100 run. The whole pipeline (pretraining, 3 continuations, 3 evaluations)
-         fits one 10-minute command. "cpu_tiny": the same pipeline at toy sizes for the CPU test.
+  scale  "gpu": the one-H100 run, about 11.5 minutes in all, so two device commands on one warm
+         machine: phase 1 with `experiments.pretrain --config.workdir=runs/longctx_ablation_gpu/
+         pretrain` (~6 min), then `experiments.longctx_ablation --scale=gpu`, which reuses the
+         finished pretraining (~5.5 min). "cpu_tiny": the same pipeline at toy sizes for the CPU
+         test.
   phase  "pretrain" (the default) or a method of METHODS: that method's continuation config. It is
          `continuation_config(get_config(scale), method)`, which is how the binary derives it
          after applying its flags.
 Run directories: <ablation.root>/pretrain and <ablation.root>/<method>. A continuation starts
 from the newest checkpoint of <root>/pretrain (`train.init_from`): fresh optimizer, step 0.
 
-GPU sizes and the reasoning behind them (one H100, about 10 minutes of wall clock in all):
+GPU sizes and the reasoning behind them (one H100, about 11.5 minutes of wall clock in all):
   model     d_model 512, 8 layers, 4 query heads x 128, 2 KV heads, SwiGLU 1536, vocab 512 (byte
             ids padded to 512): 25.7M parameters (25.2M in the blocks). head_dim 128 is what the
             sparse kernels' GPU tests cover.
@@ -25,10 +28,11 @@ GPU sizes and the reasoning behind them (one H100, about 10 minutes of wall cloc
             setting and no weight.
   tokenizer byte-level. A 4096-entry BPE builds in ~4 s on a CPU and packs ~3.5 bytes a token,
             but the corpus is small: the stdlib's train split is 10.4 MB (10.4M byte tokens,
-            ~3M BPE tokens), so 65M pretraining tokens are 6 epochs with bytes against ~22 with
+            ~3M BPE tokens), so 131M pretraining tokens are 13 epochs with bytes against ~44 with
             BPE. The validation split (116 KB) holds 33k BPE tokens, too few for distinct 16k
             documents in the long perplexity.
-  pretrain  500 steps x 32 rows x 4096 tokens = 65.5M tokens, lr 2e-3 WSD. 223 s on the H100.
+  pretrain  1000 steps x 32 rows x 4096 tokens = 131M tokens, lr 2e-3 WSD. 316 s of steps on
+            the H100 (432k tokens/s), 350 s with compiles and evaluations.
             Half of the rows are generated retrieval tasks (`retrieval_mix`: passkey, multi-key,
             multi-value, multi-query on noise or training-split haystacks, packed several to a
             row at log-uniform lengths; sparsejax/train/retrieval_mix.py says why and how
@@ -36,11 +40,14 @@ GPU sizes and the reasoning behind them (one H100, about 10 minutes of wall cloc
             every attention, dense included: a 26M byte model never saw the task formats. With a
             quarter of the rows, one full-length task each, it learned the formats but not to
             copy (the same number for every passkey, even with the needle 50 tokens back).
-            The first 150 steps (early_*) make 90% of the rows passkey, multi-key and copy rows:
+            The first 300 steps (early_*) make 90% of the rows passkey, multi-key and copy rows:
             a 1024-token probe on the H100 (200 steps, 26M tokens) answered every passkey with
             one fixed number at the 50% four-task mix, and emitted the needle's digits (mostly
-            reordered) at 90% passkey + copy (experiments/results/longctx_copy_probe). This
-            early stage has not yet been run in the whole pipeline.
+            reordered) at 90% passkey + copy (experiments/results/longctx_copy_probe). With this
+            stage and 1000 steps the pretrained model answered 100% of passkeys at 1k and 3k
+            (and 11% of multi-key; experiments/results/longctx_pretrain_quick): the first
+            pretraining here that retrieves at all. The 500-step run before it, without the
+            stage, scored 0 everywhere.
   continue  60 steps x 4 rows x 16384 tokens = 3.9M tokens per method, lr 5e-4 WSD (warmup 6),
             half of the rows retrieval tasks of 16k, so each method learns to retrieve across
             the new length with its own attention.
@@ -98,10 +105,10 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
                    head_dim=128, ffn_hidden=1536, max_seq_len=4096, rope_base=500_000.0,
                    dtype="bfloat16")
     c.data.update(seq_len=4096, tokenizer="byte")
-    c.train.update(steps=500, batch_size=32, lr=2e-3, warmup_steps=50, decay_fraction=0.2,
+    c.train.update(steps=1000, batch_size=32, lr=2e-3, warmup_steps=50, decay_fraction=0.2,
                    log_every=10, eval_every=100, eval_batches=1,
                    keep_checkpoints=1)
-    c.retrieval_mix.update(fraction=0.5, min_length=1, early_batches=150, early_fraction=0.9,
+    c.retrieval_mix.update(fraction=0.5, min_length=1, early_batches=300, early_fraction=0.9,
                            early_tasks="passkey,multi_key,copy")
     a.continuation = ml_collections.ConfigDict(dict(
         seq_len=16384, steps=60, batch_size=4, lr=5e-4, warmup_steps=6, decay_fraction=0.2,
@@ -116,7 +123,12 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
     a.eval = ml_collections.ConfigDict(dict(
         tasks=("passkey", "multi_key"), lengths=(4096, 8192, 16384),
         depths=(0.0, 0.25, 0.5, 0.75, 1.0), samples=3, max_new_tokens=12, batch_size=1,
-        haystack="noise", seed=0, ppl_tail=256, ppl_docs=4))
+        haystack="noise", seed=0, ppl_tail=256, ppl_docs=4,
+        # experiments.selection_probe's measurement for dense and InfLLM-V2: is the needle's
+        # block selected (depth 1.0 is left out: its needle sits in the forced local window).
+        probe=ml_collections.ConfigDict(dict(
+            tasks=("passkey", "multi_key"), lengths=(4096, 16384),
+            depths=(0.0, 0.25, 0.5, 0.75), samples=1))))
   else:  # cpu_tiny: the pipeline end to end in about a minute of CPU, sparse path really taken
     # One layer and short rows: on a CPU the time goes to XLA compiles (about 20 of them) and to
     # the materialised attention of the jnp paths, which grows with the square of the length.
@@ -138,7 +150,9 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
         init_blocks=1, local_blocks=1, topk=4, dense_len=128))
     a.eval = ml_collections.ConfigDict(dict(
         tasks=("passkey",), lengths=(192, 256), depths=(0.0, 1.0), samples=1, max_new_tokens=6,
-        batch_size=2, haystack="noise", seed=0, ppl_tail=32, ppl_docs=1))
+        batch_size=2, haystack="noise", seed=0, ppl_tail=32, ppl_docs=1,
+        probe=ml_collections.ConfigDict(dict(tasks=("passkey",), lengths=(256,), depths=(0.3,),
+                                             samples=1))))
   c.train.checkpoint_every = c.train.steps  # one checkpoint, at the end: what the others start from
   c.sample.max_new_tokens = 0
   c.ablation = a

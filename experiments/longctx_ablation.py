@@ -3,8 +3,7 @@
 GPU command (one H100, from the repo root, over the image's jax/flax/optax/orbax; grain,
 ml-collections and tensorboardX installed from .whl/ first, see README "Running on a GPU"):
 
-  PYTHONPATH=. python3 -m experiments.longctx_ablation --scale=gpu \
-      --workdir=/tmp/longctx_ablation --out_dir=$OUT
+  PYTHONPATH=. python3 -m experiments.longctx_ablation --scale=gpu --out_dir=$OUT
 
 Local test size: `python -m experiments.longctx_ablation --scale=cpu_tiny --workdir=/tmp/lc
 --out_dir=/tmp/lc_out` (about a minute on a laptop CPU).
@@ -16,8 +15,10 @@ Phases (each prints and records its wall-clock seconds):
                (`train.init_from`) with the same steps, batch, learning rate and seeds. A finished
                continuation is reused.
   3 evaluate   per method: the RULER-style harness (`sparsejax.eval.evaluate`: needle tasks at
-               4k/8k/16k with swept depths) and the long perplexity (`long_perplexity`) at the
-               same lengths.
+               4k/8k/16k with swept depths), the long perplexity (`long_perplexity`) at the
+               same lengths, and for dense and InfLLM-V2 the selection probe
+               (`sparsejax.eval.selection`: is the needle's block among those InfLLM-V2 selects,
+               and would the exact attention have ranked it in?).
 Outputs in --out_dir (5 files, rewritten after every phase so a run cut short still returns what
 it finished): longctx_ablation.json (`methods`: {method: {"avg_score", "tasks": {task: {length:
 score}}, "long_ppl": {length: ppl}, ...}} plus settings, visible fractions, commands and phase
@@ -27,23 +28,17 @@ training and validation loss after the switch) and longctx_ablation_metrics.csv 
 train and eval log in one file). `--replot` redraws the two PNGs from the JSON and CSV alone, e.g.
 on a laptop when the GPU image lacks matplotlib.
 
-Time budget at --scale=gpu (one H100). This is an estimate: the binary has not yet run on a GPU.
-The model costs 253 MFLOP a token at 4k and 555 at 16k (6 x matmul parameters + attention;
-`matmul_flops_per_token`). The measured ~100M run (838 MFLOP/token) did 291k tokens/s (24.7%
-MFU), and its first 25-step log window shows ~15 s of compilation. Assuming 12-18% MFU for this
-512-wide model gives 450-700k tokens/s at 4k and about 200-300k at 16k:
-  startup   imports, device                                                 ~15 s
-  pretrain  500 x 32 x 4096 = 65.5M tokens: 95-145 s of steps, ~25 s of compiles and evals
-            (2-3 min; 3.5 min at 350k tokens/s)
-  continue  60 x 4 x 16384 = 3.9M tokens: 15-20 s of steps, 20-40 s of compiles (Pallas for
-            InfLLM-V2), and 3 validation passes. About 45-60 s each
-  evaluate  2 tasks x 3 lengths x 5 depths x 3 samples = 90 prompts (12 new tokens each) plus
-            long perplexity at 3 lengths x 4 documents. About 6 compiles (~30 s) and ~10 s of
-            runs; InfLLM-V2 more, since its prefill with a KV cache is the jnp reference.
-            About 40-60 s each
-  total     about 7.5-8.5 min, inside the 10-minute limit
-The JSON records the measured tokens/s and phase times. If a phase overruns, shrink
---pretrain_steps / --continue_steps / --samples.
+Time at --scale=gpu, measured on one H100 (2026-12-06): pretraining 350 s (1000 steps, 316 s
+of them stepping at 432k tokens/s); continuations 37 s dense, 97 s InfLLM-V2 (199k tokens/s: the
+sparse backward), 29 s sliding window; evaluations 51 s, 61 s and 28 s (harness and long
+perplexity), plus the selection probe (not yet timed). About 11.5 minutes in all: more than one
+10-minute device command, so run the pretraining first on its own,
+
+  PYTHONPATH=. python3 -m experiments.pretrain --config=configs/longctx_ablation.py:gpu \
+      --config.workdir=runs/longctx_ablation_gpu/pretrain
+
+and this binary next on the same warm machine: it reuses the finished pretraining. If a phase
+overruns, shrink --continue_steps / --samples.
 """
 import csv
 import gc
@@ -65,6 +60,8 @@ from configs import longctx_ablation as ablation_config  # noqa: E402
 from sparsejax.eval import DEPTH_TASKS, TASKS, compare_methods, evaluate  # noqa: E402
 from sparsejax.eval import long_perplexity, write_results  # noqa: E402
 from sparsejax.eval.harness import _jsonable  # noqa: E402
+from sparsejax.eval.selection import run_probe, table_lines  # noqa: E402
+from sparsejax.ops.infllmv2 import InfLLMv2Config  # noqa: E402
 from sparsejax.train.trainer import Trainer  # noqa: E402
 
 METHODS = ablation_config.METHODS
@@ -282,7 +279,22 @@ def eval_phase(method: str, model, tokenizer, config) -> dict:
   ppl_s = time.time() - start
   say(f"{method}: long ppl " + ", ".join(f"{l}: {v:.3f}" for l, v in ppl.items())
       + f" ({ppl_s:.1f} s)")
+  selection = None
+  if method in ("dense", "infllmv2"):  # the sliding window selects nothing
+    start = time.time()
+    pr = ev.probe
+    selection = run_probe(model, tokenizer, InfLLMv2Config(**config.ablation.sparse.to_dict()),
+                          tasks=list(pr.tasks), lengths=[int(x) for x in pr.lengths],
+                          depths=[float(x) for x in pr.depths], samples=int(pr.samples),
+                          seed=int(ev.seed), haystack=ev.haystack)
+    selection["seconds"] = round(time.time() - start, 1)
+    unforced = [r["selected_unforced"] for r in selection["layers"]
+                if r["selected_unforced"] is not None]
+    say(f"{method}: selection probe, needle block selected (unforced cases) "
+        + (f"{100 * min(unforced):.0f}-{100 * max(unforced):.0f}% over layers"
+           if unforced else "- (every case forced)") + f" ({selection['seconds']} s)")
   out = {"avg_score": results["avg_score"], "tasks": results["tasks"], "long_ppl": ppl,
+         "selection": selection,
          "task_avg": results["task_avg"], "length_avg": results["length_avg"],
          "cells": results["cells"],
          "retrieval": window_retrieval(results["cells"], ablation_config.visible_tokens(config)),
@@ -492,6 +504,19 @@ def markdown(report: dict) -> str:
                  f"{_fmt(r['infllmv2'])}, sliding window {_fmt(r['sliding_window'])}, dense "
                  f"{_fmt(r['dense'])} (expected InfLLM-V2 >= sliding + "
                  f"{100 * MIN_BEYOND_MARGIN:.0f} points; met: {s['met_beyond_window']})")
+  probed = {k: v["selection"] for k, v in done.items() if v.get("selection")}
+  if probed:
+    pr = ev["probe"]
+    lines += ["", "## Does the selection find the needle? (experiments.selection_probe)", "",
+              f"InfLLM-V2's selection ({sp['selected_topk_blocks']} of the {sp['topk']} blocks "
+              "chosen by score) applied to each model's own q and k, on "
+              f"{', '.join(pr['tasks'])} prompts of {list(pr['lengths'])} tokens at depths "
+              f"{list(pr['depths'])}; the queries are the last prompt token and the "
+              "teacher-forced answer tokens. For dense it asks what InfLLM-V2 would select "
+              "from a model trained dense.", ""]
+    for method, sel in probed.items():
+      lines += [f"### {method} ({sel['prompts']} prompts, {sel['seconds']} s)", ""]
+      lines += table_lines(sel["layers"]) + [""]
   pre, cont = report["pretrain"], report["continuation"]
   mix = report.get("retrieval_mix", {})
   lines += ["", "## Settings", "",
@@ -549,8 +574,11 @@ def new_report(config) -> dict:
   pre_cmd = (f"python -m experiments.pretrain --config=configs/longctx_ablation.py:{scale} "
              f"--config.workdir={config.workdir}")
   note = ("toy sizes for the CPU test; the numbers mean nothing" if scale == "cpu_tiny" else
-          "a 26M-parameter byte-level model, 65M pretraining tokens at 4k and ~4M per 16k "
-          "continuation, against MiniCPM4's 0.5-8B models, trillions of pretraining tokens and a "
+          f"a {num_params(config) / 1e6:.0f}M-parameter byte-level model, "
+          f"{tokens_per_step(config) * config.train.steps / 1e6:.0f}M pretraining tokens at "
+          f"{config.data.seq_len // 1024}k and "
+          f"{cont.batch_size * cont.seq_len * cont.steps / 1e6:.1f}M per "
+          f"{cont.seq_len // 1024}k continuation, against MiniCPM4's 0.5-8B models, trillions of pretraining tokens and a "
           "5B-token long-context stage evaluated at 32k-128k: the same comparison, not the "
           "same model")
   return {

@@ -146,7 +146,13 @@ def test_binary_cpu_tiny_end_to_end(tmp_path, monkeypatch):
   assert sparse["visible_fraction_last_token"] == {"256": 0.25}
   assert sparse["continuation_runs_sparse"]
   assert {"pretrain", "continue_infllmv2", "eval_sliding_window"} <= set(report["phase_seconds"])
-  assert "| infllmv2 |" in (out / "longctx_ablation.md").read_text()
+  md = (out / "longctx_ablation.md").read_text()
+  assert "| infllmv2 |" in md and "### infllmv2 (1 prompts" in md and "### dense (1" in md
+  for method in ("dense", "infllmv2"):  # the selection probe, one row per layer
+    sel = report["methods"][method]["selection"]
+    assert sel["prompts"] == 1 and len(sel["layers"]) == report["model"]["num_layers"]
+    assert 0.0 <= sel["layers"][0]["selected"] <= 1.0
+  assert report["methods"]["sliding_window"]["selection"] is None
 
   with open(out / "longctx_ablation_metrics.csv", newline="") as f:
     rows = list(csv.DictReader(f))
