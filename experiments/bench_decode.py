@@ -21,6 +21,13 @@ Timed (median of --iters after two warm-up calls; inputs are jit arguments):
                   against the full cache (XLA when cuDNN refuses; `dense_impl` says which)
   floor_ms        bytes that must be read (compressed keys + the selected blocks' k and v) at
                   3.35 TB/s (H100 SXM HBM3 peak)
+The `step_*` columns time the same calls the way a model's decode step runs them: `--layers`
+distinct caches (as many layers), each call's query depending on the previous call's output,
+`--layers` x `--step_reps` calls chained in ONE jitted program, the time divided by the calls.
+Host dispatch (paid once per program) and a cache staying in L2 between calls (the layers'
+caches together exceed the H100's 50 MB L2) both drop out; the wall-clock columns above pay a
+dispatch per call, which at a few hundred microseconds is not small.
+  step_sparsejax_ms, step_cudnn_dense_ms, step_speedup_vs_cudnn_dense
 Each row also records the kernel's max abs error against its jnp reference (not timed).
 `--quick` runs a tiny CPU smoke version (the kernel in interpret mode) in seconds.
 """
@@ -48,6 +55,8 @@ _NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps per kernel progr
 _NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton software-pipelining stages.")
 _SEGMENTS = flags.DEFINE_bool("segments", True, "Pass segment ids as the model does.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny CPU smoke run (interpret mode).")
+_LAYERS = flags.DEFINE_integer("layers", 4, "Distinct caches in the in-step timing (0: skip it).")
+_STEP_REPS = flags.DEFINE_integer("step_reps", 4, "Passes over the layers in the in-step timing.")
 _OUT = flags.DEFINE_string("out", "", "Output path stem (.json and .md).")
 
 HBM_BYTES_PER_S = 3.35e12
@@ -67,6 +76,27 @@ def timeit(fn, *args, iters):
   return float(np.median(times)) * 1e3
 
 
+def chained(call, reps: int):
+  """One jitted program running call(q, layer_args) over every layer's arguments `reps` times,
+  each call's q nudged by the previous call's output (a dependence XLA cannot drop), so the
+  calls run one after another as a model's layers do. call(q, *layer) -> any pytree."""
+
+  @jax.jit
+  def program(q, layers):
+    for _ in range(reps):
+      for layer in layers:
+        first = jax.tree.leaves(call(q, *layer))[0].reshape(-1)[0].astype(jnp.float32)
+        q = q + (first * 1e-30).astype(q.dtype)
+    return q
+
+  return program
+
+
+def step_time(call, q, layers, *, reps: int, iters: int) -> float:
+  """ms per call of `call` inside a chained program (see `chained`)."""
+  return timeit(chained(call, reps), q, layers, iters=iters) / (reps * len(layers))
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _random_inputs(key, q_shape, kv_shape, dtype):
   """Fresh normal q, k, v (never zeros), made on the device in one program."""
@@ -83,7 +113,7 @@ def _dense_decode(implementation):
 def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 configs=("shipped", "issue"), iters: int = 20, num_splits: int | None = None,
                 num_warps: int = 4, num_stages: int = 2, segments: bool = True,
-                quick: bool = False) -> list[dict]:
+                layers: int = 4, step_reps: int = 4, quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's
   schema (seq_len, batch, pass="decode", sparsejax_ms, cudnn_dense_ms, floor_ms,
   speedup_vs_cudnn_dense) plus the fields listed in the module docstring."""
@@ -107,7 +137,12 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
     seg = jnp.ones((batch, 1), jnp.int32) if segments else None
     kv_seg = jnp.ones((batch, seq), jnp.int32) if segments else None
 
-    dense_impl, t_dense = None, float("nan")
+    # The in-step timing's other layers: fresh caches of the same shape (layer 0 is k, v).
+    extra = [_random_inputs(jax.random.key(seq + 1 + i), (batch, 1, heads, dim),
+                            (batch, seq, kv_heads, dim), dtype)[1:] for i in range(layers - 1)]
+    caches = [(k, v)] + extra if layers else []
+
+    dense_impl, t_dense, t_dense_step = None, float("nan"), float("nan")
     for impl in dense_impls:
       try:
         t_dense = timeit(_dense_decode(impl), q, k, v, iters=iters)
@@ -115,6 +150,10 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
         break
       except Exception as e:  # cuDNN may refuse a 1-token query: fall back, and say so
         print(f"dense decode with implementation={impl!r} failed: {type(e).__name__}: {e}")
+    if caches and dense_impl:
+      dense_call = lambda q, k, v, impl=dense_impl: jax.nn.dot_product_attention(
+          q, k, v, implementation=impl)
+      t_dense_step = step_time(dense_call, q, caches, reps=step_reps, iters=iters)
 
     for name in configs:
       init_blocks, local_blocks, topk = table[name]
@@ -146,6 +185,13 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       t_attend = timeit(attend_jit, q, k, v, idx, valid, q_start, seg, kv_seg, iters=iters)
       t_step = timeit(step_jit, q, k, v, kc, q_start, seg, kv_seg, iters=iters)
 
+      t_step_chained = float("nan")
+      if caches:
+        layer_args = [(k_, v_, jax.jit(lambda k: compress_keys(
+            k, window=cfg.compress_window, stride=cfg.compress_stride))(k_), q_start, seg,
+                       kv_seg) for k_, v_ in caches]
+        t_step_chained = step_time(step, q, layer_args, reps=step_reps, iters=iters)
+
       got = attend_jit(q, k, v, idx, valid, q_start, seg, kv_seg)
       want, _ = jax.jit(lambda q, k, v, idx, valid, lengths: sparse_decode_reference(
           q[:, 0], k, v, idx[:, 0], valid[:, 0], lengths, block_size=cfg.block_size))(
@@ -162,6 +208,9 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "speedup_vs_cudnn_dense": t_dense / t_step, "ratio_to_floor": t_step / floor_ms,
              "bytes_read": kv_bytes + kc_bytes,
              "dense_kv_bytes": batch * seq * kv_heads * dim * itemsize * 2,
+             "step_sparsejax_ms": t_step_chained, "step_cudnn_dense_ms": t_dense_step,
+             "step_speedup_vs_cudnn_dense": t_dense_step / t_step_chained,
+             "step_layers": len(caches), "step_reps": step_reps,
              "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
              "implementation": implementation}
       print(json.dumps(row), flush=True)
@@ -186,13 +235,19 @@ def write_results(rows, out: str, *, quick: bool = False):
   with open(out + ".md", "w") as f:
     f.write(f"# Decode benchmark ({result['device']}, jax {result['jax']})\n\n")
     f.write("| seq | batch | config (topk) | sparsejax ms | selection ms | attention ms | "
-            "dense ms (impl) | floor ms | speedup vs dense | / floor |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+            "dense ms (impl) | floor ms | speedup vs dense | / floor | in-step sparsejax ms | "
+            "in-step dense ms | in-step speedup |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
       f.write(f"| {r['seq_len']} | {r['batch']} | {r['config']} ({r['topk']}) | "
               f"{r['sparsejax_ms']:.3f} | {r['selection_ms']:.3f} | {r['attention_ms']:.3f} | "
               f"{r['cudnn_dense_ms']:.3f} ({r['dense_impl']}) | {r['floor_ms']:.4g} | "
-              f"{r['speedup_vs_cudnn_dense']:.2f}x | {r['ratio_to_floor']:.3g}x |\n")
+              f"{r['speedup_vs_cudnn_dense']:.2f}x | {r['ratio_to_floor']:.3g}x | "
+              f"{r['step_sparsejax_ms']:.3f} | {r['step_cudnn_dense_ms']:.3f} | "
+              f"{r['step_speedup_vs_cudnn_dense']:.2f}x |\n")
+    f.write(f"\nIn-step: {rows[0]['step_layers'] if rows else 0} distinct caches x "
+            f"{rows[0]['step_reps'] if rows else 0} passes chained in one jitted program, per "
+            "call (experiments/bench_decode.py says why).\n")
 
 
 def main(argv):
@@ -202,7 +257,8 @@ def main(argv):
       (256,) if quick else _SEQ_LENS.value, batch=2 if quick else _BATCH.value,
       configs=_CONFIGS.value, iters=1 if quick else _ITERS.value,
       num_splits=_NUM_SPLITS.value or None, num_warps=_NUM_WARPS.value,
-      num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, quick=quick)
+      num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, layers=_LAYERS.value,
+      step_reps=_STEP_REPS.value, quick=quick)
   if _OUT.value:
     write_results(rows, _OUT.value, quick=quick)
 

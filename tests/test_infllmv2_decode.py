@@ -333,4 +333,7 @@ def test_benchmark_quick_mode(tmp_path):
   for key in ("seq_len", "batch", "pass", "sparsejax_ms", "cudnn_dense_ms", "floor_ms",
               "speedup_vs_cudnn_dense", "selection_ms", "attention_ms"):
     assert key in rows[0]
+  # The in-step timing ran: finite times over 4 distinct caches.
+  assert rows[0]["step_layers"] == 4
+  assert rows[0]["step_sparsejax_ms"] > 0 and rows[0]["step_cudnn_dense_ms"] > 0
   assert rows[0]["pass"] == "decode" and rows[0]["max_abs_err_vs_reference"] < 1e-4
