@@ -124,6 +124,9 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
         tasks=("passkey", "multi_key"), lengths=(4096, 8192, 16384),
         depths=(0.0, 0.25, 0.5, 0.75, 1.0), samples=3, max_new_tokens=12, batch_size=1,
         haystack="noise", seed=0, ppl_tail=256, ppl_docs=4,
+        # Also evaluate the dense continuation's weights under InfLLM-V2 attention, untrained for
+        # it ("infllmv2_training_free"): what the sparse continuation bought over switching.
+        training_free=True,
         # experiments.selection_probe's measurement for dense and InfLLM-V2: is the needle's
         # block selected (depth 1.0 is left out: its needle sits in the forced local window).
         probe=ml_collections.ConfigDict(dict(
@@ -150,7 +153,7 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
         init_blocks=1, local_blocks=1, topk=4, dense_len=128))
     a.eval = ml_collections.ConfigDict(dict(
         tasks=("passkey",), lengths=(192, 256), depths=(0.0, 1.0), samples=1, max_new_tokens=6,
-        batch_size=2, haystack="noise", seed=0, ppl_tail=32, ppl_docs=1,
+        batch_size=2, haystack="noise", seed=0, ppl_tail=32, ppl_docs=1, training_free=True,
         probe=ml_collections.ConfigDict(dict(tasks=("passkey",), lengths=(256,), depths=(0.3,),
                                              samples=1))))
   c.train.checkpoint_every = c.train.steps  # one checkpoint, at the end: what the others start from

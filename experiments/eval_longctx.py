@@ -18,14 +18,13 @@ import json
 import time
 
 from absl import app, flags, logging
-from flax import nnx
 
 from experiments import eviction_flags
 from sparsejax.eval import TASKS, evaluate, long_perplexity, markdown_table, write_results
 from sparsejax.eval.tasks import HAYSTACKS
 from sparsejax.inference.eviction import EvictingGenerator
 from sparsejax.inference.scorers import SCORERS
-from sparsejax.model import DecoderLM
+from sparsejax.model import with_config
 from sparsejax.train.checkpoint import load_model
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "The pretraining run's workdir.")
@@ -77,12 +76,7 @@ def with_attention(model, attention: str | None, options_json: str | None,
     changes["attention_options"] = tuple(sorted(options.items()))
   if max_seq_len:
     changes["max_seq_len"] = max_seq_len
-  if not changes:
-    return model
-  config = dataclasses.replace(model.config, **changes)
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
-  _, state = nnx.split(model)
-  return nnx.merge(graphdef, state)
+  return with_config(model, **changes)
 
 
 def main(argv):

@@ -1,4 +1,6 @@
 """The decoder-only LM: embedding, pre-norm blocks (attention + FFN from the registries), head."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -108,6 +110,19 @@ class DecoderLM(nnx.Module):
     if cache is not None:
       new_cache = KVCache(tuple(new_layers), cache_segment_ids, cache_lengths + seq)
     return logits, _merge_aux(aux_list), new_cache
+
+
+def with_config(model: DecoderLM, **changes) -> DecoderLM:
+  """The same parameters (shared, not copied) under a config with `changes`, e.g. another
+  attention kind, its options or max_seq_len: none of these changes a parameter, so a checkpoint
+  trained dense runs with InfLLM-V2 or a sliding window as it is. A change that would alter a
+  parameter's shape fails in the merge."""
+  if not changes:
+    return model
+  config = dataclasses.replace(model.config, **changes)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
+  _, state = nnx.split(model)
+  return nnx.merge(graphdef, state)
 
 
 def _merge_aux(aux_list: list[dict]) -> dict[str, jax.Array]:

@@ -131,7 +131,10 @@ def test_binary_cpu_tiny_end_to_end(tmp_path, monkeypatch):
 
   report = json.loads((out / "longctx_ablation.json").read_text())
   assert report["errors"] == {}
-  assert set(report["methods"]) == set(ablation.METHODS)
+  assert set(report["methods"]) == set(ablation.METHODS) | {"infllmv2_training_free"}
+  free = report["methods"].pop("infllmv2_training_free")
+  assert free["weights"] == "dense continuation" and 0.0 <= free["avg_score"] <= 1.0
+  assert "training_free_over_dense_avg_score" in report["summary"]
   for method, r in report["methods"].items():
     assert 0.0 <= r["avg_score"] <= 1.0
     assert set(r["tasks"]) == {"passkey"} and set(r["tasks"]["passkey"]) == {"256"}
@@ -147,7 +150,8 @@ def test_binary_cpu_tiny_end_to_end(tmp_path, monkeypatch):
   assert sparse["continuation_runs_sparse"]
   assert {"pretrain", "continue_infllmv2", "eval_sliding_window"} <= set(report["phase_seconds"])
   md = (out / "longctx_ablation.md").read_text()
-  assert "| infllmv2 |" in md and "### infllmv2 (1 prompts" in md and "### dense (1" in md
+  assert "| infllmv2 |" in md and "| infllmv2_training_free |" in md
+  assert "### infllmv2 (1 prompts" in md and "### dense (1" in md
   for method in ("dense", "infllmv2"):  # the selection probe, one row per layer
     sel = report["methods"][method]["selection"]
     assert sel["prompts"] == 1 and len(sel["layers"]) == report["model"]["num_layers"]
