@@ -53,6 +53,10 @@ _HEADS_PER_PROGRAM = flags.DEFINE_integer(
 _SCORE_OPTIONS = flags.DEFINE_string(
     "score_options", "block_rows=128,block_windows=64,num_warps=4,num_stages=2",
     "Tunables of the block-scoring kernel (pallas_kernels/block_scores).")
+_TOPK_KERNEL = flags.DEFINE_bool(
+    "topk_kernel", False, "Select with the sort-free top-k kernel (pallas_kernels/block_topk) "
+    "instead of XLA's top_k and sort in the fwd/fwd_bwd rows. Either way the other one's "
+    "selection time and whether both selections agree are recorded beside them.")
 HEADS, KV_HEADS, DIM = 32, 2, 128
 
 
@@ -137,7 +141,9 @@ def main(argv):
       cfg = InfLLMv2Config(block_size=_BLOCK.value, init_blocks=1, local_blocks=_LOCAL.value,
                            topk=_TOPK.value, dense_len=0, approximate_lse=_APPROX.value)
       opts = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in _SCORE_OPTIONS.value.split(",")}
-      select = jax.jit(lambda q, k: score_and_select(q, k, cfg, **opts))
+      topk_impl = "pallas" if _TOPK_KERNEL.value else "reference"
+      select = jax.jit(lambda q, k: score_and_select(q, k, cfg, topk_implementation=topk_impl,
+                                                      **opts))
       hp = heads_per_program(_HEADS_PER_PROGRAM.value, HEADS // KV_HEADS)
       block_q = _ATTN_BLOCK_Q.value if hp == 1 else 64 // hp
       attend = lambda q, k, v, idx, valid: sparse_attention(
@@ -145,7 +151,20 @@ def main(argv):
       idx, valid = select(q, k)
       unions = query_block_unions(idx, valid, num_kv_blocks=seq // _BLOCK.value,
                                   block_q=block_q)[..., 0]
+      other = "reference" if _TOPK_KERNEL.value else "pallas"
+      select_other = jax.jit(lambda q, k: score_and_select(q, k, cfg, topk_implementation=other,
+                                                            **opts))
+      try:  # the alternative top-k, timed and checked against the one the rows use
+        other_idx, other_valid = select_other(q, k)
+        compare_topk = dict(
+            other_topk=other, selection_other_topk_ms=timeit(select_other, q, k),
+            topk_implementations_agree=bool(jnp.array_equal(other_idx, idx)
+                                            & jnp.array_equal(other_valid, valid)))
+      except Exception as e:  # a kernel that does not lower must not cost the other rows
+        compare_topk = dict(other_topk=other, other_topk_error=f"{type(e).__name__}: {e}"[:400])
+      print(json.dumps({"seq_len": seq, "topk": topk_impl, **compare_topk}), flush=True)
       parts = dict(
+          topk_implementation=topk_impl, **compare_topk,
           scores_ms=timeit(jax.jit(lambda q, k: block_scores(q, k, cfg, **opts)), q, k),
           selection_ms=timeit(select, q, k),
           attention_given_selection_ms=timeit(jax.jit(attend), q, k, v, idx, valid),

@@ -79,15 +79,18 @@ def test_trains_and_generates(tmp_path):
 def test_unknown_option_is_named():
   with pytest.raises(ValueError, match=r"unknown keys \['top_k'\]"):
     DecoderLM(sparse_config(top_k=3), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="topk_kernel.*must be a bool"):
+    DecoderLM(sparse_config(topk_kernel="yes"), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("heads_per_program", [1, "auto"])  # small_config's groups are 2 heads
-def test_kernel_path_equals_reference_path(heads_per_program):
+@pytest.mark.parametrize("heads_per_program,topk_kernel", [(1, False), ("auto", True)])
+def test_kernel_path_equals_reference_path(heads_per_program, topk_kernel):
+  # small_config's groups are 2 heads
   dense = DecoderLM(small_config(), rngs=nnx.Rngs(4))
   options = dict(block_size=16, compress_window=8, compress_stride=4, lse_window=16, lse_stride=8,
                  topk=2, local_blocks=1)
   reference = with_params_of(dense, sparse_config(kernel="reference", **options))
-  kernel = with_params_of(dense, sparse_config(kernel="interpret",
+  kernel = with_params_of(dense, sparse_config(kernel="interpret", topk_kernel=topk_kernel,
                                                heads_per_program=heads_per_program, **options))
   tokens = jax.random.randint(jax.random.key(4), (2, 56), 0, 97)
   seg = jnp.array([[1] * 20 + [2] * 36, [1] * 56], jnp.int32)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import block_topk
 from pallas_kernels.block_scores.kernel import block_scores_kernel
 from pallas_kernels.sparse_attention.index import next_power_of_2
 from sparsejax.ops import infllmv2 as reference
@@ -107,11 +108,14 @@ def block_scores(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
 
 
 def score_and_select(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
-                     implementation: str = "pallas", **kernel_options):
-  """`block_scores` then the reference's `select_blocks` (top-k with forced init/local blocks):
-  (block_idx int32, block_valid bool), both [batch, seq, kv_heads, topk]. No gradient."""
+                     implementation: str = "pallas", topk_implementation: str = "reference",
+                     **kernel_options):
+  """`block_scores` then `select_blocks` (top-k with forced init/local blocks): (block_idx
+  int32, block_valid bool), both [batch, seq, kv_heads, topk]. No gradient.
+  topk_implementation: "reference" (XLA's top_k and sort) or the sort-free kernel of
+  pallas_kernels/block_topk ("pallas" | "interpret"); the same result either way."""
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   scores = block_scores(q, k, cfg, segment_ids=segment_ids, implementation=implementation,
                         **kernel_options)
-  return reference.select_blocks(scores, cfg, q_len=q.shape[1], kv_len=k.shape[1],
-                                 segment_ids=segment_ids)
+  return block_topk.select_blocks(scores, cfg, q_len=q.shape[1], kv_len=k.shape[1],
+                                  segment_ids=segment_ids, implementation=topk_implementation)

@@ -402,8 +402,25 @@ def select_blocks(
   eligible blocks among the local_blocks ending at p // B. The other slots take the eligible blocks
   with the highest scores; equal scores go to the lower block index; NaN scores rank last among the
   eligible. Exactly min(topk, #eligible) slots are valid; the valid indices come first, ascending,
-  and the invalid slots hold -1 (never gather with them).
+  and the invalid slots hold -1 (never gather with them). It is `top_blocks` of `selection_keys`.
   """
+  key = selection_keys(scores, cfg, q_len=q_len, kv_len=kv_len, q_start=q_start,
+                       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+  return top_blocks(key, cfg.topk)
+
+
+def selection_keys(
+    scores: jax.Array,
+    cfg: InfLLMv2Config,
+    *,
+    q_len: int,
+    kv_len: int,
+    q_start: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> jax.Array:
+  """The ranking key of `select_blocks`: float32 [b, t_q, kv_heads, n_blocks], +inf for a forced
+  block, -inf for an ineligible one, otherwise the score (NaN -> the lowest finite float)."""
   fn = "select_blocks"
   _check_cfg(fn, cfg)
   if scores.ndim != 4:
@@ -438,18 +455,27 @@ def select_blocks(
 
   big = np.finfo(np.float32).max
   finite = jnp.clip(jnp.nan_to_num(scores.astype(jnp.float32), nan=-big), -big, big)
-  key = jnp.where(forced, jnp.inf, jnp.where(eligible4, finite, -jnp.inf))
-  if n_blocks < cfg.topk:  # more slots than blocks: pad with never-eligible columns
-    key = jnp.pad(key, ((0, 0), (0, 0), (0, 0), (0, cfg.topk - n_blocks)), constant_values=-jnp.inf)
+  return jnp.where(forced, jnp.inf, jnp.where(eligible4, finite, -jnp.inf))
+
+
+def top_blocks(key: jax.Array, topk: int) -> tuple[jax.Array, jax.Array]:
+  """The `topk` highest keys of every row (ties to the lower index; -inf never taken), as
+  (block_idx int32, block_valid bool) [..., topk]: valid slots first, their indices ascending,
+  then -1. key [..., n_blocks] float32 without NaN (`selection_keys`)."""
+  if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
+    raise ValueError(f"top_blocks: topk must be a positive int, got {topk!r}")
+  n_blocks = key.shape[-1]
+  if n_blocks < topk:  # more slots than blocks: pad with never-eligible columns
+    pad = [(0, 0)] * (key.ndim - 1) + [(0, topk - n_blocks)]
+    key = jnp.pad(key, pad, constant_values=-jnp.inf)
   # lax.top_k breaks ties toward the lower index: a stable descending sort, without sorting all
   # n_blocks (at 128k: 2048 blocks per query and head).
-  order = jax.lax.top_k(key, cfg.topk)[1].astype(jnp.int32)
-  count = jnp.minimum(jnp.sum(eligible, axis=-1), cfg.topk)[:, :, None, None]  # [b, t, 1, 1]
-  valid = jnp.arange(cfg.topk)[None, None, None, :] < count
+  order = jax.lax.top_k(key, topk)[1].astype(jnp.int32)
+  count = jnp.minimum(jnp.sum(key > -jnp.inf, axis=-1), topk)[..., None]
+  valid = jnp.arange(topk) < count
   sentinel = np.int32(np.iinfo(np.int32).max)
   block_idx = jnp.sort(jnp.where(valid, order, sentinel), axis=-1)
-  block_valid = jnp.broadcast_to(valid, block_idx.shape)
-  return jnp.where(block_valid, block_idx, -1).astype(jnp.int32), block_valid
+  return jnp.where(valid, block_idx, -1).astype(jnp.int32), valid
 
 
 # ----------------------------------------------------------------------------------------------

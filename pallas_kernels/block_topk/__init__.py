@@ -1,0 +1,4 @@
+"""InfLLM-V2's top-k block selection as a sort-free kernel (radix threshold + cumsum)."""
+from pallas_kernels.block_topk.op import IMPLEMENTATIONS, select_blocks, top_blocks
+
+__all__ = ["IMPLEMENTATIONS", "select_blocks", "top_blocks"]

@@ -1,0 +1,92 @@
+"""Top-k block selection per row as a Pallas kernel (Triton lowering), no sort.
+
+XLA's top_k at InfLLM-V2's shapes (128k queries x 2 KV heads = 256k rows of 2048 block keys,
+k = 64), followed by the ascending sort of the chosen indices, took 26.6 ms on the H100, a
+quarter of the whole forward (experiments/results/bench_attention_grouped.md). Selection needs
+neither order: only the set of the k best, listed ascending. So each program finds its rows'
+k-th largest key by a radix search and writes the winners in index order.
+
+Cost at 128k (256k rows of 2048 keys, k = 64), counted before any measurement: 2.1 GB of keys
+read and 0.27 GB of indices written, 0.7 ms at the H100's 3.35 TB/s; about 80k integer
+operations a row (32 counting passes over 2048 keys, two cumsums), 21 G in all, ~1.4 ms at the
+ALUs' ~15 T int32 ops/s. XLA's elementwise ranking keys before it read and write 2 GB more. So
+a few ms against XLA's 26.6, if the lowering is good. This has not been run on a GPU yet
+(tests/gpu/test_block_topk_gpu.py; experiments.bench_attention times both).
+
+Per row:
+  1. Keys become int32 whose signed order is the float order (flip the magnitude bits of the
+     negatives; -0.0 is first made +0.0 so that equal keys have equal bits).
+  2. need = min(k, #keys > -inf). The need-th largest key T is built bit by bit from the top,
+     one count per bit: 32 counts over the row.
+  3. Winners: every key > T, then the lowest-indexed keys == T until there are `need`. This is
+     lax.top_k's tie rule.
+  4. Winner i goes to output slot (number of winners before i), which is a cumsum; the losers
+     follow as -1, each in its own slot. It is one store with no two lanes on a kept address.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_INT_MIN = np.int32(np.iinfo(np.int32).min)
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+
+
+def _sortable(x):
+  """float32 -> int32 with the same order (signed compare); -0.0 and +0.0 both map to 0."""
+  x = jnp.where(x == 0.0, 0.0, x)
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(bits < 0, bits ^ _MAGNITUDE, bits)
+
+
+def _topk_kernel(key_ref, idx_ref, *, topk: int):
+  v = _sortable(key_ref[...])                                       # [width]
+  neg_inf = _sortable(jnp.float32(-jnp.inf))
+  eligible = v > neg_inf
+  need = jnp.minimum(jnp.sum(eligible.astype(jnp.int32)), topk)
+
+  # The need-th largest key, built from the top bit down in the unsigned image w = v ^ INT_MIN
+  # (whose unsigned order is the signed order of v): keep a bit when at least `need` keys are
+  # >= the candidate. (With need = 0 nothing is chosen below, whatever the threshold.)
+  def bit_step(i, t_w):
+    cand_w = t_w | jnp.left_shift(jnp.int32(1), 31 - i)
+    count = jnp.sum((v >= (cand_w ^ _INT_MIN)).astype(jnp.int32))
+    return jnp.where(count >= need, cand_w, t_w)
+
+  threshold = jax.lax.fori_loop(0, 32, bit_step, jnp.int32(0)) ^ _INT_MIN
+  above = (v > threshold) & eligible
+  ties = (v == threshold) & eligible
+  room = need - jnp.sum(above.astype(jnp.int32))
+  chosen = above | (ties & (jnp.cumsum(ties.astype(jnp.int32)) <= room))
+  # A stable partition: chosen columns to slots 0.. need - 1 in index order, the others (as -1)
+  # after them, each column to its own slot. Targets past the kept slots land in a scratch half
+  # of the output row that the op drops: lanes may collide there, never in the kept half. (No
+  # masked store: interpret mode's masked scatter lets a masked lane rewrite a shared address.)
+  before = jnp.cumsum(chosen.astype(jnp.int32)) - chosen.astype(jnp.int32)
+  columns = jax.lax.iota(jnp.int32, v.shape[0])
+  target = jnp.where(chosen, before, need + columns - before)
+  slots = idx_ref.shape[0] // 2
+  target = jnp.where(target < slots, target, slots + (target & (slots - 1)))
+  plgpu.store(idx_ref.at[target], jnp.where(chosen, columns, -1))
+
+
+@functools.partial(jax.jit, static_argnames=("topk", "interpret", "num_warps"))
+def topk_indices(key, *, topk: int, interpret: bool = False, num_warps: int = 4):
+  """key float32 [rows, width] (width a power of two >= 16; -inf padding) -> int32 [rows,
+  2 * slots] (slots = topk rounded up to a power of two, at least 16): in the first `slots`,
+  each row's min(topk, #keys > -inf) best columns ascending, then -1; the rest is scratch."""
+  rows, width = key.shape
+  slots = 2 * max(16, 1 << (topk - 1).bit_length())
+  return pl.pallas_call(
+      functools.partial(_topk_kernel, topk=topk),
+      grid=(rows,),
+      in_specs=[pl.BlockSpec((None, width), lambda r: (r, 0))],
+      out_specs=pl.BlockSpec((None, slots), lambda r: (r, 0)),
+      out_shape=jax.ShapeDtypeStruct((rows, slots), jnp.int32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="block_topk",
+  )(key)

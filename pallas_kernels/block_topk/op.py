@@ -1,0 +1,48 @@
+"""The public ops: `top_blocks` and `select_blocks` of sparsejax.ops.infllmv2 (the semantics),
+with an `implementation=` switch.
+
+  top_blocks(key, topk, implementation="pallas" | "interpret" | "reference")
+      -> (block_idx int32, block_valid bool) [..., topk]
+  select_blocks(scores, cfg, *, q_len, kv_len, q_start=None, segment_ids=None,
+                kv_segment_ids=None, implementation=...) -> the same, from block scores
+
+The ranking keys (forced +inf, ineligible -inf) are XLA's elementwise work; the kernel replaces
+lax.top_k and the sort of the chosen indices (kernel.py says how and why).
+"""
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_topk.kernel import topk_indices
+from pallas_kernels.sparse_attention.index import next_power_of_2
+from sparsejax.ops import infllmv2 as reference
+
+IMPLEMENTATIONS = ("pallas", "interpret", "reference")
+
+
+def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int = 4):
+  """See the module docstring; key [..., n_blocks] float32 without NaN."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"top_blocks: implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
+    raise ValueError(f"top_blocks: topk must be a positive int, got {topk!r}")
+  if key.ndim < 1 or key.dtype != jnp.float32:
+    raise ValueError(f"top_blocks: key must be a float32 array [..., n_blocks], got "
+                     f"{key.dtype} {key.shape}")
+  if implementation == "reference":
+    return reference.top_blocks(key, topk)
+  *lead, n_blocks = key.shape
+  width = max(16, next_power_of_2(n_blocks))
+  flat = jnp.pad(key.reshape(-1, n_blocks), ((0, 0), (0, width - n_blocks)),
+                 constant_values=-jnp.inf)
+  idx = topk_indices(flat, topk=int(topk), interpret=implementation == "interpret",
+                     num_warps=num_warps)[:, :topk].reshape(*lead, topk)
+  return idx, idx >= 0
+
+
+def select_blocks(scores, cfg, *, q_len: int, kv_len: int, q_start=None, segment_ids=None,
+                  kv_segment_ids=None, implementation: str = "pallas"):
+  """`sparsejax.ops.infllmv2.select_blocks` with the top-k by `implementation`."""
+  key = reference.selection_keys(scores, cfg, q_len=q_len, kv_len=kv_len, q_start=q_start,
+                                 segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+  return top_blocks(key, cfg.topk, implementation=implementation)

@@ -1,0 +1,74 @@
+"""The sort-free top-k selection kernel (pallas_kernels/block_topk) in interpret mode against the
+reference (sparsejax.ops.infllmv2.top_blocks / select_blocks): random keys, heavy ties, +-inf,
+huge and tiny magnitudes, rows with fewer eligible blocks than slots, widths that are not powers
+of two, and the whole selection from block scores with packed documents."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_topk import select_blocks, top_blocks
+from sparsejax.ops import infllmv2 as reference
+from sparsejax.ops.infllmv2 import InfLLMv2Config
+
+
+def _check(key, topk):
+  want_idx, want_valid = reference.top_blocks(jnp.asarray(key), topk)
+  got_idx, got_valid = top_blocks(jnp.asarray(key), topk, implementation="interpret")
+  np.testing.assert_array_equal(np.asarray(got_idx), np.asarray(want_idx))
+  np.testing.assert_array_equal(np.asarray(got_valid), np.asarray(want_valid))
+
+
+@pytest.mark.parametrize("n_blocks,topk", [(16, 4), (37, 8), (64, 64), (100, 16), (5, 8)])
+def test_random_keys_match_the_reference(n_blocks, topk):
+  rng = np.random.default_rng(n_blocks * 7 + topk)
+  key = rng.normal(size=(3, 2, n_blocks)).astype(np.float32)
+  _check(key, topk)
+
+
+def test_ties_infinities_and_extreme_magnitudes():
+  rng = np.random.default_rng(0)
+  # Few distinct values: most of the k-th place is decided by the lower-index tie rule.
+  key = rng.integers(0, 3, size=(6, 40)).astype(np.float32)
+  key[0, :] = 1.0                                   # all equal
+  key[1, ::3] = np.inf                              # forced blocks
+  key[2, 5:] = -np.inf                              # 5 eligible < topk
+  key[3, :] = -np.inf                               # nothing eligible
+  key[4, :10] = [3e38, -3e38, 1e-38, -1e-38, 0.0, -0.0, 1e-45, -1e-45, 2.0, -2.0]
+  key[5, :] = -rng.random(40).astype(np.float32)    # all negative
+  for topk in (1, 7, 12, 40):
+    _check(key, topk)
+
+
+def test_negative_zero_ties_with_positive_zero():
+  key = np.zeros((1, 16), np.float32)
+  key[0, 3] = -0.0
+  key[0, 9] = 1.0
+  _check(key, 4)  # 9, then the zeros by index (3 counts as a zero at its index)
+
+
+def test_select_blocks_from_scores_with_documents():
+  cfg = InfLLMv2Config(block_size=16, compress_window=16, compress_stride=8, init_blocks=1,
+                       local_blocks=2, topk=6, dense_len=0)
+  b, t, kvh = 2, 203, 2
+  n_blocks = -(-t // cfg.block_size)
+  scores = jax.random.uniform(jax.random.key(1), (b, t, kvh, n_blocks))
+  scores = scores.at[0, :, 0, 3].set(jnp.nan)  # NaN ranks last among the eligible
+  seg = np.ones((b, t), np.int32)
+  seg[1, 90:] = 2
+  seg[1, 150:] = 0  # padding
+  kw = dict(q_len=t, kv_len=t, segment_ids=jnp.asarray(seg))
+  want = reference.select_blocks(scores, cfg, **kw)
+  got = select_blocks(scores, cfg, implementation="interpret", **kw)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_bad_arguments_name_themselves():
+  key = jnp.zeros((2, 8), jnp.float32)
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    top_blocks(key, 2, implementation="triton")
+  with pytest.raises(ValueError, match="topk must be a positive int"):
+    top_blocks(key, 0)
+  with pytest.raises(ValueError, match="key must be a float32"):
+    top_blocks(key.astype(jnp.bfloat16), 2)
