@@ -54,9 +54,9 @@ _SCORE_OPTIONS = flags.DEFINE_string(
     "score_options", "block_rows=128,block_windows=64,num_warps=4,num_stages=2",
     "Tunables of the block-scoring kernel (pallas_kernels/block_scores).")
 _TOPK_KERNEL = flags.DEFINE_bool(
-    "topk_kernel", False, "Select with the sort-free top-k kernel (pallas_kernels/block_topk) "
-    "instead of XLA's top_k and sort in the fwd/fwd_bwd rows. Either way the other one's "
-    "selection time and whether both selections agree are recorded beside them.")
+    "topk_kernel", True, "Select with the sort-free top-k kernel (pallas_kernels/block_topk), as "
+    "the InfLLM-V2 layer does, instead of XLA's top_k and sort in the fwd/fwd_bwd rows. Either "
+    "way the other one's selection time and whether both selections agree are recorded.")
 HEADS, KV_HEADS, DIM = 32, 2, 128
 
 
@@ -171,7 +171,8 @@ def main(argv):
           mean_union_blocks=float(jnp.mean(unions.astype(jnp.float32))),
           approximate_lse=_APPROX.value, score_options=opts, attn_block_q=block_q,
           heads_per_program=hp)
-      full = lambda q, k, v: attend(q, k, v, *score_and_select(q, k, cfg, **opts))
+      full = lambda q, k, v: attend(q, k, v, *score_and_select(
+          q, k, cfg, topk_implementation=topk_impl, **opts))
       if "fwd" in _PASSES.value:
         rows.append(row(seq, "fwd", timeit(jax.jit(full), q, k, v), t_dense, t_window, flops,
                         **parts))

@@ -32,9 +32,10 @@ from sparsejax.ops.infllmv2 import (InfLLMv2Config, infllmv2_attention, infllmv2
 # program of the block-sparse kernel ("auto": the largest power of two dividing the group, at most
 # 16). Sharing shrinks the tokens a program spans (64 / heads), so the union of their selections
 # it must visit: at 128k on the H100 the forward's attention took 49 ms at 16 heads against 122 ms
-# at 1 (experiments/results/bench_attention_fwd_heads_per_program16.md). "topk_kernel": True
-# selects with the sort-free top-k kernel (pallas_kernels/block_topk) instead of XLA's top_k and
-# sort, in prefill and training (off until it has been measured on the GPU).
+# at 1 (experiments/results/bench_attention_fwd_heads_per_program16.md). "topk_kernel" (default
+# True) selects with the sort-free top-k kernel (pallas_kernels/block_topk) instead of XLA's
+# top_k and sort, in prefill and training: the same blocks bit for bit, and at 128k on the H100
+# the selection's top-k took 6.9 ms against 28.7 (experiments/results/topk_kernel_run.md).
 LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program", "topk_kernel")
 MAX_HEADS_PER_PROGRAM = 16
 
@@ -75,7 +76,7 @@ class InfLLMv2Attention(GroupedQueryAttention):
                    or ("pallas" if jax.default_backend() == "gpu" else "reference"))
     self.heads_per_program = heads_per_program(options.get("heads_per_program"),
                                                config.num_heads // config.num_kv_heads)
-    topk_kernel = options.get("topk_kernel", False)
+    topk_kernel = options.get("topk_kernel", True)
     if not isinstance(topk_kernel, bool):
       raise ValueError(f"attention_options['topk_kernel'] must be a bool, got {topk_kernel!r}")
     self.topk_implementation = self.kernel if topk_kernel else "reference"
