@@ -15,7 +15,8 @@ Timed (median of --iters after two warm-up calls; inputs are jit arguments):
                   cached compressed keys, top-k selection, the kernel and its split combine
                   (with the cache's segment ids, as the model passes them; --segments=false
                   drops them)
-  selection_ms    scoring + selection alone (XLA: einsum, softmax, group sum, max-pool, argsort)
+  selection_ms    scoring + selection alone (XLA: einsum, softmax, group sum, max-pool; the top-k
+                  by the sort-free kernel, or XLA's top_k and sort with --notopk_kernel)
   attention_ms    the kernel + combine alone, given the selection
   cudnn_dense_ms  jax.nn.dot_product_attention(implementation="cudnn") of the one-token query
                   against the full cache (XLA when cuDNN refuses; `dense_impl` says which)
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from pallas_kernels.block_topk import top_blocks_fn
 from pallas_kernels.sparse_decode import default_num_splits, sparse_decode
 from pallas_kernels.sparse_decode import sparse_decode_reference
 from sparsejax.ops.infllmv2 import InfLLMv2Config, compress_keys, select_decode_blocks
@@ -54,6 +56,9 @@ _NUM_SPLITS = flags.DEFINE_integer("num_splits", 0, "Kernel programs per (row, K
 _NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps per kernel program.")
 _NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton software-pipelining stages.")
 _SEGMENTS = flags.DEFINE_bool("segments", True, "Pass segment ids as the model does.")
+_TOPK_KERNEL = flags.DEFINE_bool("topk_kernel", True, "Select with the sort-free top-k kernel "
+                                 "(pallas_kernels/block_topk), as the layer does; false: XLA's "
+                                 "top_k and sort.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny CPU smoke run (interpret mode).")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Distinct caches in the in-step timing (0: skip it).")
 _STEP_REPS = flags.DEFINE_integer("step_reps", 4, "Passes over the layers in the in-step timing.")
@@ -113,7 +118,8 @@ def _dense_decode(implementation):
 def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 configs=("shipped", "issue"), iters: int = 20, num_splits: int | None = None,
                 num_warps: int = 4, num_stages: int = 2, segments: bool = True,
-                layers: int = 4, step_reps: int = 4, quick: bool = False) -> list[dict]:
+                layers: int = 4, step_reps: int = 4, topk_kernel: bool = True,
+                quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's
   schema (seq_len, batch, pass="decode", sparsejax_ms, cudnn_dense_ms, floor_ms,
   speedup_vs_cudnn_dense) plus the fields listed in the module docstring."""
@@ -163,9 +169,11 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                                            stride=cfg.compress_stride))(k)
       splits = num_splits or default_num_splits(batch, kv_heads, topk)
 
-      def select(q, kc, q_start, seg, kv_seg, cfg=cfg):
+      top = top_blocks_fn(implementation) if topk_kernel else None
+
+      def select(q, kc, q_start, seg, kv_seg, cfg=cfg, top=top):
         return select_decode_blocks(q, kc, cfg, kv_len=seq, q_start=q_start, segment_ids=seg,
-                                    kv_segment_ids=kv_seg)
+                                    kv_segment_ids=kv_seg, top_blocks_fn=top)
 
       def attend(q, k, v, idx, valid, q_start, seg, kv_seg, cfg=cfg, splits=splits):
         out, _ = sparse_decode(q[:, 0], k, v, idx[:, 0], valid[:, 0], q_start + 1,
@@ -211,6 +219,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "step_sparsejax_ms": t_step_chained, "step_cudnn_dense_ms": t_dense_step,
              "step_speedup_vs_cudnn_dense": t_dense_step / t_step_chained,
              "step_layers": len(caches), "step_reps": step_reps,
+             "topk_kernel": topk_kernel,
              "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
              "implementation": implementation}
       print(json.dumps(row), flush=True)
@@ -258,7 +267,7 @@ def main(argv):
       configs=_CONFIGS.value, iters=1 if quick else _ITERS.value,
       num_splits=_NUM_SPLITS.value or None, num_warps=_NUM_WARPS.value,
       num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, layers=_LAYERS.value,
-      step_reps=_STEP_REPS.value, quick=quick)
+      step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value, quick=quick)
   if _OUT.value:
     write_results(rows, _OUT.value, quick=quick)
 

@@ -9,6 +9,8 @@ with an `implementation=` switch.
 The ranking keys (forced +inf, ineligible -inf) are XLA's elementwise work; the kernel replaces
 lax.top_k and the sort of the chosen indices (kernel.py says how and why).
 """
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,6 +45,11 @@ def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int
 def select_blocks(scores, cfg, *, q_len: int, kv_len: int, q_start=None, segment_ids=None,
                   kv_segment_ids=None, implementation: str = "pallas"):
   """`sparsejax.ops.infllmv2.select_blocks` with the top-k by `implementation`."""
-  key = reference.selection_keys(scores, cfg, q_len=q_len, kv_len=kv_len, q_start=q_start,
-                                 segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
-  return top_blocks(key, cfg.topk, implementation=implementation)
+  return reference.select_blocks(scores, cfg, q_len=q_len, kv_len=kv_len, q_start=q_start,
+                                 segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                 top_blocks_fn=top_blocks_fn(implementation))
+
+
+def top_blocks_fn(implementation: str):
+  """`top_blocks` at `implementation`, as the reference's `top_blocks_fn` argument."""
+  return functools.partial(top_blocks, implementation=implementation)

@@ -15,6 +15,7 @@ import jax
 from flax import nnx
 
 from pallas_kernels.block_scores import score_and_select
+from pallas_kernels.block_topk import top_blocks_fn
 from pallas_kernels.sparse_attention import sparse_attention as sparse_attention_kernel
 from pallas_kernels.sparse_decode import sparse_decode
 
@@ -34,8 +35,9 @@ from sparsejax.ops.infllmv2 import (InfLLMv2Config, infllmv2_attention, infllmv2
 # it must visit: at 128k on the H100 the forward's attention took 49 ms at 16 heads against 122 ms
 # at 1 (experiments/results/bench_attention_fwd_heads_per_program16.md). "topk_kernel" (default
 # True) selects with the sort-free top-k kernel (pallas_kernels/block_topk) instead of XLA's
-# top_k and sort, in prefill and training: the same blocks bit for bit, and at 128k on the H100
-# the selection's top-k took 6.9 ms against 28.7 (experiments/results/topk_kernel_run.md).
+# top_k and sort, in prefill, training and decoding: the same blocks bit for bit, and at 128k on
+# the H100 the selection's top-k took 6.9 ms against 28.7 (experiments/results/
+# topk_kernel_run.md; decoding's 16-row selections are not measured yet).
 LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program", "topk_kernel")
 MAX_HEADS_PER_PROGRAM = 16
 
@@ -136,7 +138,9 @@ class InfLLMv2Attention(GroupedQueryAttention):
               kv_segment_ids=kv_segment_ids)
     if kernel == "reference":
       return infllmv2_decode(q, k, v, cache.kc, s, **kw)
-    block_idx, block_valid = select_decode_blocks(q, cache.kc, s, kv_len=k.shape[1], **kw)
+    block_idx, block_valid = select_decode_blocks(
+        q, cache.kc, s, kv_len=k.shape[1], top_blocks_fn=top_blocks_fn(self.topk_implementation),
+        **kw)
     out, _ = sparse_decode(q[:, 0], k, v, block_idx[:, 0], block_valid[:, 0], q_start + 1,
                            block_size=s.block_size,
                            q_segment_ids=None if segment_ids is None else segment_ids[:, 0],

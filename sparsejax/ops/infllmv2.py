@@ -393,6 +393,7 @@ def select_blocks(
     q_start: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    top_blocks_fn=None,
 ) -> tuple[jax.Array, jax.Array]:
   """Top-k block selection: (block_idx int32, block_valid bool), both [b, t_q, kv_heads, topk].
 
@@ -402,11 +403,12 @@ def select_blocks(
   eligible blocks among the local_blocks ending at p // B. The other slots take the eligible blocks
   with the highest scores; equal scores go to the lower block index; NaN scores rank last among the
   eligible. Exactly min(topk, #eligible) slots are valid; the valid indices come first, ascending,
-  and the invalid slots hold -1 (never gather with them). It is `top_blocks` of `selection_keys`.
+  and the invalid slots hold -1 (never gather with them). It is `top_blocks` of `selection_keys`;
+  top_blocks_fn(key, topk) may stand in for `top_blocks` (pallas_kernels/block_topk's kernel).
   """
   key = selection_keys(scores, cfg, q_len=q_len, kv_len=kv_len, q_start=q_start,
                        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
-  return top_blocks(key, cfg.topk)
+  return (top_blocks_fn or top_blocks)(key, cfg.topk)
 
 
 def selection_keys(
@@ -683,9 +685,10 @@ def select_decode_blocks(
     kc_coarse: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    top_blocks_fn=None,
 ) -> tuple[jax.Array, jax.Array]:
   """The key blocks each decode query attends: (block_idx int32, block_valid bool), both
-  [b, 1, kv_heads, decode_width(cfg, kv_len)].
+  [b, 1, kv_heads, decode_width(cfg, kv_len)] (top_blocks_fn: as in `select_blocks`).
 
   q [b, 1, heads, d] at position q_start [b] of a cache of kv_len slots whose keys [0, q_start]
   are filled; kc / kc_coarse the cached compressed keys (`compressed_block_scores`). A row with
@@ -706,7 +709,8 @@ def select_decode_blocks(
                                    segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                    q_start=q_start, kv_lengths=q_start + 1)
   idx, valid = select_blocks(scores, cfg, q_len=1, kv_len=kv_len, q_start=q_start,
-                             segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+                             segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                             top_blocks_fn=top_blocks_fn)
   width = decode_width(cfg, kv_len)
   pad = ((0, 0), (0, 0), (0, 0), (0, width - cfg.topk))
   idx = jnp.pad(idx, pad, constant_values=-1)
