@@ -33,8 +33,9 @@ on a laptop when the GPU image lacks matplotlib.
 Time at --scale=gpu, measured on one H100 (2026-12-06): pretraining 350 s (1000 steps, 316 s
 of them stepping at 432k tokens/s); continuations 37 s dense, 97 s InfLLM-V2 (199k tokens/s: the
 sparse backward), 29 s sliding window; evaluations 51 s, 61 s and 28 s (harness and long
-perplexity), plus the selection probe (not yet timed). About 11.5 minutes in all: more than one
-10-minute device command, so run the pretraining first on its own,
+perplexity); 331 s after the pretraining. The selection probe and the training-free row came
+later and are not yet timed (estimate: 2 minutes more). So more than one 10-minute device
+command in all: run the pretraining first on its own,
 
   PYTHONPATH=. python3 -m experiments.pretrain --config=configs/longctx_ablation.py:gpu \
       --config.workdir=runs/longctx_ablation_gpu/pretrain
