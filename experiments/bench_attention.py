@@ -19,12 +19,13 @@ Passes:
 """
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from experiments import timing
 
 from pallas_kernels.block_scores import block_scores, score_and_select
 from pallas_kernels.sparse_attention import sparse_attention
@@ -61,14 +62,7 @@ HEADS, KV_HEADS, DIM = 32, 2, 128
 
 
 def timeit(fn, *args):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_ITERS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
+  return timing.timeit(fn, *args, iters=_ITERS.value)
 
 
 def synthetic_selection(seq, rng):

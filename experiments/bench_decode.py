@@ -35,12 +35,12 @@ Each row also records the kernel's max abs error against its jnp reference (not 
 import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
+
+from experiments.timing import timeit
 
 from pallas_kernels.block_topk import top_blocks_fn
 from pallas_kernels.sparse_decode import default_num_splits, sparse_decode
@@ -68,17 +68,6 @@ HBM_BYTES_PER_S = 3.35e12
 # (init_blocks, local_blocks, topk): topk counts every block, the forced ones included.
 CONFIGS = {"shipped": (1, 32, 96), "issue": (1, 32, 64)}
 QUICK_CONFIGS = {"shipped": (1, 2, 6), "issue": (1, 2, 4)}
-
-
-def timeit(fn, *args, iters):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
 
 
 def chained(call, reps: int):

@@ -10,12 +10,12 @@ jitted call); every row checks the kernel's output equals XLA's bit for bit.
 """
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
+
+from experiments import timing
 
 from pallas_kernels.block_topk import top_blocks
 from sparsejax.ops import infllmv2 as ref_ops
@@ -29,14 +29,7 @@ KV_HEADS, BLOCK = 2, 64
 
 
 def timeit(fn, *args):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_ITERS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
+  return timing.timeit(fn, *args, iters=_ITERS.value)
 
 
 @jax.jit

@@ -675,33 +675,26 @@ def run(config, out_dir: str) -> bool:
     write_report(report, out_dir)
   plots = draw_plots(out_dir, os.path.join(a.root, "plots"))
 
-  for method, t in trained.items():
+  def evaluate_into(name, model, tokenizer):
+    """eval_phase into report["methods"][name]; a failure is recorded, the others still run."""
     start = time.time()
     try:
-      report["methods"][method].update(eval_phase(method, t["model"], t["tokenizer"], config))
-    except Exception as e:
-      traceback.print_exc()
-      report["errors"][f"eval_{method}"] = traceback.format_exc()[-3000:]
-      report["methods"][method]["error"] = f"{type(e).__name__}: {e}"[:500]
-    report["phase_seconds"][f"eval_{method}"] = round(time.time() - start, 1)
-    write_report(report, out_dir)
-    plots = draw_plots(out_dir, os.path.join(a.root, "plots"))  # each time: a cut run keeps it
-
-  if a.eval.training_free and "dense" in trained and "infllmv2" in a.methods:
-    name, start = TRAINING_FREE, time.time()
-    model = with_config(trained["dense"]["model"], attention="infllmv2",
-                        attention_options=tuple(sorted(a.sparse.to_dict().items())))
-    report["methods"][name] = {"weights": "dense continuation", "attention": "infllmv2"}
-    try:
-      report["methods"][name].update(eval_phase(name, model, trained["dense"]["tokenizer"],
-                                                config))
+      report["methods"][name].update(eval_phase(name, model, tokenizer, config))
     except Exception as e:
       traceback.print_exc()
       report["errors"][f"eval_{name}"] = traceback.format_exc()[-3000:]
       report["methods"][name]["error"] = f"{type(e).__name__}: {e}"[:500]
     report["phase_seconds"][f"eval_{name}"] = round(time.time() - start, 1)
     write_report(report, out_dir)
-    plots = draw_plots(out_dir, os.path.join(a.root, "plots"))
+    return draw_plots(out_dir, os.path.join(a.root, "plots"))  # each time: a cut run keeps it
+
+  for method, t in trained.items():
+    plots = evaluate_into(method, t["model"], t["tokenizer"])
+  if a.eval.training_free and "dense" in trained and "infllmv2" in a.methods:
+    report["methods"][TRAINING_FREE] = {"weights": "dense continuation", "attention": "infllmv2"}
+    plots = evaluate_into(TRAINING_FREE, with_config(
+        trained["dense"]["model"], attention="infllmv2",
+        attention_options=tuple(sorted(a.sparse.to_dict().items()))), trained["dense"]["tokenizer"])
 
   s = report["summary"]
   say("summary (avg harness score, long ppl by length):")
