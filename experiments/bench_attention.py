@@ -16,7 +16,13 @@ Passes:
              trained model; i.i.d. random queries would make every token of a query block pick
              different blocks and the per-query-block unions (what the kernel visits) explode.
   fwd_bwd    the same plus the backward kernels (selection has no gradient).
+
+`--tune` first sweeps, at `--tune_seq_len`, the scoring kernel's tunables (`--tune_score_grid`,
+timing the scoring alone) and each attention kernel's Triton launch (`--tune_launch_grid`: the
+forward timed alone, then dq and dk/dv one at a time inside forward + backward), and runs the rows
+with the fastest of each; the sweep goes into the JSON as `tuning`.
 """
+import itertools
 import json
 import os
 
@@ -28,7 +34,7 @@ from absl import app, flags
 from experiments import timing
 
 from pallas_kernels.block_scores import block_scores, score_and_select
-from pallas_kernels.sparse_attention import sparse_attention
+from pallas_kernels.sparse_attention import Launch, sparse_attention
 from pallas_kernels.sparse_attention.forward import sparse_attention_forward
 from pallas_kernels.sparse_attention.index import next_power_of_2, query_block_unions
 from sparsejax.layers.infllmv2 import heads_per_program
@@ -40,8 +46,12 @@ _LOCAL = flags.DEFINE_integer("local_blocks", 32, "Local blocks (2048 tokens).")
 _BLOCK = flags.DEFINE_integer("block", 64, "Block size (tokens).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "", "Output path stem (.json and .md).")
-_NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps per kernel program.")
-_NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton software-pipelining stages.")
+_NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps of the attn_only forward kernel.")
+_NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton pipelining stages of the attn_only "
+                                   "forward kernel.")
+_LAUNCH = flags.DEFINE_string(
+    "launch", "forward=4x2,dq=4x2,dkdv=4x2",
+    "num_warps x num_stages of the sparse attention kernels in the fwd/fwd_bwd rows.")
 _PASSES = flags.DEFINE_list("passes", ["attn_only", "fwd", "fwd_bwd"], "Which rows to measure.")
 _APPROX = flags.DEFINE_bool("approximate_lse", True, "Stage-1 normaliser over the coarse keys.")
 _ATTN_BLOCK_Q = flags.DEFINE_integer(
@@ -58,7 +68,53 @@ _TOPK_KERNEL = flags.DEFINE_bool(
     "topk_kernel", True, "Select with the sort-free top-k kernel (pallas_kernels/block_topk), as "
     "the InfLLM-V2 layer does, instead of XLA's top_k and sort in the fwd/fwd_bwd rows. Either "
     "way the other one's selection time and whether both selections agree are recorded.")
+_TUNE = flags.DEFINE_bool("tune", False, "Sweep the kernels' tunables first; rows use the best.")
+_TUNE_SEQ_LEN = flags.DEFINE_integer("tune_seq_len", 65536, "Sequence length of the sweep.")
+_TUNE_SCORE_GRID = flags.DEFINE_string(
+    "tune_score_grid", "block_rows=64|128|256,block_windows=64|128,num_warps=4|8,num_stages=2|3",
+    "Scoring-kernel options to sweep (every combination).")
+_TUNE_LAUNCH_GRID = flags.DEFINE_list("tune_launch_grid", ["4x2", "4x3", "8x2", "8x3"],
+                                      "num_warps x num_stages per attention kernel to sweep.")
 HEADS, KV_HEADS, DIM = 32, 2, 128
+
+
+def parse_options(text: str) -> dict[str, int]:
+  """'a=1,b=2' -> {'a': 1, 'b': 2}."""
+  try:
+    return {key.strip(): int(value) for key, value in
+            (item.split("=") for item in text.split(",") if item.strip())}
+  except ValueError as e:
+    raise ValueError(f"expected 'name=int,...', got {text!r}") from e
+
+
+def parse_pair(text: str) -> tuple[int, int]:
+  """'8x3' -> (8, 3): num_warps x num_stages."""
+  parts = text.strip().split("x")
+  if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    raise ValueError(f"expected num_warps x num_stages like '4x2', got {text!r}")
+  return int(parts[0]), int(parts[1])
+
+
+def parse_launch(text: str) -> Launch:
+  """'forward=4x2,dq=8x3,dkdv=4x2' -> Launch (kernels left out keep their defaults)."""
+  pairs = {}
+  for item in filter(None, (x.strip() for x in text.split(","))):
+    name, _, pair = item.partition("=")
+    if name not in Launch._fields:
+      raise ValueError(f"--launch: kernel must be one of {Launch._fields}, got {name!r}")
+    pairs[name] = parse_pair(pair)
+  return Launch(**pairs)
+
+
+def parse_grid(text: str) -> list[dict[str, int]]:
+  """'a=1|2,b=3' -> [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}]: every combination."""
+  axes = {}
+  for item in filter(None, (x.strip() for x in text.split(","))):
+    name, _, values = item.partition("=")
+    if not values:
+      raise ValueError(f"expected 'name=v1|v2,...', got {text!r}")
+    axes[name] = [int(v) for v in values.split("|")]
+  return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
 def timeit(fn, *args):
@@ -99,10 +155,75 @@ def row(seq, name, t_kernel, t_dense, t_window, flops, **extra):
           "kernel_tflops": flops / t_kernel / 1e9, "floor_tflops": flops / t_window / 1e9, **extra}
 
 
+def tune(cfg, topk_impl, block_q, hp):
+  """`--tune`'s sweep at --tune_seq_len: (best score options, best Launch, the records)."""
+  seq = _TUNE_SEQ_LEN.value
+  q, k, v = structured_inputs(seq, jax.random.key(seq))
+  w = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+  records = []
+
+  def measure(kernel, options, fn, *args):
+    record = {"seq_len": seq, "kernel": kernel, "options": options}
+    try:
+      record["ms"] = timeit(jax.jit(fn), *args)
+    except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
+      record["error"] = f"{type(e).__name__}: {e}"[:300]
+    print(json.dumps(record), flush=True)
+    records.append(record)
+
+  def best(kernel):
+    done = [r for r in records if r["kernel"] == kernel and "ms" in r]
+    if not done:
+      raise RuntimeError(f"--tune: no {kernel} setting compiled; see the records above")
+    return min(done, key=lambda r: r["ms"])["options"]
+
+  for options in parse_grid(_TUNE_SCORE_GRID.value):
+    measure("scores", options, lambda q, k, o=options: block_scores(q, k, cfg, **o), q, k)
+  opts = best("scores")
+  idx, valid = jax.jit(lambda q, k: score_and_select(q, k, cfg, topk_implementation=topk_impl,
+                                                      **opts))(q, k)
+
+  def attend(launch):
+    return lambda q, k, v, idx, valid: sparse_attention(
+        q, k, v, idx, valid, block_size=_BLOCK.value, block_q=block_q, heads_per_program=hp,
+        launch=launch)[0]
+
+  def grads(launch):
+    return jax.grad(lambda q, k, v, idx, valid, w: jnp.sum(
+        attend(launch)(q, k, v, idx, valid).astype(jnp.float32) * w), (0, 1, 2))
+
+  launch = Launch()
+  for kernel in Launch._fields:  # one kernel at a time, the others at their best so far
+    for pair in map(parse_pair, _TUNE_LAUNCH_GRID.value):
+      trial = launch._replace(**{kernel: pair})
+      if kernel == "forward":
+        measure(kernel, list(pair), attend(trial), q, k, v, idx, valid)
+      else:
+        measure(kernel, list(pair), grads(trial), q, k, v, idx, valid, w)
+    launch = launch._replace(**{kernel: tuple(best(kernel))})
+  # The launch changes the schedule, not the arithmetic: the tuned kernels against the defaults.
+  new = jax.jit(grads(launch))(q, k, v, idx, valid, w)
+  old = jax.jit(grads(Launch()))(q, k, v, idx, valid, w)
+  diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+             for a, b in zip(new, old))
+  records.append({"seq_len": seq, "kernel": "check", "max_abs_grad_diff_vs_default": diff})
+  print(json.dumps(records[-1]), flush=True)
+  return opts, launch, records
+
+
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
   rows = []
+  opts, launch, tuning = parse_options(_SCORE_OPTIONS.value), parse_launch(_LAUNCH.value), []
+  cfg = InfLLMv2Config(block_size=_BLOCK.value, init_blocks=1, local_blocks=_LOCAL.value,
+                       topk=_TOPK.value, dense_len=0, approximate_lse=_APPROX.value)
+  topk_impl = "pallas" if _TOPK_KERNEL.value else "reference"
+  hp = heads_per_program(_HEADS_PER_PROGRAM.value, HEADS // KV_HEADS)
+  block_q = _ATTN_BLOCK_Q.value if hp == 1 else 64 // hp
+  if _TUNE.value:
+    opts, launch, tuning = tune(cfg, topk_impl, block_q, hp)
+    print(json.dumps({"tuned_score_options": opts, "tuned_launch": launch._asdict()}), flush=True)
   for seq in map(int, _SEQ_LENS.value):
     keys = jax.random.split(jax.random.key(seq), 3)
     q = jax.random.normal(keys[0], (1, seq, HEADS, DIM), jnp.bfloat16)
@@ -132,16 +253,11 @@ def main(argv):
       rows.append(row(seq, "attn_only", t_kernel, t_dense, t_window, flops, index_build_ms=t_index))
     if {"fwd", "fwd_bwd"} & set(_PASSES.value):
       q, k, v = structured_inputs(seq, keys[0])
-      cfg = InfLLMv2Config(block_size=_BLOCK.value, init_blocks=1, local_blocks=_LOCAL.value,
-                           topk=_TOPK.value, dense_len=0, approximate_lse=_APPROX.value)
-      opts = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in _SCORE_OPTIONS.value.split(",")}
-      topk_impl = "pallas" if _TOPK_KERNEL.value else "reference"
       select = jax.jit(lambda q, k: score_and_select(q, k, cfg, topk_implementation=topk_impl,
                                                       **opts))
-      hp = heads_per_program(_HEADS_PER_PROGRAM.value, HEADS // KV_HEADS)
-      block_q = _ATTN_BLOCK_Q.value if hp == 1 else 64 // hp
       attend = lambda q, k, v, idx, valid: sparse_attention(
-          q, k, v, idx, valid, block_size=_BLOCK.value, block_q=block_q, heads_per_program=hp)[0]
+          q, k, v, idx, valid, block_size=_BLOCK.value, block_q=block_q, heads_per_program=hp,
+          launch=launch)[0]
       idx, valid = select(q, k)
       unions = query_block_unions(idx, valid, num_kv_blocks=seq // _BLOCK.value,
                                   block_q=block_q)[..., 0]
@@ -164,7 +280,7 @@ def main(argv):
           attention_given_selection_ms=timeit(jax.jit(attend), q, k, v, idx, valid),
           mean_union_blocks=float(jnp.mean(unions.astype(jnp.float32))),
           approximate_lse=_APPROX.value, score_options=opts, attn_block_q=block_q,
-          heads_per_program=hp)
+          heads_per_program=hp, launch=launch._asdict())
       full = lambda q, k, v: attend(q, k, v, *score_and_select(
           q, k, cfg, topk_implementation=topk_impl, **opts))
       if "fwd" in _PASSES.value:
@@ -192,7 +308,8 @@ def main(argv):
                        "block": _BLOCK.value, "topk": _TOPK.value,
                        "local_blocks": _LOCAL.value},
             "kernel": "pallas_kernels/sparse_attention (Triton lowering): forward; fwd_bwd adds the dq and dk/dv kernels",
-            "num_warps": _NUM_WARPS.value, "num_stages": _NUM_STAGES.value, "rows": rows}
+            "num_warps": _NUM_WARPS.value, "num_stages": _NUM_STAGES.value, "rows": rows,
+            "tuning": tuning}
   if _OUT.value:
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
     with open(_OUT.value + ".json", "w") as f:

@@ -1,12 +1,15 @@
 """The block-sparse attention kernels (Pallas, interpret mode on the CPU) against sparsejax's
 InfLLM-V2 reference: several shapes, ragged lengths, GQA 1/2/16, batch 2, packed documents,
 poisoned outputs, and the backward kernels' gradients, one head or several per program."""
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.sparse_attention import query_block_unions, sparse_attention
+from pallas_kernels.sparse_attention import Launch, query_block_unions, sparse_attention
 from pallas_kernels.sparse_attention.index import block_index
 from sparsejax.ops import infllmv2 as ref_ops
 from sparsejax.ops.attention import dense_attention
@@ -126,8 +129,10 @@ def test_gradients_match_reference(batch, seq, heads, kv_heads, packed, hp):
   w_lse = jax.random.normal(jax.random.key(10), q.shape[:3])
 
   def kernel_loss(q, k, v):
+    # A launch other than the default travels through the custom_vjp's static arguments.
     out, lse = sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
-                                implementation="interpret", heads_per_program=hp)
+                                implementation="interpret", heads_per_program=hp,
+                                launch=Launch(forward=(8, 3), dq=(2, 1), dkdv=(8, 2)))
     return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse)
 
   def ref_loss(q, k, v):
@@ -186,3 +191,25 @@ def test_bad_inputs_are_named():
     sparse_attention(q, k, v, idx[:, :, :1], idx[:, :, :1] >= 0)
   with pytest.raises(ValueError, match="block_size must be a power of two"):
     sparse_attention(q, k, v, idx, idx >= 0, block_size=24)
+  with pytest.raises(ValueError, match="launch.dq must be"):
+    sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dq=(3, 2)))
+  with pytest.raises(ValueError, match="launch must be a Launch"):
+    sparse_attention(q, k, v, idx, idx >= 0, launch=(4, 2))
+
+
+def test_bench_attention_option_parsing():
+  """The benchmark's --launch and --tune_*_grid syntax (a subprocess: the binary defines flags)."""
+  code = """if True:
+    from experiments import bench_attention as b
+    from pallas_kernels.sparse_attention import Launch
+    assert b.parse_launch("forward=8x3,dkdv=4x1") == Launch(forward=(8, 3), dkdv=(4, 1))
+    assert b.parse_grid("a=1|2,b=3") == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+    assert b.parse_options("block_rows=64,num_warps=8") == {"block_rows": 64, "num_warps": 8}
+    for bad in ("forward=8", "fwd=4x2", "dq=4xx2"):
+      try:
+        b.parse_launch(bad)
+      except ValueError:
+        continue
+      raise AssertionError(bad)
+    """
+  subprocess.run([sys.executable, "-c", code], check=True)

@@ -121,15 +121,17 @@ def _row_major(x, hp: int):
   return jnp.swapaxes(x, 2, 3).reshape(batch, heads // hp, length * hp)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret", "num_warps",
-                                             "num_stages", "heads_per_program"))
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret", "dq_launch",
+                                             "dkdv_launch", "heads_per_program"))
 def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, unions,
                               kv_ranges, kv_tiles, lse, delta, d_out, *, block_q: int,
-                              block_k: int, interpret: bool = False, num_warps: int = 4,
-                              num_stages: int = 2, heads_per_program: int = 1):
+                              block_k: int, interpret: bool = False,
+                              dq_launch: tuple[int, int] = (4, 2),
+                              dkdv_launch: tuple[int, int] = (4, 2), heads_per_program: int = 1):
   """Padded inputs as in `sparse_attention_forward` (with its block_q, heads_per_program and
   unions), the transposed index of `index.block_index` at the same block_q, the forward's lse
   [b, heads, t], delta [b, heads, t] (rowsum(dO * O) - dLSE) and the output cotangent.
+  dq_launch / dkdv_launch: (num_warps, num_stages) of each kernel.
   Returns (dq, dk, dv) like q, k, v."""
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -137,7 +139,7 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
   hp = heads_per_program
   topk = selected.shape[-1]
   scale = 1.0 / math.sqrt(head_dim)
-  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  params = lambda launch: plgpu.CompilerParams(num_warps=launch[0], num_stages=launch[1])
   # A row that saw no key has lse -inf (and zero output): exp2(logits - -inf) = inf, which only
   # the mask would keep out of P and dS (inf * 0 = NaN one step off). As +inf its P is
   # exp2(-inf) = 0 by itself, so such a row contributes nothing whatever the mask.
@@ -164,7 +166,7 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
       ],
       out_specs=q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params, interpret=interpret, name="sparse_attention_dq",
+      compiler_params=params(dq_launch), interpret=interpret, name="sparse_attention_dq",
   )(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, d_out, lse2, delta)
 
   q_all = pl.BlockSpec((None, q_len, heads, head_dim), lambda j, b, h: (b, 0, 0, 0))
@@ -185,6 +187,6 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
       ],
       out_specs=[kv_tile, kv_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params, interpret=interpret, name="sparse_attention_dkdv",
+      compiler_params=params(dkdv_launch), interpret=interpret, name="sparse_attention_dkdv",
   )(q, k, v, selected, q_segment_ids, kv_segment_ids, kv_ranges, kv_tiles, d_out, lse2, delta)
   return dq, dk, dv

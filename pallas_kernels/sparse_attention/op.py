@@ -13,6 +13,7 @@ Differentiable (jax.custom_vjp): the "pallas" and "interpret" implementations ru
 kernels of backward.py, the "reference" one the jnp reference's VJP.
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,21 @@ from pallas_kernels.sparse_attention.index import block_index, next_power_of_2
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
+
+
+class Launch(NamedTuple):
+  """Triton launch parameters, (num_warps, num_stages), of the three kernels. The defaults are
+  the defaults Triton itself starts from; `experiments.tune_infllmv2` sweeps them on a GPU."""
+  forward: tuple[int, int] = (4, 2)
+  dq: tuple[int, int] = (4, 2)
+  dkdv: tuple[int, int] = (4, 2)
+
+  def check(self):
+    for name, pair in zip(self._fields, self):
+      if (not isinstance(pair, tuple) or len(pair) != 2
+          or not all(isinstance(x, int) and x >= 1 for x in pair) or pair[0] & (pair[0] - 1)):
+        raise ValueError(f"sparse_attention: launch.{name} must be (num_warps, num_stages) with "
+                         f"num_warps a power of two and num_stages >= 1, got {pair!r}")
 
 
 def _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation):
@@ -50,13 +66,18 @@ def _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementat
 
 def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
                      segment_ids=None, implementation: str = "pallas", block_q: int | None = None,
-                     heads_per_program: int = 1, poison_outputs: bool = False):
+                     heads_per_program: int = 1, poison_outputs: bool = False,
+                     launch: Launch = Launch()):
   """See the module docstring. block_q: query tokens per forward program (default block_size,
   or 64 / heads_per_program); heads_per_program: query heads of one KV head per forward program,
   a power of two dividing num_heads / num_kv_heads (their (token, head) pairs are the tile rows,
   so a program's union spans fewer tokens); the backward kernels use the same tiles.
-  poison_outputs: run the kernel on NaN-filled output buffers (a test of full coverage)."""
+  poison_outputs: run the kernel on NaN-filled output buffers (a test of full coverage).
+  launch: the kernels' Triton launch parameters (`Launch`)."""
   _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation)
+  if not isinstance(launch, Launch):
+    raise ValueError(f"sparse_attention: launch must be a Launch, got {type(launch).__name__}")
+  launch.check()
   group = q.shape[2] // k.shape[2]
   hp = heads_per_program
   if not isinstance(hp, int) or hp < 1 or hp & (hp - 1) or group % hp:
@@ -68,7 +89,7 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
     block_q = block_size if hp == 1 else max(1, 64 // hp)
   return _sparse_attention(q, k, v, block_idx, block_valid.astype(bool),
                            segment_ids.astype(jnp.int32),
-                           (block_size, block_q, implementation, poison_outputs, hp))
+                           (block_size, block_q, implementation, poison_outputs, hp, launch))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -98,7 +119,7 @@ def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, blo
 
 
 def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
-  block_size, block_q, implementation, poison, hp = static
+  block_size, block_q, implementation, poison, hp, launch = static
   if implementation == "reference":
     out = sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids,
                                      block_size=block_size)
@@ -108,13 +129,14 @@ def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
                                       block_q)
   out, lse = sparse_attention_forward(*inputs, block_q=block_q, block_k=block_size, poison=poison,
                                       interpret=implementation == "interpret",
-                                      heads_per_program=hp)
+                                      heads_per_program=hp, num_warps=launch.forward[0],
+                                      num_stages=launch.forward[1])
   result = (out[:, :seq], jnp.transpose(lse, (0, 2, 1))[:, :seq])
   return result, (inputs, transposed, out, lse)
 
 
 def _bwd_rule(static, residuals, cotangents):
-  block_size, block_q, implementation, _, hp = static
+  block_size, block_q, implementation, _, hp, launch = static
   d_out, d_lse = cotangents
   if implementation == "reference":
     q, k, v, block_idx, block_valid, segment_ids = residuals
@@ -131,6 +153,7 @@ def _bwd_rule(static, residuals, cotangents):
   dq, dk, dv = sparse_attention_backward(*inputs, kv_ranges, kv_tiles, lse, delta,
                                          d_out.astype(inputs[0].dtype), block_q=block_q,
                                          block_k=block_size, heads_per_program=hp,
+                                         dq_launch=launch.dq, dkdv_launch=launch.dkdv,
                                          interpret=implementation == "interpret")
   return dq[:, :seq], dk[:, :seq], dv[:, :seq], None, None, None
 
