@@ -125,6 +125,35 @@ def with_config(model: DecoderLM, **changes) -> DecoderLM:
   return nnx.merge(graphdef, state)
 
 
+def backbone_qkv(model, tokens: jax.Array, positions: jax.Array | None = None
+                 ) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+  """Pre-RoPE (q, k, v) of every layer, from one forward pass of the frozen backbone.
+
+  Args:
+    model: a `DecoderLM` whose attention layers are `GroupedQueryAttention` (or subclasses).
+    tokens: [b, t] int tokens; positions: [b, t] RoPE positions (default 0..t-1).
+  Returns:
+    One (q [b, t, heads, d], k [b, t, kv_heads, d], v [b, t, kv_heads, d]) per layer, in the
+    model's compute dtype, with gradients stopped (the backbone is frozen).
+  """
+  blocks = list(model.blocks)
+  previous = [block.attn.capture_qkv for block in blocks]
+  try:
+    for block in blocks:
+      block.attn.capture_qkv = True
+    # nnx.capture collects what the layers sow (sowing outside it is deprecated in flax 0.12).
+    _, captured = nnx.capture(model, nnx.Intermediate)(tokens, positions=positions)
+    captured = nnx.to_pure_dict(captured)
+  finally:
+    for block, flag in zip(blocks, previous):
+      block.attn.capture_qkv = flag
+  out = []
+  for i in range(len(blocks)):
+    (qkv,) = captured["blocks"][i]["attn"]["qkv"]  # sow keeps a tuple of the values stored
+    out.append(tuple(jax.lax.stop_gradient(x) for x in qkv))
+  return out
+
+
 def _merge_aux(aux_list: list[dict]) -> dict[str, jax.Array]:
   """Losses ("loss/...", and the raw "scaled_loss/..." that the trainer weights by an adaptive
   coefficient) are summed over layers; metrics ("metric/...") averaged."""

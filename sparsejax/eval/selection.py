@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsejax.model import backbone_qkv
 from sparsejax.ops.infllmv2 import InfLLMv2Config, block_scores, select_blocks
 from sparsejax.ops.rope import apply_rope
 
@@ -171,8 +172,7 @@ def probe_model(model, prompt: NeedlePrompt, cfg: InfLLMv2Config,
 
 @nnx.jit
 def _rotated_qk(model, tokens, positions):
-  """Post-RoPE (q, k) of every layer. (sparsejax.train imports sparsejax.eval: imported here.)"""
-  from sparsejax.train.locret import backbone_qkv
+  """Post-RoPE (q, k) of every layer."""
   base = model.config.rope_base
   return [(apply_rope(q, positions, base), apply_rope(k, positions, base))
           for q, k, _ in backbone_qkv(model, tokens, positions)]

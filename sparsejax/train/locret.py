@@ -49,6 +49,7 @@ from sparsejax.config import comma_list
 from sparsejax.data.corpus import read_text, resolve_corpus
 from sparsejax.eval.tasks import HAYSTACKS, TASKS, answer_text, make_sample
 from sparsejax.layers.retaining_heads import RetainingHeads
+from sparsejax.model import backbone_qkv
 from sparsejax.ops.rope import apply_rope
 
 SMOOTH_WEIGHT = 0.0025
@@ -61,35 +62,6 @@ _MAX_SEED = 2 ** 15
 
 # ---------------------------------------------------------------------------------------------
 # Labels.
-
-def backbone_qkv(model, tokens: jax.Array, positions: jax.Array | None = None
-                 ) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-  """Pre-RoPE (q, k, v) of every layer, from one forward pass of the frozen backbone.
-
-  Args:
-    model: a `DecoderLM` whose attention layers are `GroupedQueryAttention` (or subclasses).
-    tokens: [b, t] int tokens; positions: [b, t] RoPE positions (default 0..t-1).
-  Returns:
-    One (q [b, t, heads, d], k [b, t, kv_heads, d], v [b, t, kv_heads, d]) per layer, in the
-    model's compute dtype, with gradients stopped (the backbone is frozen).
-  """
-  blocks = list(model.blocks)
-  previous = [block.attn.capture_qkv for block in blocks]
-  try:
-    for block in blocks:
-      block.attn.capture_qkv = True
-    # nnx.capture collects what the layers sow (sowing outside it is deprecated in flax 0.12).
-    _, captured = nnx.capture(model, nnx.Intermediate)(tokens, positions=positions)
-    captured = nnx.to_pure_dict(captured)
-  finally:
-    for block, flag in zip(blocks, previous):
-      block.attn.capture_qkv = flag
-  out = []
-  for i in range(len(blocks)):
-    (qkv,) = captured["blocks"][i]["attn"]["qkv"]  # sow keeps a tuple of the values stored
-    out.append(tuple(jax.lax.stop_gradient(x) for x in qkv))
-  return out
-
 
 def importance_labels(q_pre: jax.Array, k_pre: jax.Array, positions: jax.Array,
                       answer_start: jax.Array, answer_end: jax.Array, *, rope_base: float,
