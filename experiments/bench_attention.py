@@ -22,6 +22,7 @@ timing the scoring alone) and each attention kernel's Triton launch (`--tune_lau
 forward timed alone, then dq and dk/dv one at a time inside forward + backward), and runs the rows
 with the fastest of each; the sweep goes into the JSON as `tuning`.
 """
+import inspect
 import itertools
 import json
 import os
@@ -50,8 +51,8 @@ _NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps of the attn_only
 _NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton pipelining stages of the attn_only "
                                    "forward kernel.")
 _LAUNCH = flags.DEFINE_string(
-    "launch", "forward=4x2,dq=4x2,dkdv=4x2",
-    "num_warps x num_stages of the sparse attention kernels in the fwd/fwd_bwd rows.")
+    "launch", "", "num_warps x num_stages of the sparse attention kernels in the fwd/fwd_bwd rows, "
+    "e.g. 'forward=4x3,dq=4x2'; those left out keep the op's defaults (`Launch`).")
 _PASSES = flags.DEFINE_list("passes", ["attn_only", "fwd", "fwd_bwd"], "Which rows to measure.")
 _APPROX = flags.DEFINE_bool("approximate_lse", True, "Stage-1 normaliser over the coarse keys.")
 _ATTN_BLOCK_Q = flags.DEFINE_integer(
@@ -62,8 +63,8 @@ _HEADS_PER_PROGRAM = flags.DEFINE_integer(
     "their (token, head) pairs are the tile rows, so each program spans 64 / heads_per_program "
     "tokens. Default: the InfLLM-V2 layer's choice (16 for these 16-head groups).")
 _SCORE_OPTIONS = flags.DEFINE_string(
-    "score_options", "block_rows=128,block_windows=64,num_warps=4,num_stages=2",
-    "Tunables of the block-scoring kernel (pallas_kernels/block_scores).")
+    "score_options", "", "Tunables of the block-scoring kernel (pallas_kernels/block_scores), "
+    "e.g. 'block_rows=128,num_warps=8'; those left out keep the op's defaults.")
 _TOPK_KERNEL = flags.DEFINE_bool(
     "topk_kernel", True, "Select with the sort-free top-k kernel (pallas_kernels/block_topk), as "
     "the InfLLM-V2 layer does, instead of XLA's top_k and sort in the fwd/fwd_bwd rows. Either "
@@ -79,12 +80,18 @@ HEADS, KV_HEADS, DIM = 32, 2, 128
 
 
 def parse_options(text: str) -> dict[str, int]:
-  """'a=1,b=2' -> {'a': 1, 'b': 2}."""
+  """'a=1,b=2' -> {'a': 1, 'b': 2}, over the scoring kernel's defaults (so rows record them)."""
+  defaults = {name: p.default for name, p in inspect.signature(block_scores).parameters.items()
+              if name in ("block_rows", "block_windows", "num_warps", "num_stages")}
   try:
-    return {key.strip(): int(value) for key, value in
-            (item.split("=") for item in text.split(",") if item.strip())}
+    given = {key.strip(): int(value) for key, value in
+             (item.split("=") for item in text.split(",") if item.strip())}
   except ValueError as e:
     raise ValueError(f"expected 'name=int,...', got {text!r}") from e
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"--score_options: unknown {unknown}; known: {sorted(defaults)}")
+  return {**defaults, **given}
 
 
 def parse_pair(text: str) -> tuple[int, int]:

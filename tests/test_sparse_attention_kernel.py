@@ -204,7 +204,8 @@ def test_bench_attention_option_parsing():
     from pallas_kernels.sparse_attention import Launch
     assert b.parse_launch("forward=8x3,dkdv=4x1") == Launch(forward=(8, 3), dkdv=(4, 1))
     assert b.parse_grid("a=1|2,b=3") == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
-    assert b.parse_options("block_rows=64,num_warps=8") == {"block_rows": 64, "num_warps": 8}
+    assert b.parse_options("block_rows=64,num_warps=2") == {
+        "block_rows": 64, "block_windows": 64, "num_warps": 2, "num_stages": 2}
     for bad in ("forward=8", "fwd=4x2", "dq=4xx2"):
       try:
         b.parse_launch(bad)
