@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import timing
+from experiments import profiling, timing
 
 from pallas_kernels.block_scores import block_scores, score_and_select
 from pallas_kernels.sparse_attention import Launch, sparse_attention
@@ -76,6 +76,8 @@ _TUNE_SCORE_GRID = flags.DEFINE_string(
     "Scoring-kernel options to sweep (every combination).")
 _TUNE_LAUNCH_GRID = flags.DEFINE_list("tune_launch_grid", ["4x2", "4x3", "8x2", "8x3"],
                                       "num_warps x num_stages per attention kernel to sweep.")
+_PROFILE = flags.DEFINE_bool("profile", False, "Also trace the fwd/fwd_bwd rows' calls and write "
+                             "per-kernel device times to <out>_profile.md and the rows.")
 HEADS, KV_HEADS, DIM = 32, 2, 128
 
 
@@ -293,6 +295,8 @@ def main(argv):
       if "fwd" in _PASSES.value:
         rows.append(row(seq, "fwd", timeit(jax.jit(full), q, k, v), t_dense, t_window, flops,
                         **parts))
+        if _PROFILE.value:
+          rows[-1]["profile"] = profiling.kernel_times(jax.jit(full), q, k, v, reps=2)
       if "fwd_bwd" in _PASSES.value:
         w = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
         grad = lambda f: jax.jit(jax.grad(
@@ -307,9 +311,11 @@ def main(argv):
                         timeit(grad(dense_f), q, k, v, w), timeit(grad(window_f), q, k, v, w),
                         3.5 * flops, **parts,
                         fwd_bwd_given_selection_ms=timeit(given, q, k, v, idx, valid, w)))
+        if _PROFILE.value:
+          rows[-1]["profile"] = profiling.kernel_times(grad(full), q, k, v, w, reps=2)
     for r in rows:
       if r["seq_len"] == seq:
-        print(json.dumps(r), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "dtype": "bfloat16",
                        "block": _BLOCK.value, "topk": _TOPK.value,
@@ -337,6 +343,14 @@ def main(argv):
                 f"{r['cudnn_dense_ms']:.2f} | {r['floor_ms']:.2f} | "
                 f"{r['speedup_vs_cudnn_dense']:.2f}x | {r['ratio_to_floor']:.2f}x | "
                 f"{r['kernel_tflops']:.0f} | {r.get('mean_union_blocks', float('nan')):.0f} |\n")
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+      with open(_OUT.value + "_profile.md", "w") as f:
+        f.write(f"# Attention kernels ({result['device']}, jax {result['jax']})\n\n"
+                "Per-kernel device time of the rows' calls from a jax.profiler trace "
+                "(experiments/profiling.py).\n\n")
+        for r in profiled:
+          f.write(profiling.markdown(r["profile"], f"{r['seq_len']} tokens, {r['pass']}") + "\n")
 
 
 if __name__ == "__main__":

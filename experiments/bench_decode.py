@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments import profiling
 from experiments.timing import timeit
 
 from pallas_kernels.block_topk import top_blocks_fn
@@ -63,6 +64,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "Tiny CPU smoke run (interpret mode).
 _LAYERS = flags.DEFINE_integer("layers", 4, "Distinct caches in the in-step timing (0: skip it).")
 _STEP_REPS = flags.DEFINE_integer("step_reps", 4, "Passes over the layers in the in-step timing.")
 _OUT = flags.DEFINE_string("out", "", "Output path stem (.json and .md).")
+_PROFILE = flags.DEFINE_bool("profile", False, "Also trace the in-step programs (sparse and dense) "
+                             "and write per-kernel device times to <out>_profile.md and the rows.")
 
 HBM_BYTES_PER_S = 3.35e12
 # (init_blocks, local_blocks, topk): topk counts every block, the forced ones included.
@@ -108,7 +111,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 configs=("shipped", "issue"), iters: int = 20, num_splits: int | None = None,
                 num_warps: int = 4, num_stages: int = 2, segments: bool = True,
                 layers: int = 4, step_reps: int = 4, topk_kernel: bool = True,
-                quick: bool = False) -> list[dict]:
+                profile: bool = False, quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's
   schema (seq_len, batch, pass="decode", sparsejax_ms, cudnn_dense_ms, floor_ms,
   speedup_vs_cudnn_dense) plus the fields listed in the module docstring."""
@@ -211,7 +214,18 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "topk_kernel": topk_kernel,
              "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
              "implementation": implementation}
-      print(json.dumps(row), flush=True)
+      if profile and caches:  # per decode call: the in-step programs' kernels, by name
+        where = (dict(process_prefix="/host:CPU", thread_contains="XLAPjRtCpuClient") if quick
+                 else {})
+        runs = dict(sparse=(chained(step, step_reps), layer_args))
+        if dense_impl:
+          runs["dense"] = (chained(dense_call, step_reps), caches)
+        row["profile"] = {}
+        for kind, (program, program_layers) in runs.items():
+          p = profiling.kernel_times(program, q, program_layers, reps=3,
+                                     calls_per_run=step_reps * len(caches), **where)
+          row["profile"][kind] = {"summary": p["summary"], "kernels": p["kernels"][:40]}
+      print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
       rows.append(row)
   return rows
 
@@ -246,6 +260,16 @@ def write_results(rows, out: str, *, quick: bool = False):
     f.write(f"\nIn-step: {rows[0]['step_layers'] if rows else 0} distinct caches x "
             f"{rows[0]['step_reps'] if rows else 0} passes chained in one jitted program, per "
             "call (experiments/bench_decode.py says why).\n")
+  profiled = [r for r in rows if "profile" in r]
+  if profiled:
+    with open(out + "_profile.md", "w") as f:
+      f.write(f"# Decode kernels, per decode call ({result['device']}, jax {result['jax']})\n\n"
+              "The in-step programs of the rows (experiments/profiling.py): per-kernel device "
+              "time from a jax.profiler trace, divided by the decode calls.\n\n")
+      for r in profiled:
+        for kind, p in r["profile"].items():
+          f.write(profiling.markdown(p, f"{r['seq_len']} tokens, batch {r['batch']}, "
+                                        f"{r['config']} (top {r['topk']}): {kind}") + "\n")
 
 
 def main(argv):
@@ -256,7 +280,8 @@ def main(argv):
       configs=_CONFIGS.value, iters=1 if quick else _ITERS.value,
       num_splits=_NUM_SPLITS.value or None, num_warps=_NUM_WARPS.value,
       num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, layers=_LAYERS.value,
-      step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value, quick=quick)
+      step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value, profile=_PROFILE.value,
+      quick=quick)
   if _OUT.value:
     write_results(rows, _OUT.value, quick=quick)
 
