@@ -56,8 +56,9 @@ _LAUNCH = flags.DEFINE_string(
 _PASSES = flags.DEFINE_list("passes", ["attn_only", "fwd", "fwd_bwd"], "Which rows to measure.")
 _APPROX = flags.DEFINE_bool("approximate_lse", True, "Stage-1 normaliser over the coarse keys.")
 _ATTN_BLOCK_Q = flags.DEFINE_integer(
-    "attn_block_q", 64, "Query tokens per program of the sparse attention kernels (fwd/fwd_bwd): "
-    "fewer tokens make smaller unions of per-token selections, with smaller tiles.")
+    "attn_block_q", None, "Query tokens per program of the sparse attention kernels (fwd/fwd_bwd): "
+    "fewer tokens make smaller unions of per-token selections, with smaller tiles. Default: the "
+    "op's (64 / heads_per_program).")
 _HEADS_PER_PROGRAM = flags.DEFINE_integer(
     "heads_per_program", None, "Query heads of one KV head per forward program (fwd/fwd_bwd): "
     "their (token, head) pairs are the tile rows, so each program spans 64 / heads_per_program "
@@ -76,6 +77,9 @@ _TUNE_SCORE_GRID = flags.DEFINE_string(
     "Scoring-kernel options to sweep (every combination).")
 _TUNE_LAUNCH_GRID = flags.DEFINE_list("tune_launch_grid", ["4x2", "4x3", "8x2", "8x3"],
                                       "num_warps x num_stages per attention kernel to sweep.")
+_TUNE_BLOCK_Q = flags.DEFINE_list(
+    "tune_block_q", [], "Query tokens per attention tile to sweep first (forward + backward "
+    "decides; e.g. 1,2,4: one token's heads per tile has no union overhead, but 16-row tiles).")
 _PROFILE = flags.DEFINE_bool("profile", False, "Also trace the fwd/fwd_bwd rows' calls and write "
                              "per-kernel device times to <out>_profile.md and the rows.")
 HEADS, KV_HEADS, DIM = 32, 2, 128
@@ -165,7 +169,8 @@ def row(seq, name, t_kernel, t_dense, t_window, flops, **extra):
 
 
 def tune(cfg, topk_impl, block_q, hp):
-  """`--tune`'s sweep at --tune_seq_len: (best score options, best Launch, the records)."""
+  """`--tune`'s sweep at --tune_seq_len: (best score options, best Launch, best block_q, the
+  records)."""
   seq = _TUNE_SEQ_LEN.value
   q, k, v = structured_inputs(seq, jax.random.key(seq))
   w = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
@@ -192,15 +197,23 @@ def tune(cfg, topk_impl, block_q, hp):
   idx, valid = jax.jit(lambda q, k: score_and_select(q, k, cfg, topk_implementation=topk_impl,
                                                       **opts))(q, k)
 
-  def attend(launch):
+  def attend(launch, tokens=None):
     return lambda q, k, v, idx, valid: sparse_attention(
-        q, k, v, idx, valid, block_size=_BLOCK.value, block_q=block_q, heads_per_program=hp,
-        launch=launch)[0]
+        q, k, v, idx, valid, block_size=_BLOCK.value, block_q=tokens or block_q,
+        heads_per_program=hp, launch=launch)[0]
 
-  def grads(launch):
+  def grads(launch, tokens=None):
     return jax.grad(lambda q, k, v, idx, valid, w: jnp.sum(
-        attend(launch)(q, k, v, idx, valid).astype(jnp.float32) * w), (0, 1, 2))
+        attend(launch, tokens)(q, k, v, idx, valid).astype(jnp.float32) * w), (0, 1, 2))
 
+  for tokens in map(int, _TUNE_BLOCK_Q.value):  # the tile first: the launches depend on it
+    record = len(records)
+    measure("block_q_fwd", tokens, attend(Launch(), tokens), q, k, v, idx, valid)
+    measure("block_q", tokens, grads(Launch(), tokens), q, k, v, idx, valid, w)
+    unions = query_block_unions(idx, valid, num_kv_blocks=seq // _BLOCK.value, block_q=tokens)
+    records[record]["mean_union_blocks"] = float(jnp.mean(unions[..., 0].astype(jnp.float32)))
+  if _TUNE_BLOCK_Q.value:
+    block_q = best("block_q")
   launch = Launch()
   for kernel in Launch._fields:  # one kernel at a time, the others at their best so far
     for pair in map(parse_pair, _TUNE_LAUNCH_GRID.value):
@@ -217,7 +230,7 @@ def tune(cfg, topk_impl, block_q, hp):
              for a, b in zip(new, old))
   records.append({"seq_len": seq, "kernel": "check", "max_abs_grad_diff_vs_default": diff})
   print(json.dumps(records[-1]), flush=True)
-  return opts, launch, records
+  return opts, launch, block_q, records
 
 
 def main(argv):
@@ -229,10 +242,11 @@ def main(argv):
                        topk=_TOPK.value, dense_len=0, approximate_lse=_APPROX.value)
   topk_impl = "pallas" if _TOPK_KERNEL.value else "reference"
   hp = heads_per_program(_HEADS_PER_PROGRAM.value, HEADS // KV_HEADS)
-  block_q = _ATTN_BLOCK_Q.value if hp == 1 else 64 // hp
+  block_q = _ATTN_BLOCK_Q.value or (64 if hp == 1 else 64 // hp)
   if _TUNE.value:
-    opts, launch, tuning = tune(cfg, topk_impl, block_q, hp)
-    print(json.dumps({"tuned_score_options": opts, "tuned_launch": launch._asdict()}), flush=True)
+    opts, launch, block_q, tuning = tune(cfg, topk_impl, block_q, hp)
+    print(json.dumps({"tuned_score_options": opts, "tuned_launch": launch._asdict(),
+                      "tuned_block_q": block_q}), flush=True)
   for seq in map(int, _SEQ_LENS.value):
     keys = jax.random.split(jax.random.key(seq), 3)
     q = jax.random.normal(keys[0], (1, seq, HEADS, DIM), jnp.bfloat16)

@@ -81,17 +81,21 @@ def test_unknown_option_is_named():
     DecoderLM(sparse_config(top_k=3), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="topk_kernel.*must be a bool"):
     DecoderLM(sparse_config(topk_kernel="yes"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"attention_options\['block_q'\] must be a power of two"):
+    DecoderLM(sparse_config(block_q=3), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("heads_per_program,topk_kernel", [(1, False), ("auto", True)])
-def test_kernel_path_equals_reference_path(heads_per_program, topk_kernel):
+@pytest.mark.parametrize("heads_per_program,topk_kernel,block_q", [
+    (1, False, None), ("auto", True, None), ("auto", True, 4)])
+def test_kernel_path_equals_reference_path(heads_per_program, topk_kernel, block_q):
   # small_config's groups are 2 heads
   dense = DecoderLM(small_config(), rngs=nnx.Rngs(4))
   options = dict(block_size=16, compress_window=8, compress_stride=4, lse_window=16, lse_stride=8,
                  topk=2, local_blocks=1)
   reference = with_params_of(dense, sparse_config(kernel="reference", **options))
   kernel = with_params_of(dense, sparse_config(kernel="interpret", topk_kernel=topk_kernel,
-                                               heads_per_program=heads_per_program, **options))
+                                               heads_per_program=heads_per_program,
+                                               block_q=block_q, **options))
   tokens = jax.random.randint(jax.random.key(4), (2, 56), 0, 97)
   seg = jnp.array([[1] * 20 + [2] * 36, [1] * 56], jnp.int32)
   pos = jnp.array([list(range(20)) + list(range(36)), list(range(56))], jnp.int32)

@@ -61,9 +61,13 @@ def test_interpret_matches_reference(batch, seq, heads, kv_heads, dim, topk, pac
   np.testing.assert_allclose(got_lse, want_lse, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("heads,kv_heads,hp", [(16, 1, 16), (8, 2, 2), (6, 2, 1)])
-def test_heads_as_rows_matches_reference(heads, kv_heads, hp):
-  """heads_per_program > 1: the (token, head) rows layout, ragged length, packed, with grads."""
+@pytest.mark.parametrize("heads,kv_heads,hp,block_q", [
+    (16, 1, 16, None), (8, 2, 2, None), (6, 2, 1, None),
+    (16, 1, 16, 1),   # one token's 16 heads per tile (the CUDA kernel's layout): no union
+    (16, 2, 8, 2)])
+def test_heads_as_rows_matches_reference(heads, kv_heads, hp, block_q):
+  """heads_per_program > 1: the (token, head) rows layout, ragged length, packed, with grads;
+  block_q None is the op's default (64 / heads_per_program tokens)."""
   batch, seq = 2, 75
   q, k, v = inputs(heads, batch, seq, heads, kv_heads, 16)
   seg = jnp.asarray(np.stack([np.r_[np.ones(30), 2 * np.ones(seq - 30)]] * batch), jnp.int32)
@@ -73,7 +77,7 @@ def test_heads_as_rows_matches_reference(heads, kv_heads, hp):
                                             return_lse=True)
   run = lambda q, k, v: sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
                                          implementation="interpret", heads_per_program=hp,
-                                         poison_outputs=True)
+                                         block_q=block_q, poison_outputs=True)
   got, got_lse = run(q, k, v)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(got_lse, want_lse, rtol=2e-5, atol=2e-5)
@@ -191,6 +195,10 @@ def test_bad_inputs_are_named():
     sparse_attention(q, k, v, idx[:, :, :1], idx[:, :, :1] >= 0)
   with pytest.raises(ValueError, match="block_size must be a power of two"):
     sparse_attention(q, k, v, idx, idx >= 0, block_size=24)
+  with pytest.raises(ValueError, match="block_q must be a power of two"):
+    sparse_attention(q, k, v, idx, idx >= 0, block_q=6)
+  with pytest.raises(ValueError, match=r"block_q x heads_per_program = 4 x 2, must be >= 16"):
+    sparse_attention(q, k, v, idx, idx >= 0, block_q=4, heads_per_program=2)
   with pytest.raises(ValueError, match="launch.dq must be"):
     sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dq=(3, 2)))
   with pytest.raises(ValueError, match="launch must be a Launch"):

@@ -89,6 +89,12 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   if block_q is None:
     block_q = block_size if hp == 1 else max(1, 64 // hp)
+  if (not isinstance(block_q, int) or isinstance(block_q, bool) or block_q < 1
+      or block_q & (block_q - 1)):
+    raise ValueError(f"sparse_attention: block_q must be a power of two >= 1, got {block_q!r}")
+  if implementation == "pallas" and block_q * hp < 16:
+    raise ValueError(f"sparse_attention: a tile's rows, block_q x heads_per_program = "
+                     f"{block_q} x {hp}, must be >= 16 (Triton's smallest dot)")
   return _sparse_attention(q, k, v, block_idx, block_valid.astype(bool),
                            segment_ids.astype(jnp.int32),
                            (block_size, block_q, implementation, poison_outputs, hp, launch))

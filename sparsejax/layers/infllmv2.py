@@ -37,8 +37,11 @@ from sparsejax.ops.infllmv2 import (InfLLMv2Config, infllmv2_attention, infllmv2
 # True) selects with the sort-free top-k kernel (pallas_kernels/block_topk) instead of XLA's
 # top_k and sort, in prefill, training and decoding: the same blocks bit for bit, and at 128k on
 # the H100 the selection's top-k took 6.9 ms against 28.7 (experiments/results/
-# topk_kernel_run.md; decoding's 16-row selections are not measured yet).
-LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program", "topk_kernel")
+# topk_kernel_run.md; decode selects with it too, 4.1x cuDNN dense in-step at 128k).
+# "block_q" sets the query tokens per attention tile (default 64 / heads_per_program: 64 rows);
+# 1 is the CUDA kernel's one-token tile, with no union of selections to visit but 16-row
+# matmuls (`bench_attention --tune --tune_block_q=1,2,4` measures the trade; not yet run).
+LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program", "topk_kernel", "block_q")
 MAX_HEADS_PER_PROGRAM = 16
 
 
@@ -82,6 +85,13 @@ class InfLLMv2Attention(GroupedQueryAttention):
     if not isinstance(topk_kernel, bool):
       raise ValueError(f"attention_options['topk_kernel'] must be a bool, got {topk_kernel!r}")
     self.topk_implementation = self.kernel if topk_kernel else "reference"
+    # Query tokens per attention tile (None: the kernel's default, 64 / heads_per_program).
+    self.block_q = options.get("block_q")
+    if self.block_q is not None and (not isinstance(self.block_q, int)
+                                     or isinstance(self.block_q, bool) or self.block_q < 1
+                                     or self.block_q & (self.block_q - 1)):
+      raise ValueError(f"attention_options['block_q'] must be a power of two >= 1, got "
+                       f"{self.block_q!r}")
 
   def attend(self, q, k, v, *, segment_ids, kv_segment_ids=None, q_start=None, kv_lengths=None):
     if k.shape[1] < self.sparse.dense_len:
@@ -101,7 +111,7 @@ class InfLLMv2Attention(GroupedQueryAttention):
     out, _ = sparse_attention_kernel(q, k, v, block_idx, block_valid,
                                      block_size=self.sparse.block_size, segment_ids=segment_ids,
                                      heads_per_program=self.heads_per_program,
-                                     implementation=kernel)
+                                     block_q=self.block_q, implementation=kernel)
     return out
 
   def write_cache(self, cache: LayerKV, k, v, offsets) -> LayerKV:
