@@ -15,8 +15,9 @@ Timed (median of --iters after two warm-up calls; inputs are jit arguments):
                   cached compressed keys, top-k selection, the kernel and its split combine
                   (with the cache's segment ids, as the model passes them; --segments=false
                   drops them)
-  selection_ms    scoring + selection alone (XLA: einsum, softmax, group sum, max-pool; the top-k
-                  by the sort-free kernel, or XLA's top_k and sort with --notopk_kernel)
+  selection_ms    scoring + selection alone (XLA: einsum, softmax, group sum, max-pool, or with
+                  --keys_kernel pallas_kernels/block_scores' two decode kernels; the top-k by the
+                  sort-free kernel, or XLA's top_k and sort with --notopk_kernel)
   attention_ms    the kernel + combine alone, given the selection
   cudnn_dense_ms  jax.nn.dot_product_attention(implementation="cudnn") of the one-token query
                   against the full cache (XLA when cuDNN refuses; `dense_impl` says which)
@@ -43,6 +44,7 @@ from absl import app, flags
 from experiments import profiling
 from experiments.timing import timeit
 
+from pallas_kernels.block_scores import decode_selection_keys
 from pallas_kernels.block_topk import top_blocks_fn
 from pallas_kernels.sparse_decode import default_num_splits, sparse_decode
 from pallas_kernels.sparse_decode import sparse_decode_reference
@@ -60,6 +62,9 @@ _SEGMENTS = flags.DEFINE_bool("segments", True, "Pass segment ids as the model d
 _TOPK_KERNEL = flags.DEFINE_bool("topk_kernel", True, "Select with the sort-free top-k kernel "
                                  "(pallas_kernels/block_topk), as the layer does; false: XLA's "
                                  "top_k and sort.")
+_KEYS_KERNEL = flags.DEFINE_bool(
+    "keys_kernel", False, "Compute the selection keys with pallas_kernels/block_scores' decode "
+    "kernels (the layer's attention_options decode_keys_kernel) instead of XLA.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny CPU smoke run (interpret mode).")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Distinct caches in the in-step timing (0: skip it).")
 _STEP_REPS = flags.DEFINE_integer("step_reps", 4, "Passes over the layers in the in-step timing.")
@@ -111,7 +116,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 configs=("shipped", "issue"), iters: int = 20, num_splits: int | None = None,
                 num_warps: int = 4, num_stages: int = 2, segments: bool = True,
                 layers: int = 4, step_reps: int = 4, topk_kernel: bool = True,
-                profile: bool = False, quick: bool = False) -> list[dict]:
+                keys_kernel: bool = False, profile: bool = False,
+                quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's
   schema (seq_len, batch, pass="decode", sparsejax_ms, cudnn_dense_ms, floor_ms,
   speedup_vs_cudnn_dense) plus the fields listed in the module docstring."""
@@ -162,10 +168,13 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       splits = num_splits or default_num_splits(batch, kv_heads, topk)
 
       top = top_blocks_fn(implementation) if topk_kernel else None
+      keys_fn = (functools.partial(decode_selection_keys, implementation=implementation)
+                 if keys_kernel else None)
 
-      def select(q, kc, q_start, seg, kv_seg, cfg=cfg, top=top):
+      def select(q, kc, q_start, seg, kv_seg, cfg=cfg, top=top, keys_fn=keys_fn):
         return select_decode_blocks(q, kc, cfg, kv_len=seq, q_start=q_start, segment_ids=seg,
-                                    kv_segment_ids=kv_seg, top_blocks_fn=top)
+                                    kv_segment_ids=kv_seg, top_blocks_fn=top,
+                                    selection_keys_fn=keys_fn)
 
       def attend(q, k, v, idx, valid, q_start, seg, kv_seg, cfg=cfg, splits=splits):
         out, _ = sparse_decode(q[:, 0], k, v, idx[:, 0], valid[:, 0], q_start + 1,
@@ -197,6 +206,12 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
           q[:, 0], k, v, idx[:, 0], valid[:, 0], lengths, block_size=cfg.block_size))(
               q, k, v, idx, valid, q_start + 1)
       err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+      agree = None
+      if keys_kernel:  # the kernels' keys against XLA's: the share of identical selections
+        xla_idx, _ = jax.jit(lambda q, kc, q_start, seg, kv_seg: select_decode_blocks(
+            q, kc, cfg, kv_len=seq, q_start=q_start, segment_ids=seg, kv_segment_ids=kv_seg,
+            top_blocks_fn=top))(q, kc, q_start, seg, kv_seg)
+        agree = float(jnp.mean(jnp.all(xla_idx == idx, axis=-1)))
       selected = int(jnp.sum(valid))  # (row, KV head, block) triples actually attended
       kv_bytes = selected * cfg.block_size * dim * itemsize * 2
       kc_bytes = kc.size * itemsize
@@ -211,7 +226,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "step_sparsejax_ms": t_step_chained, "step_cudnn_dense_ms": t_dense_step,
              "step_speedup_vs_cudnn_dense": t_dense_step / t_step_chained,
              "step_layers": len(caches), "step_reps": step_reps,
-             "topk_kernel": topk_kernel,
+             "topk_kernel": topk_kernel, "keys_kernel": keys_kernel,
+             "selections_equal_to_xla_keys": agree,
              "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
              "implementation": implementation}
       if profile and caches:  # per decode call: the in-step programs' kernels, by name
@@ -280,7 +296,8 @@ def main(argv):
       configs=_CONFIGS.value, iters=1 if quick else _ITERS.value,
       num_splits=_NUM_SPLITS.value or None, num_warps=_NUM_WARPS.value,
       num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, layers=_LAYERS.value,
-      step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value, profile=_PROFILE.value,
+      step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value,
+      keys_kernel=_KEYS_KERNEL.value, profile=_PROFILE.value,
       quick=quick)
   if _OUT.value:
     write_results(rows, _OUT.value, quick=quick)

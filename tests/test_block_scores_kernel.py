@@ -93,3 +93,84 @@ def test_bad_inputs_are_named():
     block_scores(q, k, dataclasses.replace(CFG, block_size=12, compress_window=4,
                                            compress_stride=4),
                  implementation="interpret")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: selection keys of one query token per row from the cached compressed keys.
+
+from pallas_kernels.block_scores.decode import decode_selection_keys  # noqa: E402
+
+DECODE_CASES = [  # batch, kv_len, heads, kv_heads, packed, approximate_lse, splits, block_windows
+    (3, 200, 4, 2, False, False, None, 16),  # ragged cache: 12.5 blocks
+    (2, 333, 16, 1, True, True, 3, 16),      # GQA 16, documents, coarse normaliser, 3 splits
+    (3, 256, 2, 2, True, False, 1, 32),      # GQA 1, one split, 8-block tiles
+    (2, 190, 6, 2, False, True, 2, 16),      # GQA 3 (heads padded), approximate
+]
+
+
+def _decode_inputs(seed, batch, kv_len, heads, kv_heads, is_packed, cfg):
+  q, k = inputs(seed, batch, kv_len, heads, kv_heads, 16)
+  q = q[:, :1]
+  rng = np.random.default_rng(seed)
+  # Rows at different positions: one near the start (little or nothing visible), one at the end.
+  q_start = jnp.asarray(np.r_[kv_len - 1, rng.integers(kv_len // 2, kv_len), 5,
+                              rng.integers(20, kv_len, size=batch)][:batch], jnp.int32)
+  kc = ref_ops.compress_keys(k, window=cfg.compress_window, stride=cfg.compress_stride)
+  kc2 = ref_ops.compress_keys(k, window=cfg.lse_window, stride=cfg.lse_stride)
+  seg = kv_seg = None
+  if is_packed:
+    kv_seg = packed(batch, kv_len, seed)
+    # The query's own document, as in a cache: the segment of its position.
+    seg = jnp.take_along_axis(kv_seg, q_start[:, None], axis=1)
+    # A row whose document began 10 tokens before the query, with two runs of 12 tokens far
+    # back (ids may repeat): no coarse window is visible, but fine windows in unforced blocks
+    # (past the init blocks 2 and 3) are, so their keys need the exact normaliser's fallback.
+    kv_seg = kv_seg.at[0, kv_len - 10:].set(99).at[0, 40:52].set(99).at[0, 70:82].set(99)
+    seg = seg.at[0, 0].set(99)
+    # A row whose document spans every split: its init blocks (1, 2) are in the first split
+    # only, so the later splits must count the eligible blocks before them.
+    kv_seg = kv_seg.at[1, :20].set(7).at[1, 20:].set(8)
+    seg = seg.at[1, 0].set(8)
+  return q, kc, kc2, q_start, seg, kv_seg
+
+
+@pytest.mark.parametrize("batch,kv_len,heads,kv_heads,is_packed,approx,splits,block_windows",
+                         DECODE_CASES)
+def test_decode_keys_match_reference(batch, kv_len, heads, kv_heads, is_packed, approx, splits,
+                                     block_windows):
+  cfg = dataclasses.replace(CFG, approximate_lse=approx, local_blocks=2, init_blocks=2, topk=6)
+  q, kc, kc2, q_start, seg, kv_seg = _decode_inputs(kv_len, batch, kv_len, heads, kv_heads,
+                                                    is_packed, cfg)
+  kw = dict(kv_len=kv_len, q_start=q_start, kc_coarse=kc2 if approx else None, segment_ids=seg,
+            kv_segment_ids=kv_seg)
+  want = decode_selection_keys(q, kc, cfg, implementation="reference", **kw)
+  got = decode_selection_keys(q, kc, cfg, implementation="interpret", splits=splits,
+                              block_windows=block_windows, **kw)
+  n_blocks = want.shape[-1]
+  assert got.shape[:3] == want.shape[:3] and got.shape[-1] >= n_blocks
+  assert np.all(np.isneginf(np.asarray(got[..., n_blocks:])))   # padding columns
+  got, want = np.asarray(got[..., :n_blocks]), np.asarray(want)
+  np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))   # forced blocks
+  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))   # ineligible blocks
+  finite = np.isfinite(want)
+  assert finite.any()
+  np.testing.assert_allclose(got[finite], want[finite], rtol=2e-5, atol=2e-6)
+  # ... and the top-k over them picks the same blocks.
+  for a, b in zip(ref_ops.top_blocks(jnp.asarray(got), cfg.topk),
+                  ref_ops.top_blocks(jnp.asarray(want), cfg.topk)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_decode_keys_bad_inputs_are_named():
+  q, kc, _, q_start, _, _ = _decode_inputs(0, 2, 64, 4, 2, False, CFG)
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    decode_selection_keys(q, kc, CFG, kv_len=64, q_start=q_start, implementation="cuda")
+  with pytest.raises(ValueError, match="one token"):
+    decode_selection_keys(jnp.concatenate([q, q], 1), kc, CFG, kv_len=64, q_start=q_start)
+  with pytest.raises(ValueError, match="both segment_ids and kv_segment_ids"):
+    decode_selection_keys(q, kc, CFG, kv_len=64, q_start=q_start,
+                          segment_ids=jnp.ones((2, 1), jnp.int32))
+  with pytest.raises(ValueError, match="kc must be"):
+    decode_selection_keys(q, kc[:, :-1], CFG, kv_len=64, q_start=q_start)
+  with pytest.raises(ValueError, match="block_windows must be"):
+    decode_selection_keys(q, kc, CFG, kv_len=64, q_start=q_start, block_windows=24)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.block_scores import decode_selection_keys
 from pallas_kernels.sparse_decode import sparse_decode
 from sparsejax.model import DecoderLM
 from sparsejax.inference import generate
@@ -98,13 +99,17 @@ def test_incremental_compressed_keys_equal_compress_keys_with_padding_overwritte
 # The jnp decode against infllmv2_attention, and the Pallas kernel (interpret) against both
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "implementation", "num_splits"))
+@functools.partial(jax.jit, static_argnames=("cfg", "implementation", "num_splits",
+                                             "keys_kernel"))
 def kernel_decode(q, k, v, kc, q_start, seg, kv_seg, kc_coarse, *, cfg, implementation,
-                  num_splits):
-  """What the layer runs on a GPU: selection from the cached keys, then the decode kernel."""
+                  num_splits, keys_kernel=False):
+  """What the layer runs on a GPU: selection from the cached keys (keys_kernel: by the decode
+  selection-key kernels), then the decode kernel."""
+  keys_fn = (functools.partial(decode_selection_keys, implementation=implementation)
+             if keys_kernel else None)
   idx, valid = infllmv2.select_decode_blocks(q, kc, cfg, kv_len=k.shape[1], q_start=q_start,
                                              kc_coarse=kc_coarse, segment_ids=seg,
-                                             kv_segment_ids=kv_seg)
+                                             kv_segment_ids=kv_seg, selection_keys_fn=keys_fn)
   return sparse_decode(q[:, 0], k, v, idx[:, 0], valid[:, 0], q_start + 1,
                        block_size=cfg.block_size,
                        q_segment_ids=None if seg is None else seg[:, 0], kv_segment_ids=kv_seg,
@@ -159,9 +164,11 @@ def test_decode_and_kernel_equal_infllmv2_attention(heads, kv_heads, dim, capaci
   # (Row 0 really drops blocks and row 1 really falls back to dense: see
   # test_decode_blocks_fold_in_the_dense_fallback, on the same inputs.)
   args = (q, k, v, kc, q_start, seg, kv_seg, kc_coarse)
-  out, lse = kernel_decode(*args, cfg=cfg, implementation="interpret", num_splits=num_splits)
-  assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(lse)).all()
-  np.testing.assert_allclose(out, want[:, 0], rtol=2e-5, atol=2e-5)
+  for keys_kernel in (False, True):
+    out, lse = kernel_decode(*args, cfg=cfg, implementation="interpret", num_splits=num_splits,
+                             keys_kernel=keys_kernel)
+    assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(lse)).all()
+    np.testing.assert_allclose(out, want[:, 0], rtol=2e-5, atol=2e-5)
 
 
 def test_kernel_with_dead_slots_anywhere():
@@ -273,6 +280,8 @@ def test_generation_with_cached_compressed_keys_equals_reference_path():
   assert generate(model, prompts, max_new_tokens=14) == want  # jnp decode from the cache
   kernel = with_params_of(model, sparse_model_config(kernel="interpret"))
   assert generate(kernel, prompts, max_new_tokens=14) == want  # the Pallas kernel
+  keys = with_params_of(model, sparse_model_config(kernel="interpret", decode_keys_kernel=True))
+  assert generate(keys, prompts, max_new_tokens=14) == want  # + the selection-key kernels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +335,7 @@ def test_benchmark_quick_mode(tmp_path):
   from tests.test_experiments import run
   out = str(tmp_path / "bench_decode")
   run("experiments.bench_decode", "--quick", "--seq_lens=128", "--batch=2", "--configs=issue",
-      "--iters=1", "--profile", f"--out={out}")
+      "--iters=1", "--profile", "--keys_kernel", f"--out={out}")
   with open(out + ".json") as f:
     rows = json.load(f)["rows"]
   assert [r["config"] for r in rows] == ["issue"]
@@ -337,6 +346,7 @@ def test_benchmark_quick_mode(tmp_path):
   assert rows[0]["step_layers"] == 4
   assert rows[0]["step_sparsejax_ms"] > 0 and rows[0]["step_cudnn_dense_ms"] > 0
   assert rows[0]["pass"] == "decode" and rows[0]["max_abs_err_vs_reference"] < 1e-4
+  assert rows[0]["keys_kernel"] and rows[0]["selections_equal_to_xla_keys"] == 1.0
   # --profile: both in-step programs traced (on the CPU, the host's events stand in for kernels).
   for kind in ("sparse", "dense"):
     summary = rows[0]["profile"][kind]["summary"]

@@ -83,6 +83,8 @@ def test_unknown_option_is_named():
     DecoderLM(sparse_config(topk_kernel="yes"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"attention_options\['block_q'\] must be a power of two"):
     DecoderLM(sparse_config(block_q=3), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="decode_keys_kernel.*must be a bool"):
+    DecoderLM(sparse_config(decode_keys_kernel=1), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("heads_per_program,topk_kernel,block_q", [

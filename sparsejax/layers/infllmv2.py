@@ -10,11 +10,12 @@ updates for the windows it completed (`write_cache`); a one-token step then scor
 them and attends with the block-sparse decode kernel (`attend_cache`).
 """
 import dataclasses
+import functools
 
 import jax
 from flax import nnx
 
-from pallas_kernels.block_scores import score_and_select
+from pallas_kernels.block_scores import decode_selection_keys, score_and_select
 from pallas_kernels.block_topk import top_blocks_fn
 from pallas_kernels.sparse_attention import sparse_attention as sparse_attention_kernel
 from pallas_kernels.sparse_decode import sparse_decode
@@ -41,7 +42,11 @@ from sparsejax.ops.infllmv2 import (InfLLMv2Config, infllmv2_attention, infllmv2
 # "block_q" sets the query tokens per attention tile (default 64 / heads_per_program: 64 rows);
 # 1 is the CUDA kernel's one-token tile, with no union of selections to visit but 16-row
 # matmuls (`bench_attention --tune --tune_block_q=1,2,4` measures the trade; not yet run).
-LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program", "topk_kernel", "block_q")
+# "decode_keys_kernel" (default False until measured on a GPU) computes a decode step's
+# selection keys with pallas_kernels/block_scores' two decode kernels instead of a dozen XLA
+# fusions; the same keys (tests/test_block_scores_kernel.py).
+LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program", "topk_kernel", "block_q",
+                 "decode_keys_kernel")
 MAX_HEADS_PER_PROGRAM = 16
 
 
@@ -85,6 +90,12 @@ class InfLLMv2Attention(GroupedQueryAttention):
     if not isinstance(topk_kernel, bool):
       raise ValueError(f"attention_options['topk_kernel'] must be a bool, got {topk_kernel!r}")
     self.topk_implementation = self.kernel if topk_kernel else "reference"
+    decode_keys = options.get("decode_keys_kernel", False)
+    if not isinstance(decode_keys, bool):
+      raise ValueError(f"attention_options['decode_keys_kernel'] must be a bool, got "
+                       f"{decode_keys!r}")
+    self.decode_keys_fn = (functools.partial(decode_selection_keys, implementation=self.kernel)
+                           if decode_keys and self.kernel != "reference" else None)
     # Query tokens per attention tile (None: the kernel's default, 64 / heads_per_program).
     self.block_q = options.get("block_q")
     if self.block_q is not None and (not isinstance(self.block_q, int)
@@ -150,6 +161,7 @@ class InfLLMv2Attention(GroupedQueryAttention):
       return infllmv2_decode(q, k, v, cache.kc, s, **kw)
     block_idx, block_valid = select_decode_blocks(
         q, cache.kc, s, kv_len=k.shape[1], top_blocks_fn=top_blocks_fn(self.topk_implementation),
+        selection_keys_fn=self.decode_keys_fn,
         **kw)
     out, _ = sparse_decode(q[:, 0], k, v, block_idx[:, 0], block_valid[:, 0], q_start + 1,
                            block_size=s.block_size,

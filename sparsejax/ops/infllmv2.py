@@ -686,9 +686,13 @@ def select_decode_blocks(
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     top_blocks_fn=None,
+    selection_keys_fn=None,
 ) -> tuple[jax.Array, jax.Array]:
   """The key blocks each decode query attends: (block_idx int32, block_valid bool), both
-  [b, 1, kv_heads, decode_width(cfg, kv_len)] (top_blocks_fn: as in `select_blocks`).
+  [b, 1, kv_heads, decode_width(cfg, kv_len)] (top_blocks_fn: as in `select_blocks`;
+  selection_keys_fn(q, kc, cfg, kv_len=, q_start=, kc_coarse=, segment_ids=, kv_segment_ids=)
+  may stand in for `selection_keys` of `compressed_block_scores`: pallas_kernels/block_scores'
+  decode kernels, whose keys may carry extra -inf columns).
 
   q [b, 1, heads, d] at position q_start [b] of a cache of kv_len slots whose keys [0, q_start]
   are filled; kc / kc_coarse the cached compressed keys (`compressed_block_scores`). A row with
@@ -705,12 +709,17 @@ def select_decode_blocks(
     raise ValueError(f"{fn}: q_start (the query positions, [batch]) is required")
   b = q.shape[0]
   q_start = jnp.broadcast_to(jnp.asarray(q_start, jnp.int32).reshape(-1), (b,))
-  scores = compressed_block_scores(q, kc, cfg, kv_len=kv_len, kc_coarse=kc_coarse,
-                                   segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                                   q_start=q_start, kv_lengths=q_start + 1)
-  idx, valid = select_blocks(scores, cfg, q_len=1, kv_len=kv_len, q_start=q_start,
-                             segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                             top_blocks_fn=top_blocks_fn)
+  if selection_keys_fn is None:
+    scores = compressed_block_scores(q, kc, cfg, kv_len=kv_len, kc_coarse=kc_coarse,
+                                     segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                     q_start=q_start, kv_lengths=q_start + 1)
+    idx, valid = select_blocks(scores, cfg, q_len=1, kv_len=kv_len, q_start=q_start,
+                               segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                               top_blocks_fn=top_blocks_fn)
+  else:
+    key = selection_keys_fn(q, kc, cfg, kv_len=kv_len, q_start=q_start, kc_coarse=kc_coarse,
+                            segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    idx, valid = (top_blocks_fn or top_blocks)(key, cfg.topk)
   width = decode_width(cfg, kv_len)
   pad = ((0, 0), (0, 0), (0, 0), (0, width - cfg.topk))
   idx = jnp.pad(idx, pad, constant_values=-1)

@@ -32,3 +32,37 @@ def test_pallas_matches_reference(seq, heads, kv_heads, packed, approx):
   # Near-ties may order differently under another summation order; almost every pick agrees.
   same = np.mean(np.asarray(idx) == np.asarray(want_idx))
   assert same > 0.995, same
+
+
+@pytest.mark.parametrize("capacity,batch,heads,kv_heads,packed,approx", [
+    (32768, 8, 32, 2, True, False), (32768, 4, 32, 2, False, True),
+    (131072, 8, 32, 2, True, False), (20000, 3, 8, 4, True, True)])
+def test_decode_keys_match_reference(capacity, batch, heads, kv_heads, packed, approx):
+  """The decode selection-key kernels (bf16 cache) against the jnp keys, at the layer's shapes."""
+  from pallas_kernels.block_scores import decode_selection_keys
+  keys = jax.random.split(jax.random.key(capacity + heads), 2)
+  q = jax.random.normal(keys[0], (batch, 1, heads, 128), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (batch, capacity, kv_heads, 128), jnp.bfloat16)
+  cfg = ref_ops.InfLLMv2Config(init_blocks=1, local_blocks=32, topk=64, dense_len=8192,
+                               approximate_lse=approx)
+  kc = ref_ops.compress_keys(k, window=cfg.compress_window, stride=cfg.compress_stride)
+  kc2 = ref_ops.compress_keys(k, window=cfg.lse_window, stride=cfg.lse_stride) if approx else None
+  q_start = jnp.asarray(np.linspace(capacity // 2, capacity - 1, batch).astype(np.int32))
+  seg = kv_seg = None
+  if packed:  # each row's document starts at a different token
+    starts = np.linspace(0, capacity // 3, batch).astype(np.int64)
+    kv_seg = jnp.asarray((np.arange(capacity)[None] >= starts[:, None]) + 1, jnp.int32)
+    seg = jnp.full((batch, 1), 2, jnp.int32)
+  kw = dict(kv_len=capacity, q_start=q_start, kc_coarse=kc2, segment_ids=seg,
+            kv_segment_ids=kv_seg)
+  want = jax.jit(lambda q, kc: decode_selection_keys(q, kc, cfg, implementation="reference",
+                                                      **kw))(q, kc)
+  got = jax.jit(lambda q, kc: decode_selection_keys(q, kc, cfg, **kw))(q, kc)
+  n = want.shape[-1]
+  got, want = np.asarray(got[..., :n]), np.asarray(want)
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  finite = np.isfinite(want)
+  np.testing.assert_allclose(got[finite], want[finite], rtol=2e-3, atol=2e-5)
+  same = np.mean(np.asarray(ref_ops.top_blocks(jnp.asarray(got), 64)[0])
+                 == np.asarray(ref_ops.top_blocks(jnp.asarray(want), 64)[0]))
+  assert same > 0.99, same

@@ -1,0 +1,354 @@
+"""InfLLM-V2's decode-time selection keys from the cached compressed keys, as two Pallas kernels
+(Triton lowering).
+
+  decode_selection_keys(q, kc, cfg, *, kv_len, q_start, kc_coarse=None, segment_ids=None,
+                        kv_segment_ids=None, implementation="pallas" | "interpret" | "reference")
+      -> float32 [batch, 1, kv_heads, n_keys]
+
+Same as `selection_keys(compressed_block_scores(...))` of sparsejax.ops.infllmv2 for one query
+token per row (+inf forced, -inf ineligible, else the block score), with n_keys >= ceil(kv_len /
+block_size): the columns past the last block are -inf, so the top-k reads them as padding.
+
+Why kernels: in XLA a decode step's selection is about a dozen small fusions (logits, two
+logsumexp reductions, probabilities, group sum, max-pool, eligibility, forced blocks), each a
+launch of a few microseconds over a few MB; at 128k the whole InfLLM-V2 decode step took 0.092
+ms on the H100 where its bytes need 0.020 (experiments/results/kernel_tuning_run.md). Two kernels
+replace them:
+
+  normaliser  grid (row, KV head, split): the `group` query heads of the row's KV head are the
+              rows of every tile (padded to >= 16 for tl.dot); each split runs an online
+              logsumexp (base 2) over its share of the visible normaliser windows (the coarse
+              ones with approximate_lse, else the compressed ones) and writes partial (m, l).
+  scores      grid (row, KV head, split): merges the partials into each head's logsumexp, then
+              over its share of the visible blocks, tile by tile (block_windows compressed
+              windows = block_windows / ratio blocks, aligned to blocks): probabilities, the
+              sum over the group's heads, the max-pool onto blocks (a block's own windows and
+              the overlap - 1 windows before them, carried across tiles: a split starts one tile
+              early for that carry), and the ranking key. Blocks past the query's own are
+              written -inf by the splits' static shares.
+
+A row whose approximate normaliser saw no coarse window falls back to the exact one, which every
+scores program then computes itself over the row's compressed windows (a loop that is empty
+for other rows: such rows are within ~lse_window tokens of their document's start).
+
+Segment ids (as the model's cache passes them) become three small XLA arrays first: each
+window's segment id (-1 when it straddles two), and per block whether it holds a key of the
+query's document; without segment ids there is no XLA work before the kernels.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
+from pallas_kernels.sparse_attention.index import next_power_of_2
+from sparsejax.ops import infllmv2 as reference
+
+IMPLEMENTATIONS = ("pallas", "interpret", "reference")
+_BIG = float(np.finfo(np.float32).max)
+
+
+def _visible(first, tile, q_pos, window, stride, count, wseg_ref, q_seg):
+  """bool [tile]: which of windows [first, first + tile) exist and are visible at q_pos."""
+  windows = first + jnp.arange(tile)
+  vis = (windows < count) & (windows * stride + window - 1 <= q_pos)
+  if wseg_ref is not None:
+    seg = plgpu.load(wseg_ref.at[pl.ds(first, tile)], mask=windows < count, other=-1)
+    vis &= seg == q_seg
+  return vis
+
+
+def _tile_logits(q, keys_ref, first, tile, count, scale2):
+  """Base-2 scaled logits [rows, tile] of the query rows against windows [first, first + tile)
+  (windows past `count` load zeros; callers mask them)."""
+  windows = first + jnp.arange(tile)
+  keys = plgpu.load(keys_ref.at[pl.ds(first, tile), :], mask=(windows < count)[:, None],
+                    other=0.0)
+  return plgpu.dot(q, keys.T) * scale2
+
+
+def _online_lse(q, keys_ref, wseg_ref, q_pos, q_seg, lo, hi, *, tile, count, window, stride,
+                scale2):
+  """(m, l) base 2 per query row over the visible windows of tiles [lo, hi)."""
+
+  def body(t, carry):
+    m_prev, l_prev = carry
+    s = _tile_logits(q, keys_ref, t * tile, tile, count, scale2)
+    vis = _visible(t * tile, tile, q_pos, window, stride, count, wseg_ref, q_seg)[None, :]
+    s = jnp.where(vis, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
+    return m_next, l_prev * jnp.exp2(m_prev - m_next) + jnp.sum(p, axis=1)
+
+  rows = q.shape[0]
+  init = (jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
+  return lax.fori_loop(lo, hi, body, init)
+
+
+def _finish_lse(m, l):
+  return jnp.where(l > 0, m + jnp.log2(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
+def _visible_tiles(q_pos, window, stride, count, tile):
+  """Tiles of `tile` windows holding a window whose last token is <= q_pos."""
+  n = jnp.minimum(jnp.maximum((q_pos - window + 1) // stride + 1, 0), count)
+  return (n + tile - 1) // tile
+
+
+def _normaliser_kernel(pos_ref, q_ref, keys_ref, *refs, tile, count, window, stride, splits,
+                       scale2, segments):
+  wseg_ref = refs[0] if segments else None
+  m_ref, l_ref = refs[-2:]
+  split = pl.program_id(2)
+  q_pos, q_seg = pos_ref[0], pos_ref[1]
+  n = _visible_tiles(q_pos, window, stride, count, tile)
+  per = (n + splits - 1) // splits
+  lo = jnp.minimum(split * per, n)
+  m, l = _online_lse(q_ref[...], keys_ref, wseg_ref, q_pos, q_seg, lo, jnp.minimum(lo + per, n),
+                     tile=tile, count=count, window=window, stride=stride, scale2=scale2)
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def _scores_kernel(pos_ref, q_ref, kc_ref, m_ref, l_ref, *refs, tile, count, window, stride,
+                   ratio, overlap, heads, n_blocks, splits, scale2, segments, approximate,
+                   init_blocks, local_blocks, block_size):
+  out_ref = refs[-1]
+  wseg_ref, doc_ref = (refs[0], refs[1]) if segments else (None, None)
+  split = pl.program_id(2)
+  q_pos, q_seg = pos_ref[0], pos_ref[1]
+  q = q_ref[...]
+  rows = q.shape[0]
+  tile_blocks = tile // ratio
+  kw = dict(tile=tile, count=count, window=window, stride=stride, scale2=scale2)
+
+  # Each head's logsumexp from the normaliser's partials (and the exact fallback, if needed).
+  m_parts, l_parts = m_ref[...], l_ref[...]                          # [splits, rows]
+  m_all = jnp.max(m_parts, axis=0)
+  lse = _finish_lse(m_all, jnp.sum(l_parts * jnp.exp2(m_parts - m_all[None, :]), axis=0))
+  head_ok = jnp.arange(rows) < heads
+  if approximate:
+    need = jnp.max((jnp.isneginf(lse) & head_ok).astype(jnp.int32)) > 0
+    n_exact = jnp.where(need, _visible_tiles(q_pos, window, stride, count, tile), 0)
+    exact = _finish_lse(*_online_lse(q, kc_ref, wseg_ref, q_pos, q_seg, 0, n_exact, **kw))
+    lse = jnp.where(jnp.isneginf(lse), exact, lse)
+  lse = jnp.where(jnp.isneginf(lse), 0.0, lse)                     # such rows see nothing
+
+  q_block = q_pos // block_size
+  block_in_tile = jnp.arange(tile_blocks)
+  in_tail = (jnp.arange(ratio) >= ratio - (overlap - 1))[None, :]
+  follows = block_in_tile[:, None] == block_in_tile[None, :] + 1      # [j, j']: j' = j - 1
+  first_col, last_col = block_in_tile == 0, block_in_tile == tile_blocks - 1
+
+  def tile_scores(t):
+    """(pooled own-window max [tile_blocks], tail max [tile_blocks]) of tile t."""
+    s = _tile_logits(q, kc_ref, t * tile, tile, count, scale2)
+    vis = _visible(t * tile, tile, q_pos, window, stride, count, wseg_ref, q_seg)
+    probs = jnp.where(vis[None, :] & head_ok[:, None], jnp.exp2(s - lse[:, None]), 0.0)
+    per_block = jnp.sum(probs, axis=0).reshape(tile_blocks, ratio)
+    return jnp.max(per_block, axis=1), jnp.max(jnp.where(in_tail, per_block, 0.0), axis=1)
+
+  def eligible_blocks(t):
+    ok = t * tile_blocks + block_in_tile <= q_block
+    if segments:
+      ok &= doc_ref[pl.ds(t * tile_blocks, tile_blocks)] > 0
+    return ok
+
+  # The visible tiles (holding a block <= the query's) in equal shares; a share starts one tile
+  # early (when it has one) for the carry of that tile's last block tail.
+  n_tiles = q_block // tile_blocks + 1
+  per = (n_tiles + splits - 1) // splits
+  lo = jnp.minimum(split * per, n_tiles)
+  hi = jnp.minimum(lo + per, n_tiles)
+  previous_tail = tile_scores(jnp.maximum(lo - 1, 0))[1]
+  carry = jnp.where(lo > 0, jnp.max(jnp.where(last_col, previous_tail, 0.0)), 0.0)
+  # Eligible blocks before this share, for the init blocks' rank.
+  if segments:
+    prior_blocks = jnp.arange(doc_ref.shape[0])
+    doc = doc_ref[...]
+    before = jnp.sum(((doc > 0) & (prior_blocks < lo * tile_blocks)
+                      & (prior_blocks <= q_block)).astype(jnp.int32))
+  else:
+    before = jnp.minimum(lo * tile_blocks, q_block + 1)
+
+  def score_tile(t, state):
+    carry, before = state
+    pooled, tail = tile_scores(t)
+    prev_tail = jnp.max(jnp.where(follows, tail[None, :], 0.0), axis=1)
+    prev_tail = jnp.maximum(prev_tail, jnp.where(first_col, carry, 0.0))
+    score = jnp.maximum(pooled, prev_tail)
+    blocks = t * tile_blocks + block_in_tile
+    eligible = eligible_blocks(t)
+    rank = before + jnp.cumsum(eligible.astype(jnp.int32))
+    forced = eligible & ((rank <= init_blocks) | (blocks > q_block - local_blocks))
+    finite = jnp.clip(jnp.where(score == score, score, -_BIG), -_BIG, _BIG)
+    out_ref[pl.ds(t * tile_blocks, tile_blocks)] = jnp.where(
+        forced, jnp.inf, jnp.where(eligible, finite, -jnp.inf))
+    return (jnp.max(jnp.where(last_col, tail, 0.0)),
+            before + jnp.sum(eligible.astype(jnp.int32)))
+
+  lax.fori_loop(lo, hi, score_tile, (carry, before))
+
+  # Tiles past the query's block: -inf, each split its static share.
+  total = out_ref.shape[0] // tile_blocks
+  static = (total + splits - 1) // splits
+  first = jnp.maximum(split * static, n_tiles)
+
+  def fill(t, c):
+    out_ref[pl.ds(t * tile_blocks, tile_blocks)] = jnp.full((tile_blocks,), -jnp.inf,
+                                                            jnp.float32)
+    return c
+
+  lax.fori_loop(first, jnp.minimum((split + 1) * static, total), fill, 0)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "heads", "tile", "splits", "window", "stride", "lse_window", "lse_stride", "block_size",
+    "init_blocks", "local_blocks", "n_out", "interpret", "num_warps", "num_stages"))
+def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, window, stride,
+                        lse_window, lse_stride, block_size, init_blocks, local_blocks, n_out,
+                        interpret=False, num_warps=4, num_stages=2):
+  """pos [b, 2] int32 (query position, query segment); qg [b, kv_heads, rows, d] (rows >= 16,
+  `heads` real); kc [b, c, kv_heads, d]; coarse (kc2 [b, c2, kv_heads, d], wseg2 [b, c2] or None)
+  or None; wseg [b, c] and doc [b, n_doc] int32 (a power of two >= n_out) or None (no segments).
+  Returns float32 keys [b, kv_heads, n_out] (n_out a multiple of tile / ratio)."""
+  batch, kv_heads, rows, d = qg.shape
+  scale2 = LOG2E / math.sqrt(d)
+  segments = wseg is not None
+  approximate = coarse is not None
+  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  pos_spec = pl.BlockSpec((None, 2), lambda b, h, s: (b, 0))
+  q_spec = pl.BlockSpec((None, None, rows, d), lambda b, h, s: (b, h, 0, 0))
+  keys_spec = lambda n: pl.BlockSpec((None, n, None, d), lambda b, h, s: (b, 0, h, 0))
+  row_spec = lambda n: pl.BlockSpec((None, n), lambda b, h, s: (b, 0))
+  part_spec = pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))
+
+  norm_keys, norm_wseg = coarse if approximate else (kc, wseg)
+  norm_window, norm_stride = (lse_window, lse_stride) if approximate else (window, stride)
+  count = norm_keys.shape[1]
+  in_specs, args = [pos_spec, q_spec, keys_spec(count)], [pos, qg, norm_keys]
+  if segments:
+    in_specs.append(row_spec(count))
+    args.append(norm_wseg)
+  part_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32)
+  m, l = pl.pallas_call(
+      functools.partial(_normaliser_kernel, tile=tile, count=count, window=norm_window,
+                        stride=norm_stride, splits=splits, scale2=scale2, segments=segments),
+      grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=[part_spec, part_spec],
+      out_shape=[part_shape, part_shape], compiler_params=params, interpret=interpret,
+      name="infllmv2_decode_normaliser")(*args)
+
+  c = kc.shape[1]
+  parts_spec = pl.BlockSpec((None, None, splits, rows), lambda b, h, s: (b, h, 0, 0))
+  in_specs = [pos_spec, q_spec, keys_spec(c), parts_spec, parts_spec]
+  args = [pos, qg, kc, m, l]
+  if segments:
+    in_specs += [row_spec(c), row_spec(doc.shape[1])]
+    args += [wseg, doc]
+  return pl.pallas_call(
+      functools.partial(_scores_kernel, tile=tile, count=c, window=window, stride=stride,
+                        ratio=block_size // stride, overlap=window // stride, heads=heads,
+                        n_blocks=n_out, splits=splits, scale2=scale2, segments=segments,
+                        approximate=approximate, init_blocks=init_blocks,
+                        local_blocks=local_blocks, block_size=block_size),
+      grid=(batch, kv_heads, splits), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, n_out), lambda b, h, s: (b, h, 0)),
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, n_out), jnp.float32),
+      compiler_params=params, interpret=interpret, name="infllmv2_decode_scores")(*args)
+
+
+def _window_segments(kv_seg, count, window, stride):
+  """[b, count] int32: each window's segment id, -1 when it straddles two."""
+  idx = np.arange(count)[:, None] * stride + np.arange(window)[None, :]
+  tokens = kv_seg[:, idx]
+  return jnp.where(jnp.all(tokens == tokens[:, :, :1], axis=-1), tokens[:, :, 0], -1)
+
+
+def default_splits(batch: int, kv_heads: int, tiles: int) -> int:
+  """Programs per (row, KV head): about 128 in all (an H100 has 132 SMs), at most one per tile."""
+  return int(max(1, min(tiles, 128 // max(1, batch * kv_heads))))
+
+
+def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, q_start,
+                          kc_coarse=None, segment_ids=None, kv_segment_ids=None,
+                          implementation: str = "pallas", block_windows: int = 64,
+                          splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
+  """See the module docstring. q [b, 1, heads, d]; kc / kc_coarse as `compressed_block_scores`
+  takes them (num_windows(kv_len, ...) windows); q_start [b]; segment_ids [b, 1] with
+  kv_segment_ids [b, kv_len], or neither. block_windows: compressed windows per tile (a power
+  of two, a multiple of block_size / compress_stride); splits: programs per (row, KV head)."""
+  fn = "decode_selection_keys"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{fn}: implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if q.ndim != 4 or q.shape[1] != 1:
+    raise ValueError(f"{fn}: q must be [batch, 1, num_heads, head_dim] (one token), got {q.shape}")
+  if (segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError(f"{fn}: pass both segment_ids and kv_segment_ids, or neither")
+  b = q.shape[0]
+  q_start = jnp.broadcast_to(jnp.asarray(q_start, jnp.int32).reshape(-1), (b,))
+  if implementation == "reference":
+    scores = reference.compressed_block_scores(
+        q, kc, cfg, kv_len=kv_len, kc_coarse=kc_coarse, segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids, q_start=q_start, kv_lengths=q_start + 1)
+    return reference.selection_keys(scores, cfg, q_len=1, kv_len=kv_len, q_start=q_start,
+                                    segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+  # The reference's own checks (shapes of kc, kc_coarse, segments), on abstract values only.
+  jax.eval_shape(lambda *a: reference.compressed_block_scores(
+      a[0], a[1], cfg, kv_len=kv_len, kc_coarse=a[2], segment_ids=a[3], kv_segment_ids=a[4],
+      q_start=a[5], kv_lengths=a[5] + 1), q, kc, kc_coarse, segment_ids, kv_segment_ids, q_start)
+  ratio = cfg.block_size // cfg.compress_stride
+  overlap = cfg.compress_window // cfg.compress_stride
+  if (cfg.block_size % cfg.compress_stride or ratio & (ratio - 1)
+      or cfg.compress_window % cfg.compress_stride or overlap > ratio + 1):
+    raise ValueError(f"{fn}: the kernels need block_size / compress_stride a power of two and "
+                     f"compress_window a multiple of compress_stride, at most block_size + "
+                     f"compress_stride; got block_size={cfg.block_size}, compress_window="
+                     f"{cfg.compress_window}, compress_stride={cfg.compress_stride}")
+  if block_windows < 16 or block_windows & (block_windows - 1) or block_windows % ratio:
+    raise ValueError(f"{fn}: block_windows must be a power of two >= 16 and a multiple of "
+                     f"{ratio}, got {block_windows}")
+  heads, d = q.shape[2], q.shape[3]
+  kv_heads = kc.shape[2]
+  group = heads // kv_heads
+  rows = max(16, next_power_of_2(group))
+  qg = q[:, 0].reshape(b, kv_heads, group, d).astype(kc.dtype)
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+  n_blocks = -(-kv_len // cfg.block_size)
+  tile_blocks = block_windows // ratio
+  n_out = max(next_power_of_2(n_blocks), tile_blocks)
+  tiles = n_out // tile_blocks
+  splits = default_splits(b, kv_heads, tiles) if splits is None else splits
+  if not isinstance(splits, int) or isinstance(splits, bool) or splits < 1:
+    raise ValueError(f"{fn}: splits must be None or a positive int, got {splits!r}")
+
+  if segment_ids is None:
+    q_seg = jnp.zeros((b,), jnp.int32)
+    wseg = doc = None
+    coarse = None if not cfg.approximate_lse else (kc_coarse, None)
+  else:
+    q_seg = segment_ids[:, 0].astype(jnp.int32)
+    kv_seg = kv_segment_ids.astype(jnp.int32)
+    wseg = _window_segments(kv_seg, kc.shape[1], cfg.compress_window, cfg.compress_stride)
+    coarse = None
+    if cfg.approximate_lse:
+      coarse = (kc_coarse, _window_segments(kv_seg, kc_coarse.shape[1], cfg.lse_window,
+                                            cfg.lse_stride))
+    exists = jnp.arange(n_blocks * cfg.block_size) < kv_len
+    blocks = jnp.pad(kv_seg, ((0, 0), (0, n_blocks * cfg.block_size - kv_len)))
+    same_doc = (blocks == q_seg[:, None]) & exists
+    doc = jnp.any(same_doc.reshape(b, n_blocks, cfg.block_size), axis=-1)
+    doc = jnp.pad(doc.astype(jnp.int32), ((0, 0), (0, n_out - n_blocks)))
+  pos = jnp.stack([q_start, q_seg], axis=-1)
+  keys = decode_keys_kernels(
+      pos, qg, kc, coarse, wseg, doc, heads=group, tile=block_windows, splits=int(splits),
+      window=cfg.compress_window, stride=cfg.compress_stride, lse_window=cfg.lse_window,
+      lse_stride=cfg.lse_stride, block_size=cfg.block_size, init_blocks=cfg.init_blocks,
+      local_blocks=cfg.local_blocks, n_out=n_out, interpret=implementation == "interpret",
+      num_warps=num_warps, num_stages=num_stages)
+  return keys[:, None]
