@@ -27,7 +27,8 @@ score}}, "long_ppl": {length: ppl}, ...}} plus settings, visible fractions, comm
 times), longctx_ablation.md (the tables), longctx_ablation_vs_length.png (average score vs length,
 one line per method), short_to_long_loss.png (the pretraining curve, then the three continuations'
 training and validation loss after the switch) and longctx_ablation_metrics.csv (every phase's
-train and eval log in one file). `--replot` redraws the two PNGs from the JSON and CSV alone, e.g.
+train and eval log in one file). `--replot` rewrites the summary and markdown and redraws the two
+PNGs from the JSON and CSV alone (e.g. after adding a statistic to the report), or
 on a laptop when the GPU image lacks matplotlib.
 
 Time at --scale=gpu, measured on one H100 (2026-12-06): pretraining 350 s (1000 steps, 316 s
@@ -61,7 +62,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from configs import longctx_ablation as ablation_config  # noqa: E402
 from sparsejax.eval import DEPTH_TASKS, TASKS, compare_methods, evaluate  # noqa: E402
-from sparsejax.eval import long_perplexity, write_results  # noqa: E402
+from sparsejax.eval import long_perplexity, paired_bootstrap, write_results  # noqa: E402
 from sparsejax.eval.harness import _jsonable  # noqa: E402
 from sparsejax.eval.selection import run_probe, table_lines  # noqa: E402
 from sparsejax.model import with_config  # noqa: E402
@@ -103,8 +104,8 @@ _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", None, "Prompts per generat
 _PPL_DOCS = flags.DEFINE_integer("ppl_docs", None, "Documents per long-perplexity length.")
 _PPL_TAIL = flags.DEFINE_integer("ppl_tail", None, "Scored tokens at the end of each document.")
 _PROGRESS = flags.DEFINE_bool("progress", False, "Show the trainer's progress bars.")
-_REPLOT = flags.DEFINE_bool("replot", False, f"Only redraw the PNGs from <out_dir>/{JSON_NAME} "
-                            f"and <out_dir>/{CSV_NAME}.")
+_REPLOT = flags.DEFINE_bool("replot", False, f"Only rewrite the summary, the markdown and the "
+                            f"PNGs from <out_dir>/{JSON_NAME} and <out_dir>/{CSV_NAME}.")
 
 
 def elapsed() -> str:
@@ -469,6 +470,10 @@ def summarize(report: dict) -> dict:
   if "avg_score" in dense and "avg_score" in free:
     s["training_free_over_dense_avg_score"] = (free["avg_score"] / dense["avg_score"]
                                                if dense["avg_score"] > 0 else None)
+  # Intervals over the prompts (paired: every method answered the same ones) against dense.
+  s["paired_vs_dense"] = {k: paired_bootstrap(dense["samples"], r["samples"])
+                          for k, r in m.items()
+                          if k != "dense" and "samples" in r and "samples" in dense}
   s["thresholds"] = {"score_ratio": MIN_SCORE_RATIO, "ppl_ratio": MAX_PPL_RATIO,
                      "beyond_window_margin": MIN_BEYOND_MARGIN}
   return s
@@ -519,6 +524,15 @@ def markdown(report: dict) -> str:
     lines.append(f"- `{TRAINING_FREE}` (the dense continuation's weights under InfLLM-V2 "
                  "attention, never trained sparse) / dense average score: "
                  f"{'-' if ratio is None else f'{100 * ratio:.1f}%'}")
+  if s.get("paired_vs_dense"):
+    lines.append("- Average score against dense, with 95% bootstrap intervals over the prompts "
+                 "(paired; they do not cover the run-to-run variance of training):")
+    for k, p in s["paired_vs_dense"].items():
+      ratio = ("-" if p["ratio"] is None else
+               f"{100 * p['ratio']:.0f}% [{100 * p['ratio_ci95'][0]:.0f}, "
+               f"{100 * p['ratio_ci95'][1]:.0f}]")
+      lines.append(f"  - {k}: {100 * p['diff']:+.1f} points [{100 * p['diff_ci95'][0]:+.1f}, "
+                   f"{100 * p['diff_ci95'][1]:+.1f}], ratio {ratio} ({p['n']} prompts)")
   probed = {k: v["selection"] for k, v in done.items() if v.get("selection")}
   if probed:
     pr = ev["probe"]
@@ -724,7 +738,14 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   out_dir = _OUT_DIR.value
   os.makedirs(out_dir, exist_ok=True)
-  if _REPLOT.value:
+  if _REPLOT.value:  # the summary and markdown too, from the JSON (e.g. after adding a statistic)
+    with open(os.path.join(out_dir, JSON_NAME), encoding="utf-8") as f:
+      report = json.load(f)
+    report["summary"] = summarize(report)
+    with open(os.path.join(out_dir, JSON_NAME), "w", encoding="utf-8") as f:
+      json.dump(_jsonable(report), f, indent=1)
+    with open(os.path.join(out_dir, MD_NAME), "w", encoding="utf-8") as f:
+      f.write(markdown(_jsonable(report)))
     say("redrew " + ", ".join(draw_plots(out_dir, os.path.join(out_dir, ".plots_scratch"))))
     shutil.rmtree(os.path.join(out_dir, ".plots_scratch"), ignore_errors=True)
     return

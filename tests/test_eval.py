@@ -235,3 +235,25 @@ def test_binary_end_to_end(tmp_path):
   assert data["config"]["model"]["max_seq_len"] == 512
   for suffix in (".md", "_heatmap_passkey.png", "_vs_length.png"):
     assert os.path.getsize(out_stem + suffix) > 0
+
+
+def test_paired_bootstrap_intervals():
+  from sparsejax.eval import paired_bootstrap
+
+  def records(scores):
+    return [{"task": t, "length": 4096, "depth": 0.5, "sample": i, "score": s}
+            for t, row in scores.items() for i, s in enumerate(row)]
+
+  rng = np.random.default_rng(0)
+  a = {"passkey": rng.integers(0, 2, 60).astype(float), "multi_key": rng.integers(0, 2, 60) * 1.0}
+  same = paired_bootstrap(records(a), records(a), reps=200)
+  assert same["diff"] == 0 and same["diff_ci95"] == [0.0, 0.0] and same["ratio"] == 1.0
+  # b answers every prompt a answers, and 20 more: a strictly positive paired difference.
+  b = {t: v.copy() for t, v in a.items()}
+  b["passkey"][np.flatnonzero(b["passkey"] == 0)[:20]] = 1.0
+  r = paired_bootstrap(records(a), records(b), reps=500)
+  assert r["n"] == 120 and np.isclose(r["diff"], 20 / 60 / 2)
+  assert 0 < r["diff_ci95"][0] < r["diff"] < r["diff_ci95"][1]
+  assert r["ratio_ci95"][0] > 1
+  with pytest.raises(ValueError, match="same prompts"):
+    paired_bootstrap(records(a), records(a)[1:])

@@ -1,5 +1,6 @@
 """Long-context evaluation: RULER-style synthetic tasks, the scoring harness and long perplexity."""
-from sparsejax.eval.harness import compare_methods, evaluate, markdown_table, score, write_results
+from sparsejax.eval.harness import (compare_methods, evaluate, markdown_table, paired_bootstrap,
+                                    score, write_results)
 from sparsejax.eval.perplexity import long_documents, long_perplexity
 from sparsejax.eval.tasks import DEPTH_TASKS, HAYSTACKS, TASKS, Sample, make_sample
 
@@ -14,6 +15,7 @@ __all__ = [
     "long_perplexity",
     "make_sample",
     "markdown_table",
+    "paired_bootstrap",
     "score",
     "write_results",
 ]

@@ -126,6 +126,42 @@ def evaluate(model, tokenizer, tasks: Iterable[str], lengths: Iterable[int],
 # ---------------------------------------------------------------------------------------------
 # Reports.
 
+def paired_bootstrap(samples_a: Sequence[dict], samples_b: Sequence[dict], *, reps: int = 2000,
+                     seed: int = 0) -> dict:
+  """How sure is "method b scores x against method a"? Both methods answered the same prompts
+  (the records of `evaluate`, matched on task, length, depth and sample); resampling the prompts
+  with replacement, within each task, gives a 95% interval for b - a and b / a of the average
+  score (the mean of the task means, as `evaluate`'s avg_score). It covers the prompts drawn, not
+  the run-to-run variance of training the models.
+
+  Returns {"n", "a", "b", "diff", "diff_ci95": [lo, hi], "ratio", "ratio_ci95": [lo, hi]}
+  (ratio None where a's average is 0)."""
+  key = lambda r: (r["task"], int(r["length"]), float(r["depth"]), int(r["sample"]))
+  a = {key(r): float(r["score"]) for r in samples_a}
+  b = {key(r): float(r["score"]) for r in samples_b}
+  if set(a) != set(b) or not a:
+    raise ValueError(f"paired_bootstrap: the two runs must score the same prompts; "
+                     f"{len(set(a) ^ set(b))} of {len(set(a) | set(b))} differ")
+  tasks = sorted({k[0] for k in a})
+  per_task = [np.array([[a[k], b[k]] for k in sorted(a) if k[0] == t]) for t in tasks]
+
+  def averages(draws):  # draws: one index array per task -> (avg a, avg b)
+    means = np.stack([scores[d].mean(axis=-2) for scores, d in zip(per_task, draws)])
+    return means.mean(axis=0)
+
+  rng = np.random.default_rng(seed)
+  point = averages([np.arange(len(x)) for x in per_task])
+  boot = np.stack([averages([rng.integers(0, len(x), len(x)) for x in per_task])
+                   for _ in range(reps)])                                       # [reps, 2]
+  interval = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+  ratio = None if point[0] == 0 else float(point[1] / point[0])
+  ratios = boot[:, 1] / np.where(boot[:, 0] > 0, boot[:, 0], np.nan)
+  return {"n": len(a), "a": float(point[0]), "b": float(point[1]),
+          "diff": float(point[1] - point[0]), "diff_ci95": interval(boot[:, 1] - boot[:, 0]),
+          "ratio": ratio,
+          "ratio_ci95": None if ratio is None else interval(ratios[np.isfinite(ratios)])}
+
+
 def _jsonable(obj):
   """Dict keys to strings (lengths, depths) and numpy scalars to Python ones."""
   if isinstance(obj, dict):
