@@ -1,27 +1,45 @@
 #!/bin/bash
-# One device call: every GPU test and the kernel benchmarks, results under $OUT.
+# One device call: the GPU tests and the kernel benchmarks. Their files end up in one archive,
+# $OUT/gpu_kernels.tgz (a device call returns at most 8 files; these are about 10).
 #   bash experiments/gpu_kernels.sh   (on the GPU machine, from the repo root, .whl carried)
+# Each step has a time limit (seconds, 0 skips it): TESTS_S, DECODE_S, ATTN_S, FFN_S.
 set -u
 source experiments/gpu_env.sh
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
-stamp "gpu tests"
-timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider tests/gpu ${TEST_ARGS:-} 2>&1 \
-  | grep -v "Warning\|warn\|^  " | tail -30 > "$OUT/gpu_tests.txt"
-tail -8 "$OUT/gpu_tests.txt"
-stamp "bench_ffn"
-timeout ${FFN_S:-120} python3 -m experiments.bench_ffn --out="$OUT/bench_ffn" 2>&1 | grep -v Warn | tail -6
-if [ -f experiments/bench_decode.py ]; then
-  stamp "bench_decode"
-  timeout ${DECODE_S:-90} python3 -m experiments.bench_decode --seq_lens=${DECODE_LENS:-32768,131072} \
-    --batch=8 --out="$OUT/bench_decode" 2>&1 \
-    | grep -v Warn | tail -6
+runs() { [ "${1:-0}" -gt 0 ]; }
+if runs ${TESTS_S:-200}; then
+  stamp "gpu tests ${TEST_FILES:-tests/gpu}"
+  timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/gpu} 2>&1 \
+    | grep -v "Warning\|warn\|^  " | tail -30 > "$OUT/gpu_tests.txt"
+  tail -8 "$OUT/gpu_tests.txt"
 fi
-stamp "bench_attention"
-timeout ${ATTN_S:-240} python3 -m experiments.bench_attention --seq_lens=${SEQ_LENS:-32768,131072} \
-  --passes=${PASSES:-attn_only,fwd,fwd_bwd} --iters=5 --out="$OUT/bench_attention" 2>&1 \
-  | grep '^{' | cut -c1-600
-stamp "bench_attention block_q 16"
-timeout ${ATTN16_S:-60} python3 -m experiments.bench_attention --seq_lens=131072 --passes=fwd \
-  --attn_block_q=16 --iters=3 --out="$OUT/bench_attention_bq16" 2>&1 | grep '^{' | cut -c1-400
-stamp done
+if runs ${DECODE_S:-150}; then
+  # XLA's selection keys and the decode kernels' (attention_options decode_keys_kernel), each
+  # with in-step timing; the kernels' run also traces its kernels.
+  for keys in nokeys_kernel keys_kernel; do
+    stamp "bench_decode --$keys"
+    extra=""; [ $keys = keys_kernel ] && extra="--profile"
+    timeout $(( ${DECODE_S:-150} / 2 )) python3 -m experiments.bench_decode \
+      --seq_lens=${DECODE_LENS:-32768,131072} --batch=8 --configs=issue --$keys $extra \
+      --out="$OUT/bench_decode_$keys" 2>&1 | grep '^{' | cut -c1-500
+  done
+fi
+if runs ${ATTN_S:-300}; then
+  # The sweep first (tile tokens, scoring options, launches) at 64k, then the rows at the best,
+  # with each row's kernels traced.
+  stamp "bench_attention --tune"
+  timeout ${ATTN_S:-300} python3 -m experiments.bench_attention --tune --tune_seq_len=65536 \
+    --tune_block_q=${TUNE_BLOCK_Q:-1,2,4} \
+    --tune_score_grid="block_rows=128|256,block_windows=64,num_warps=4|8" \
+    --tune_launch_grid=4x2,4x3 --seq_lens=${SEQ_LENS:-32768,131072} --passes=fwd,fwd_bwd \
+    --iters=3 --profile --out="$OUT/bench_attention" 2>&1 | grep '^{' | cut -c1-400
+fi
+if runs ${FFN_S:-0}; then
+  stamp "bench_ffn"
+  timeout ${FFN_S} python3 -m experiments.bench_ffn --out="$OUT/bench_ffn" 2>&1 | grep -v Warn \
+    | tail -6
+fi
+(cd "$OUT" && tar czf gpu_kernels.tgz --exclude=gpu_kernels.tgz . && find . -type f \
+  ! -name gpu_kernels.tgz -delete)
+stamp "done: $OUT/gpu_kernels.tgz"
