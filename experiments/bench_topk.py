@@ -25,6 +25,8 @@ _TOPK = flags.DEFINE_integer("topk", 64, "Blocks selected per row.")
 _LOCAL = flags.DEFINE_integer("local_blocks", 32, "Forced local blocks.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "", "Output path stem (.json and .md).")
+_NUM_WARPS = flags.DEFINE_list("num_warps", ["4"], "Warps per kernel program (one row each); "
+                               "several values: one row of results each.")
 KV_HEADS, BLOCK = 2, 64
 
 
@@ -49,16 +51,19 @@ def main(argv):
     scores = jax.random.uniform(jax.random.key(seq), (seq, KV_HEADS, seq // BLOCK), jnp.float32)
     key = causal_keys(scores)
     xla = jax.jit(lambda k: ref_ops.top_blocks(k, _TOPK.value))
-    kernel = jax.jit(lambda k: top_blocks(k, _TOPK.value, implementation="pallas"))
-    agree = all(bool(jnp.array_equal(a, b)) for a, b in zip(xla(key), kernel(key)))
-    t_xla, t_kernel = timeit(xla, key), timeit(kernel, key)
-    n = key.size // key.shape[-1]
-    row = {"seq_len": seq, "rows": n, "blocks": key.shape[-1], "topk": _TOPK.value,
-           "xla_ms": t_xla, "kernel_ms": t_kernel, "speedup": t_xla / t_kernel,
-           "agree": agree, "key_bytes": key.size * 4,
-           "kernel_read_gbps": key.size * 4 / t_kernel / 1e6}
-    print(json.dumps(row), flush=True)
-    rows.append(row)
+    t_xla = timeit(xla, key)
+    for warps in map(int, _NUM_WARPS.value):
+      kernel = jax.jit(lambda k, w=warps: top_blocks(k, _TOPK.value, implementation="pallas",
+                                                     num_warps=w))
+      agree = all(bool(jnp.array_equal(a, b)) for a, b in zip(xla(key), kernel(key)))
+      t_kernel = timeit(kernel, key)
+      n = key.size // key.shape[-1]
+      row = {"seq_len": seq, "rows": n, "blocks": key.shape[-1], "topk": _TOPK.value,
+             "num_warps": warps, "xla_ms": t_xla, "kernel_ms": t_kernel,
+             "speedup": t_xla / t_kernel, "agree": agree, "key_bytes": key.size * 4,
+             "kernel_read_gbps": key.size * 4 / t_kernel / 1e6}
+      print(json.dumps(row), flush=True)
+      rows.append(row)
   if _OUT.value:
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}
@@ -66,10 +71,11 @@ def main(argv):
       json.dump(result, f, indent=2)
     with open(_OUT.value + ".md", "w") as f:
       f.write(f"# Top-k block selection ({result['device']}, jax {result['jax']})\n\n"
-              "| seq | rows x blocks | k | XLA top_k + sort ms | kernel ms | speedup | "
-              "keys read GB/s | equal |\n|---|---|---|---|---|---|---|---|\n")
+              "| seq | rows x blocks | k | warps | XLA top_k + sort ms | kernel ms | speedup | "
+              "keys read GB/s | equal |\n|---|---|---|---|---|---|---|---|---|\n")
       for r in rows:
         f.write(f"| {r['seq_len']} | {r['rows']} x {r['blocks']} | {r['topk']} | "
+                f"{r['num_warps']} | "
                 f"{r['xla_ms']:.2f} | {r['kernel_ms']:.2f} | {r['speedup']:.2f}x | "
                 f"{r['kernel_read_gbps']:.0f} | {r['agree']} |\n")
 

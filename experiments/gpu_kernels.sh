@@ -2,7 +2,7 @@
 # One device call: the GPU tests and the kernel benchmarks. Their files end up in one archive,
 # $OUT/gpu_kernels.tgz (a device call returns at most 8 files; these are about 10).
 #   bash experiments/gpu_kernels.sh   (on the GPU machine, from the repo root, .whl carried)
-# Each step has a time limit (seconds, 0 skips it): TESTS_S, DECODE_S, ATTN_S, FFN_S.
+# Each step has a time limit (seconds, 0 skips it): TESTS_S, DECODE_S, ATTN_S, TOPK_S, FFN_S.
 set -u
 source experiments/gpu_env.sh
 start=$(date +%s)
@@ -34,6 +34,11 @@ if runs ${ATTN_S:-300}; then
     --tune_score_grid="block_rows=128|256,block_windows=64,num_warps=4|8" \
     --tune_launch_grid=4x2,4x3 --seq_lens=${SEQ_LENS:-32768,131072} --passes=fwd,fwd_bwd \
     --iters=3 --profile --out="$OUT/bench_attention" 2>&1 | grep '^{' | cut -c1-400
+fi
+if runs ${TOPK_S:-60}; then
+  stamp "bench_topk, warps per row"
+  timeout ${TOPK_S:-60} python3 -m experiments.bench_topk --seq_lens=131072 --num_warps=1,2,4,8 \
+    --out="$OUT/bench_topk_warps" 2>&1 | grep '^{' | cut -c1-300
 fi
 if runs ${FFN_S:-0}; then
   stamp "bench_ffn"
