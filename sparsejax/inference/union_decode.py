@@ -18,7 +18,7 @@ from flax import nnx
 from pallas_kernels.union_ffn import UnionFFNConfig, union_ffn
 from pallas_kernels.union_ffn.kernel import MAX_ROWS
 from pallas_kernels.union_ffn.op import EXPERT_WEIGHTS
-from sparsejax.layers.moe import _ExpertFFN
+from sparsejax.layers.moe import ExpertFFN
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
 # Single-token decode is where the fused path wins on the H100 (experiments/results/
@@ -30,7 +30,7 @@ DEFAULT_CONFIG = UnionFFNConfig(fusion="fused")
 class UnionDecode(nnx.Module):
   """One expert layer's weights in the kernel's layout, and how to run it."""
 
-  def __init__(self, ffn: _ExpertFFN, *, implementation: str, config: UnionFFNConfig, dtype):
+  def __init__(self, ffn: ExpertFFN, *, implementation: str, config: UnionFFNConfig, dtype):
     layout = EXPERT_WEIGHTS[config.fusion]
     weights = layout.from_layer(ffn.w_up[...].astype(dtype), ffn.w_down[...].astype(dtype))
     self.up_t = nnx.Variable(weights[0])
@@ -51,8 +51,8 @@ class UnionDecode(nnx.Module):
     return y[:, None]
 
 
-def _expert_layers(model) -> list[_ExpertFFN]:
-  return [block.ffn for block in model.blocks if isinstance(block.ffn, _ExpertFFN)]
+def _expert_layers(model) -> list[ExpertFFN]:
+  return [block.ffn for block in model.blocks if isinstance(block.ffn, ExpertFFN)]
 
 
 def prepare_union_decode(model, *, implementation: str = "pallas",

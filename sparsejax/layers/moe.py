@@ -358,8 +358,9 @@ def remoe_l1_loss(gates: jax.Array, segment_ids: jax.Array | None,
 
 
 # ---- modules ----------------------------------------------------------------------------------
-class _ExpertFFN(nnx.Module):
-  """Router + E SiLU experts; subclasses define the gates, losses and coefficients."""
+class ExpertFFN(nnx.Module):
+  """Router + E SiLU experts; subclasses define the gates, losses and coefficients. Public: the
+  union-of-experts decode (sparsejax.inference.union_decode) serves any of them."""
 
   kind: ClassVar[str]
   Options: ClassVar[type] = ExpertOptions
@@ -413,7 +414,7 @@ class _ExpertFFN(nnx.Module):
 
 
 @register_ffn("blockffn")
-class BlockFFN(_ExpertFFN):
+class BlockFFN(ExpertFFN):
   """A0 = x W_r, A1 = ReLU(A0), A = RMSNorm(A1) over experts; out = sum_i A_i E_i(x).
 
   No top-k and no balance loss. aux: "loss/al" (al_weight * L_al), "scaled_loss/cs" (raw L_cs,
@@ -461,7 +462,7 @@ class BlockFFN(_ExpertFFN):
 
 
 @register_ffn("topk_moe")
-class TopKMoE(_ExpertFFN):
+class TopKMoE(ExpertFFN):
   """Softmax router, the top_k experts per token (gates renormalised by default, as the BlockFFN
   paper's TopK baseline and Mixtral do). aux: "loss/balance" (balance_weight * Switch loss)."""
 
@@ -482,7 +483,7 @@ class TopKMoE(_ExpertFFN):
 
 
 @register_ffn("remoe")
-class ReMoE(_ExpertFFN):
+class ReMoE(ExpertFFN):
   """ReLU router R = ReLU(x W_r), out = sum_i R_i E_i(x) (arXiv 2412.14711). aux:
   "scaled_loss/l1" (the raw load-balanced L1 penalty), weighted by the coefficient "l1" that is
   multiplied by l1_multiplier after each step whose token-level sparsity is below the target and
