@@ -5,8 +5,8 @@
                         kv_segment_ids=None, implementation="pallas" | "interpret" | "reference")
       -> float32 [batch, 1, kv_heads, n_keys]
 
-Same as `selection_keys(compressed_block_scores(...))` of sparsejax.ops.infllmv2 for one query
-token per row (+inf forced, -inf ineligible, else the block score), with n_keys >= ceil(kv_len /
+Same as `decode_selection_keys` of sparsejax.ops.infllmv2 (the reference) for one query token
+per row (+inf forced, -inf ineligible, else the block score), with n_keys >= ceil(kv_len /
 block_size): the columns past the last block are -inf, so the top-k reads them as padding.
 
 Why kernels: in XLA a decode step's selection is about a dozen small fusions (logits, two
@@ -292,16 +292,12 @@ def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, 
     raise ValueError(f"{fn}: pass both segment_ids and kv_segment_ids, or neither")
   b = q.shape[0]
   q_start = jnp.broadcast_to(jnp.asarray(q_start, jnp.int32).reshape(-1), (b,))
+  kw = dict(kv_len=kv_len, q_start=q_start, kc_coarse=kc_coarse, segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids)
   if implementation == "reference":
-    scores = reference.compressed_block_scores(
-        q, kc, cfg, kv_len=kv_len, kc_coarse=kc_coarse, segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids, q_start=q_start, kv_lengths=q_start + 1)
-    return reference.selection_keys(scores, cfg, q_len=1, kv_len=kv_len, q_start=q_start,
-                                    segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    return reference.decode_selection_keys(q, kc, cfg, **kw)
   # The reference's own checks (shapes of kc, kc_coarse, segments), on abstract values only.
-  jax.eval_shape(lambda *a: reference.compressed_block_scores(
-      a[0], a[1], cfg, kv_len=kv_len, kc_coarse=a[2], segment_ids=a[3], kv_segment_ids=a[4],
-      q_start=a[5], kv_lengths=a[5] + 1), q, kc, kc_coarse, segment_ids, kv_segment_ids, q_start)
+  jax.eval_shape(lambda q, kc: reference.decode_selection_keys(q, kc, cfg, **kw), q, kc)
   ratio = cfg.block_size // cfg.compress_stride
   overlap = cfg.compress_window // cfg.compress_stride
   if (cfg.block_size % cfg.compress_stride or ratio & (ratio - 1)

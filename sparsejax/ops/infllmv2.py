@@ -675,6 +675,19 @@ def decode_width(cfg: InfLLMv2Config, kv_len: int) -> int:
   return max(cfg.topk, dense_blocks)
 
 
+def decode_selection_keys(q: jax.Array, kc: jax.Array, cfg: InfLLMv2Config, *, kv_len: int,
+                          q_start: jax.Array, kc_coarse: jax.Array | None = None,
+                          segment_ids: jax.Array | None = None,
+                          kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """`selection_keys` of `compressed_block_scores` for one query token per row at q_start [b]
+  (keys [0, q_start] filled): float32 [b, 1, kv_heads, ceil(kv_len / block_size)]."""
+  scores = compressed_block_scores(q, kc, cfg, kv_len=kv_len, kc_coarse=kc_coarse,
+                                   segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                   q_start=q_start, kv_lengths=q_start + 1)
+  return selection_keys(scores, cfg, q_len=1, kv_len=kv_len, q_start=q_start,
+                        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+
+
 def select_decode_blocks(
     q: jax.Array,
     kc: jax.Array,
@@ -709,17 +722,10 @@ def select_decode_blocks(
     raise ValueError(f"{fn}: q_start (the query positions, [batch]) is required")
   b = q.shape[0]
   q_start = jnp.broadcast_to(jnp.asarray(q_start, jnp.int32).reshape(-1), (b,))
-  if selection_keys_fn is None:
-    scores = compressed_block_scores(q, kc, cfg, kv_len=kv_len, kc_coarse=kc_coarse,
-                                     segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                                     q_start=q_start, kv_lengths=q_start + 1)
-    idx, valid = select_blocks(scores, cfg, q_len=1, kv_len=kv_len, q_start=q_start,
-                               segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                               top_blocks_fn=top_blocks_fn)
-  else:
-    key = selection_keys_fn(q, kc, cfg, kv_len=kv_len, q_start=q_start, kc_coarse=kc_coarse,
-                            segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
-    idx, valid = (top_blocks_fn or top_blocks)(key, cfg.topk)
+  key = (selection_keys_fn or decode_selection_keys)(
+      q, kc, cfg, kv_len=kv_len, q_start=q_start, kc_coarse=kc_coarse, segment_ids=segment_ids,
+      kv_segment_ids=kv_segment_ids)
+  idx, valid = (top_blocks_fn or top_blocks)(key, cfg.topk)
   width = decode_width(cfg, kv_len)
   pad = ((0, 0), (0, 0), (0, 0), (0, width - cfg.topk))
   idx = jnp.pad(idx, pad, constant_values=-1)
