@@ -45,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.block_scores.kernel import visible_tiles
 from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
 from pallas_kernels.sparse_attention.index import next_power_of_2
 from sparsejax.ops import infllmv2 as reference
@@ -94,19 +95,13 @@ def _finish_lse(m, l):
   return jnp.where(l > 0, m + jnp.log2(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
-def _visible_tiles(q_pos, window, stride, count, tile):
-  """Tiles of `tile` windows holding a window whose last token is <= q_pos."""
-  n = jnp.minimum(jnp.maximum((q_pos - window + 1) // stride + 1, 0), count)
-  return (n + tile - 1) // tile
-
-
 def _normaliser_kernel(pos_ref, q_ref, keys_ref, *refs, tile, count, window, stride, splits,
                        scale2, segments):
   wseg_ref = refs[0] if segments else None
   m_ref, l_ref = refs[-2:]
   split = pl.program_id(2)
   q_pos, q_seg = pos_ref[0], pos_ref[1]
-  n = _visible_tiles(q_pos, window, stride, count, tile)
+  n = visible_tiles(q_pos, window, stride, count, tile)
   per = (n + splits - 1) // splits
   lo = jnp.minimum(split * per, n)
   m, l = _online_lse(q_ref[...], keys_ref, wseg_ref, q_pos, q_seg, lo, jnp.minimum(lo + per, n),
@@ -116,7 +111,7 @@ def _normaliser_kernel(pos_ref, q_ref, keys_ref, *refs, tile, count, window, str
 
 
 def _scores_kernel(pos_ref, q_ref, kc_ref, m_ref, l_ref, *refs, tile, count, window, stride,
-                   ratio, overlap, heads, n_blocks, splits, scale2, segments, approximate,
+                   ratio, overlap, heads, splits, scale2, segments, approximate,
                    init_blocks, local_blocks, block_size):
   out_ref = refs[-1]
   wseg_ref, doc_ref = (refs[0], refs[1]) if segments else (None, None)
@@ -134,7 +129,7 @@ def _scores_kernel(pos_ref, q_ref, kc_ref, m_ref, l_ref, *refs, tile, count, win
   head_ok = jnp.arange(rows) < heads
   if approximate:
     need = jnp.max((jnp.isneginf(lse) & head_ok).astype(jnp.int32)) > 0
-    n_exact = jnp.where(need, _visible_tiles(q_pos, window, stride, count, tile), 0)
+    n_exact = jnp.where(need, visible_tiles(q_pos, window, stride, count, tile), 0)
     exact = _finish_lse(*_online_lse(q, kc_ref, wseg_ref, q_pos, q_seg, 0, n_exact, **kw))
     lse = jnp.where(jnp.isneginf(lse), exact, lse)
   lse = jnp.where(jnp.isneginf(lse), 0.0, lse)                     # such rows see nothing
@@ -253,7 +248,7 @@ def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, 
   return pl.pallas_call(
       functools.partial(_scores_kernel, tile=tile, count=c, window=window, stride=stride,
                         ratio=block_size // stride, overlap=window // stride, heads=heads,
-                        n_blocks=n_out, splits=splits, scale2=scale2, segments=segments,
+                        splits=splits, scale2=scale2, segments=segments,
                         approximate=approximate, init_blocks=init_blocks,
                         local_blocks=local_blocks, block_size=block_size),
       grid=(batch, kv_heads, splits), in_specs=in_specs,

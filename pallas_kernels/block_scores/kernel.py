@@ -38,6 +38,13 @@ def _visible(last, seg, q_pos, q_seg):
   return (last[None, :] <= q_pos[:, None]) & (seg[None, :] == q_seg[:, None])
 
 
+def visible_tiles(q_pos, window, stride, count, tile):
+  """Tiles of `tile` windows (of `count`, `window` tokens every `stride`) that hold a window
+  whose last token is <= q_pos: the loop bound of a causal pass over the windows."""
+  n = jnp.minimum(jnp.maximum((q_pos - window + 1) // stride + 1, 0), count)
+  return (n + tile - 1) // tile
+
+
 def _scaled_logits(q2d, keys, shape, scale2):
   """[block_q, group, n] base-2 scaled logits of the (token, head) rows against `keys`."""
   return (plgpu.dot(q2d, keys.T) * scale2).reshape(shape)
@@ -80,16 +87,11 @@ def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, sc
   tile, tile_blocks = block_windows, block_windows // ratio
   total_tiles = kc_ref.shape[0] // tile
 
-  def causal_tiles(win, st, n_tiles):
-    """Tiles holding a window whose last token is <= the tile's last query."""
-    last_query = qi * block_q + block_q - 1
-    count = jnp.maximum((last_query - win + 1) // st + 1, 0)
-    return jnp.minimum((count + tile - 1) // tile, n_tiles)
-
-  n_tiles = causal_tiles(window, stride, total_tiles)
+  last_query = qi * block_q + block_q - 1
+  n_tiles = visible_tiles(last_query, window, stride, kc_ref.shape[0], tile)
   lse_kw = dict(tile=tile, group=group, scale2=scale2)
   if approximate:
-    n2 = causal_tiles(lse_window, lse_stride, kc2_ref.shape[0] // tile)
+    n2 = visible_tiles(last_query, lse_window, lse_stride, kc2_ref.shape[0], tile)
     lse = _online_lse(q2d, kc2_ref, last2_ref, wseg2_ref, q_pos, q_seg, 0, n2, **lse_kw)
     # Exact normaliser for rows without a coarse window; the loop is empty for other tiles.
     need = jnp.max(jnp.isneginf(lse).astype(jnp.int32)) > 0
