@@ -11,7 +11,7 @@ runs() { [ "${1:-0}" -gt 0 ]; }
 if runs ${TESTS_S:-200}; then
   stamp "gpu tests ${TEST_FILES:-tests/gpu}"
   timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/gpu} 2>&1 \
-    | grep -v "Warning\|warn\|^  " | tail -30 > "$OUT/gpu_tests.txt"
+    | grep -v "Warning\|^  " | tail -30 > "$OUT/gpu_tests.txt"
   tail -8 "$OUT/gpu_tests.txt"
 fi
 if runs ${DECODE_S:-150}; then
@@ -45,6 +45,7 @@ if runs ${FFN_S:-0}; then
   timeout ${FFN_S} python3 -m experiments.bench_ffn --out="$OUT/bench_ffn" 2>&1 | grep -v Warn \
     | tail -6
 fi
-(cd "$OUT" && tar czf gpu_kernels.tgz --exclude=gpu_kernels.tgz . && find . -type f \
-  ! -name gpu_kernels.tgz -delete)
+# Archived outside $OUT (tar of a folder it writes into fails), then moved in.
+(cd "$OUT" && tar czf /tmp/gpu_kernels.tgz . && find . -type f -delete \
+  && mv /tmp/gpu_kernels.tgz .)
 stamp "done: $OUT/gpu_kernels.tgz"

@@ -98,11 +98,11 @@ def test_bad_inputs_are_named():
 # ---------------------------------------------------------------------------------------------
 # Decode: selection keys of one query token per row from the cached compressed keys.
 
-from pallas_kernels.block_scores.decode import decode_selection_keys  # noqa: E402
+from pallas_kernels.block_scores.decode import decode_selection_keys, default_splits  # noqa: E402
 
 DECODE_CASES = [  # batch, kv_len, heads, kv_heads, packed, approximate_lse, splits, block_windows
     (3, 200, 4, 2, False, False, None, 16),  # ragged cache: 12.5 blocks
-    (2, 333, 16, 1, True, True, 3, 16),      # GQA 16, documents, coarse normaliser, 3 splits
+    (2, 333, 16, 1, True, True, 4, 16),      # GQA 16, documents, coarse normaliser, 4 splits
     (3, 256, 2, 2, True, False, 1, 32),      # GQA 1, one split, 8-block tiles
     (2, 190, 6, 2, False, True, 2, 16),      # GQA 3 (heads padded), approximate
 ]
@@ -174,3 +174,14 @@ def test_decode_keys_bad_inputs_are_named():
     decode_selection_keys(q, kc[:, :-1], CFG, kv_len=64, q_start=q_start)
   with pytest.raises(ValueError, match="block_windows must be"):
     decode_selection_keys(q, kc, CFG, kv_len=64, q_start=q_start, block_windows=24)
+  with pytest.raises(ValueError, match="splits must be None or a power of two"):
+    decode_selection_keys(q, kc, CFG, kv_len=64, q_start=q_start, splits=3)
+
+
+def test_decode_default_splits_are_powers_of_two():
+  """The GPU run at batch 3 x 4 KV heads once chose 10 splits, which the Triton lowering
+  rejects; the default rounds down to a power of two, at most one split per tile."""
+  assert default_splits(3, 4, 64) == 8
+  assert default_splits(8, 2, 1024) == 8
+  assert default_splits(1, 1, 4) == 4
+  assert default_splits(64, 8, 64) == 1

@@ -265,8 +265,10 @@ def _window_segments(kv_seg, count, window, stride):
 
 
 def default_splits(batch: int, kv_heads: int, tiles: int) -> int:
-  """Programs per (row, KV head): about 128 in all (an H100 has 132 SMs), at most one per tile."""
-  return int(max(1, min(tiles, 128 // max(1, batch * kv_heads))))
+  """Programs per (row, KV head): about 128 in all (an H100 has 132 SMs), at most one per tile,
+  a power of two (the scores kernel loads the [splits, rows] partials as one Triton block)."""
+  most = max(1, min(tiles, 128 // max(1, batch * kv_heads)))
+  return 1 << (most.bit_length() - 1)
 
 
 def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, q_start,
@@ -276,7 +278,8 @@ def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, 
   """See the module docstring. q [b, 1, heads, d]; kc / kc_coarse as `compressed_block_scores`
   takes them (num_windows(kv_len, ...) windows); q_start [b]; segment_ids [b, 1] with
   kv_segment_ids [b, kv_len], or neither. block_windows: compressed windows per tile (a power
-  of two, a multiple of block_size / compress_stride); splits: programs per (row, KV head)."""
+  of two, a multiple of block_size / compress_stride); splits: programs per (row, KV head), a
+  power of two (default `default_splits`)."""
   fn = "decode_selection_keys"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{fn}: implementation must be one of {IMPLEMENTATIONS}, got "
@@ -315,8 +318,10 @@ def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, 
   n_out = max(next_power_of_2(n_blocks), tile_blocks)
   tiles = n_out // tile_blocks
   splits = default_splits(b, kv_heads, tiles) if splits is None else splits
-  if not isinstance(splits, int) or isinstance(splits, bool) or splits < 1:
-    raise ValueError(f"{fn}: splits must be None or a positive int, got {splits!r}")
+  if (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1
+      or splits & (splits - 1)):
+    raise ValueError(f"{fn}: splits must be None or a power of two (the Triton lowering loads "
+                     f"the [splits, rows] partials as one block), got {splits!r}")
 
   if segment_ids is None:
     q_seg = jnp.zeros((b,), jnp.int32)
