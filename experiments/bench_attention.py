@@ -52,7 +52,8 @@ _NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton pipelining stages of
                                    "forward kernel.")
 _LAUNCH = flags.DEFINE_string(
     "launch", "", "num_warps x num_stages of the sparse attention kernels in the fwd/fwd_bwd rows, "
-    "e.g. 'forward=4x3,dq=4x2'; those left out keep the op's defaults (`Launch`).")
+    "and the dk/dv kernel's query tiles per program, e.g. 'forward=4x3,dq=4x2,dkdv_chunk=512'; "
+    "those left out keep the op's defaults (`Launch`).")
 _PASSES = flags.DEFINE_list("passes", ["attn_only", "fwd", "fwd_bwd"], "Which rows to measure.")
 _APPROX = flags.DEFINE_bool("approximate_lse", True, "Stage-1 normaliser over the coarse keys.")
 _ATTN_BLOCK_Q = flags.DEFINE_integer(
@@ -80,6 +81,9 @@ _TUNE_LAUNCH_GRID = flags.DEFINE_list("tune_launch_grid", ["4x2", "4x3", "8x2", 
 _TUNE_BLOCK_Q = flags.DEFINE_list(
     "tune_block_q", [], "Query tokens per attention tile to sweep first (forward + backward "
     "decides; e.g. 1,2,4: one token's heads per tile has no union overhead, but 16-row tiles).")
+_TUNE_DKDV_CHUNK = flags.DEFINE_list(
+    "tune_dkdv_chunk", [], "Query tiles per dk/dv program to sweep last (Launch.dkdv_chunk; one "
+    "larger than q_len / block_q is one program per key block, as before 2026-12-06).")
 _PROFILE = flags.DEFINE_bool("profile", False, "Also trace the fwd/fwd_bwd rows' calls and write "
                              "per-kernel device times to <out>_profile.md and the rows.")
 HEADS, KV_HEADS, DIM = 32, 2, 128
@@ -109,14 +113,19 @@ def parse_pair(text: str) -> tuple[int, int]:
 
 
 def parse_launch(text: str) -> Launch:
-  """'forward=4x2,dq=8x3,dkdv=4x2' -> Launch (kernels left out keep their defaults)."""
-  pairs = {}
+  """'forward=4x2,dq=8x3,dkdv=4x2,dkdv_chunk=512' -> Launch (those left out keep their
+  defaults)."""
+  given = {}
   for item in filter(None, (x.strip() for x in text.split(","))):
-    name, _, pair = item.partition("=")
-    if name not in Launch._fields:
-      raise ValueError(f"--launch: kernel must be one of {Launch._fields}, got {name!r}")
-    pairs[name] = parse_pair(pair)
-  return Launch(**pairs)
+    name, _, value = item.partition("=")
+    if name == "dkdv_chunk" and value.isdigit():
+      given[name] = int(value)
+    elif name in Launch.KERNELS:
+      given[name] = parse_pair(value)
+    else:
+      raise ValueError(f"--launch: expected one of {Launch.KERNELS} =WxS or dkdv_chunk=N, got "
+                       f"{item!r}")
+  return Launch(**given)
 
 
 def parse_grid(text: str) -> list[dict[str, int]]:
@@ -215,7 +224,7 @@ def tune(cfg, topk_impl, block_q, hp):
   if _TUNE_BLOCK_Q.value:
     block_q = best("block_q")
   launch = Launch()
-  for kernel in Launch._fields:  # one kernel at a time, the others at their best so far
+  for kernel in Launch.KERNELS:  # one kernel at a time, the others at their best so far
     for pair in map(parse_pair, _TUNE_LAUNCH_GRID.value):
       trial = launch._replace(**{kernel: pair})
       if kernel == "forward":
@@ -223,6 +232,10 @@ def tune(cfg, topk_impl, block_q, hp):
       else:
         measure(kernel, list(pair), grads(trial), q, k, v, idx, valid, w)
     launch = launch._replace(**{kernel: tuple(best(kernel))})
+  for chunk in map(int, _TUNE_DKDV_CHUNK.value):
+    measure("dkdv_chunk", chunk, grads(launch._replace(dkdv_chunk=chunk)), q, k, v, idx, valid, w)
+  if _TUNE_DKDV_CHUNK.value:
+    launch = launch._replace(dkdv_chunk=best("dkdv_chunk"))
   # The launch changes the schedule, not the arithmetic: the tuned kernels against the defaults.
   new = jax.jit(grads(launch))(q, k, v, idx, valid, w)
   old = jax.jit(grads(Launch()))(q, k, v, idx, valid, w)

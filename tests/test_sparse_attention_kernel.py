@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.sparse_attention import Launch, query_block_unions, sparse_attention
-from pallas_kernels.sparse_attention.index import block_index
+from pallas_kernels.sparse_attention.index import block_index, max_items
 from sparsejax.ops import infllmv2 as ref_ops
 from sparsejax.ops.attention import dense_attention
 
@@ -112,15 +112,16 @@ def test_bf16_inputs():
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("batch,seq,heads,kv_heads,packed,hp", [
-    (1, 48, 4, 2, False, 1), (2, 70, 4, 4, True, 1), (1, 64, 16, 1, True, 1),
-    (2, 75, 8, 2, True, 4),    # heads_per_program = group: one head-chunk per KV head
-    (2, 75, 16, 2, True, 2),   # heads_per_program < group: dk/dv loop over 4 head-chunks
-    (2, 100, 8, 2, True, 2)])
-def test_gradients_match_reference(batch, seq, heads, kv_heads, packed, hp):
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,packed,hp,chunk", [
+    (1, 48, 4, 2, False, 1, 1024), (2, 70, 4, 4, True, 1, 1), (1, 64, 16, 1, True, 1, 2),
+    (2, 75, 8, 2, True, 4, 3),       # heads_per_program = group: one head-chunk per KV head
+    (2, 75, 16, 2, True, 2, 1024),   # heads_per_program < group: dk/dv loop over 4 head-chunks
+    (2, 100, 8, 2, True, 2, 1)])
+def test_gradients_match_reference(batch, seq, heads, kv_heads, packed, hp, chunk):
   """The dq and dk/dv kernels (through the custom_vjp), including the lse output's cotangent;
   tokens 32-47 select nothing, so some rows see no key: a whole tile of them at 16-token tiles,
-  beside rows that see keys at 32-token tiles (hp = 2)."""
+  beside rows that see keys at 32-token tiles (hp = 2). chunk: query tiles per dk/dv work item
+  (1-3: a key block's partial sums come from several items; 1024: one item per key block)."""
   q, k, v = inputs(seq, batch, seq, heads, kv_heads, 16)
   seg = None
   if packed:
@@ -136,7 +137,8 @@ def test_gradients_match_reference(batch, seq, heads, kv_heads, packed, hp):
     # A launch other than the default travels through the custom_vjp's static arguments.
     out, lse = sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
                                 implementation="interpret", heads_per_program=hp,
-                                launch=Launch(forward=(8, 3), dq=(2, 1), dkdv=(8, 2)))
+                                launch=Launch(forward=(8, 3), dq=(2, 1), dkdv=(8, 2),
+                                              dkdv_chunk=chunk))
     return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse)
 
   def ref_loss(q, k, v):
@@ -168,22 +170,35 @@ def test_rows_without_keys_beside_rows_with_keys():
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("block_q", [1, 2, 4])
-def test_block_index_transposes_the_unions(block_q):
-  """The dk/dv kernel's index: per key block, the query tiles whose union holds it, ascending."""
+@pytest.mark.parametrize("block_q,chunk", [(1, 1), (2, 3), (4, 100)])
+def test_block_index_transposes_the_unions(block_q, chunk):
+  """The dk/dv kernel's index: per key block, the query tiles whose union holds it, ascending,
+  in items of at most `chunk` tiles; the items past the last are dead."""
   rng = np.random.default_rng(block_q)
   idx = jnp.asarray(rng.integers(-1, 6, (2, 8, 3, 4)), jnp.int32)    # 6 key blocks, some unused
-  unions, ranges, tiles = block_index(idx, idx >= 0, num_kv_blocks=6, block_q=block_q)
+  idx = idx.at[:, :, 0, 0].set(0)                                      # block 0 in every union
+  unions, index = block_index(idx, idx >= 0, num_kv_blocks=6, block_q=block_q, chunk=chunk)
   np.testing.assert_array_equal(unions, query_block_unions(idx, idx >= 0, num_kv_blocks=6,
                                                            block_q=block_q))
-  unions, ranges, tiles = np.asarray(unions), np.asarray(ranges), np.asarray(tiles)
+  unions, tiles = np.asarray(unions), np.asarray(index.tiles)
+  items, block_items = np.asarray(index.items), np.asarray(index.block_items)
+  assert items.shape[2] == max_items(8 // block_q, min(6, 4 * block_q), 6, chunk)
   for b in range(2):
     for h in range(3):
+      live = 0
       for kb in range(6):
         want = [qb for qb in range(8 // block_q)
                 if kb in unions[b, h, qb, 1:1 + unions[b, h, qb, 0]]]
-        count, start = ranges[b, h, kb]
-        assert list(tiles[b, h, start:start + count]) == want
+        first, n = block_items[b, h, kb]
+        assert first == live and n == -(-len(want) // chunk)
+        got = []
+        for key_block, start, count, _ in items[b, h, first:first + n]:
+          assert key_block == kb and 1 <= count <= chunk
+          got += list(tiles[b, h, start:start + count])
+        assert got == want
+        live += n
+      dead = items[b, h, live:]
+      assert np.all(dead[:, 0] == 6) and np.all(dead[:, 2] == 0)
 
 
 def test_bad_inputs_are_named():
@@ -201,6 +216,8 @@ def test_bad_inputs_are_named():
     sparse_attention(q, k, v, idx, idx >= 0, block_q=4, heads_per_program=2)
   with pytest.raises(ValueError, match="launch.dq must be"):
     sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dq=(3, 2)))
+  with pytest.raises(ValueError, match="launch.dkdv_chunk must be a positive int"):
+    sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dkdv_chunk=0))
   with pytest.raises(ValueError, match="launch must be a Launch"):
     sparse_attention(q, k, v, idx, idx >= 0, launch=(4, 2))
 
@@ -211,10 +228,11 @@ def test_bench_attention_option_parsing():
     from experiments import bench_attention as b
     from pallas_kernels.sparse_attention import Launch
     assert b.parse_launch("forward=8x3,dkdv=4x1") == Launch(forward=(8, 3), dkdv=(4, 1))
+    assert b.parse_launch("dkdv_chunk=64") == Launch(dkdv_chunk=64)
     assert b.parse_grid("a=1|2,b=3") == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
     assert b.parse_options("block_rows=64,num_warps=2") == {
         "block_rows": 64, "block_windows": 64, "num_warps": 2, "num_stages": 2}
-    for bad in ("forward=8", "fwd=4x2", "dq=4xx2"):
+    for bad in ("forward=8", "fwd=4x2", "dq=4xx2", "dkdv_chunk=4x2"):
       try:
         b.parse_launch(bad)
       except ValueError:

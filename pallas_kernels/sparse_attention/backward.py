@@ -7,9 +7,12 @@ on hp heads of 64 / hp tokens (which share their selections) is what keeps the w
 
   dq:     one program = one tile, looping over the union of key blocks its tokens selected (the
           forward's loop and index), recomputing the probabilities from the forward's logsumexp.
-  dk, dv: one program = one KV head x one key block, looping over the tiles whose union holds it
-          (the transposed index, `index.block_index`) and, for each, over the group's chunks of
-          hp heads, so every dk/dv tile is written by exactly one program (no atomics).
+  dk, dv: one program = one KV head x one work item: up to `chunk` of the query tiles whose union
+          holds one key block (the transposed index, `index.KeyBlockIndex`), looping over them
+          and, for each, over the group's chunks of hp heads; it writes the block's partial
+          sums (fp32), and a second small kernel adds each key block's items in order. So no
+          program's loop is longer than `chunk` tiles (the init block is in every tile's union),
+          and there are no atomics: the gradients are deterministic.
 
 Both mask each row exactly as the forward does: its token's own selected blocks, causality and
 equal segment ids. delta = rowsum(dO * O) - dLSE comes from outside (one fused XLA reduction; the
@@ -25,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.sparse_attention.forward import LOG2E, per_row, visible_tile
+from pallas_kernels.sparse_attention.index import KeyBlockIndex
 
 
 def _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale):
@@ -68,20 +72,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, d
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, range_ref, tiles_ref,
+def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, item_ref, tiles_ref,
                  do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int,
-                 block_k: int, group: int, heads_per_program: int):
-  key_block = pl.program_id(0)
+                 block_k: int, group: int, heads_per_program: int, num_kv_blocks: int):
+  """One work item (`index.KeyBlockIndex`): its key block's partial dK / dV (unscaled, fp32) over
+  the item's query tiles. A dead item (past the last) writes zeros that no block sums."""
   kv_head = pl.program_id(2)
   hp = heads_per_program
   rows = block_q * hp
   chunks = group // hp           # the tile's hp heads are one chunk of the KV head's group
-  k = k_ref[...]
-  v = v_ref[...]
+  key_block = jnp.minimum(item_ref[0], num_kv_blocks - 1)
+  first, count = item_ref[1], item_ref[2]
+  keys = pl.ds(key_block * block_k, block_k)
+  k = k_ref[keys, :]
+  v = v_ref[keys, :]
   head_dim = k.shape[-1]
-  k_seg = kv_seg_ref[...]
+  k_seg = kv_seg_ref[keys]
   k_pos = key_block * block_k + jnp.arange(block_k)
-  first = range_ref[1]
 
   def over_query_tiles(i, carry):
     query_block = tiles_ref[first + i]
@@ -107,7 +114,22 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, range_ref,
     return lax.fori_loop(0, chunks, over_head_chunks, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, range_ref[0], over_query_tiles, (zeros, zeros))
+  dk, dv = lax.fori_loop(0, count, over_query_tiles, (zeros, zeros))
+  dk_ref[...] = dk
+  dv_ref[...] = dv
+
+
+def _sum_items_kernel(block_items_ref, dk_part_ref, dv_part_ref, dk_ref, dv_ref, *,
+                      scale: float):
+  """One key block: the sum of its items' partial dK / dV, in a fixed order (deterministic)."""
+  first, count = block_items_ref[0], block_items_ref[1]
+
+  def body(j, carry):
+    dk, dv = carry
+    return dk + dk_part_ref[first + j], dv + dv_part_ref[first + j]
+
+  zeros = jnp.zeros(dk_ref.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -124,12 +146,12 @@ def _row_major(x, hp: int):
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret", "dq_launch",
                                              "dkdv_launch", "heads_per_program"))
 def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, unions,
-                              kv_ranges, kv_tiles, lse, delta, d_out, *, block_q: int,
+                              key_index: KeyBlockIndex, lse, delta, d_out, *, block_q: int,
                               block_k: int, interpret: bool = False,
                               dq_launch: tuple[int, int] = (4, 2),
                               dkdv_launch: tuple[int, int] = (4, 2), heads_per_program: int = 1):
   """Padded inputs as in `sparse_attention_forward` (with its block_q, heads_per_program and
-  unions), the transposed index of `index.block_index` at the same block_q, the forward's lse
+  unions), the dk/dv kernel's index (`index.block_index` at the same block_q), the forward's lse
   [b, heads, t], delta [b, heads, t] (rowsum(dO * O) - dLSE) and the output cotangent.
   dq_launch / dkdv_launch: (num_warps, num_stages) of each kernel.
   Returns (dq, dk, dv) like q, k, v."""
@@ -169,24 +191,40 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
       compiler_params=params(dq_launch), interpret=interpret, name="sparse_attention_dq",
   )(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, d_out, lse2, delta)
 
-  q_all = pl.BlockSpec((None, q_len, heads, head_dim), lambda j, b, h: (b, 0, 0, 0))
-  kv_tile = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h, 0))
-  rows_all = pl.BlockSpec((None, heads // hp, q_len * hp), lambda j, b, h: (b, 0, 0))
-  dk, dv = pl.pallas_call(
+  # dK, dV: one program per work item writes its key block's partial sums, then one program
+  # per key block adds its items' (`index.KeyBlockIndex` says why).
+  n_items = key_index.items.shape[2]
+  q_all = pl.BlockSpec((None, q_len, heads, head_dim), lambda i, b, h: (b, 0, 0, 0))
+  kv_all = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+  rows_all = pl.BlockSpec((None, heads // hp, q_len * hp), lambda i, b, h: (b, 0, 0))
+  part = pl.BlockSpec((None, None, None, block_k, head_dim), lambda i, b, h: (b, h, i, 0, 0))
+  part_shape = jax.ShapeDtypeStruct((batch, kv_heads, n_items, block_k, head_dim), jnp.float32)
+  dk_part, dv_part = pl.pallas_call(
       functools.partial(_dkdv_kernel, scale=scale, block_q=block_q, block_k=block_k, group=group,
-                        heads_per_program=hp),
-      grid=(kv_len // block_k, batch, kv_heads),
+                        heads_per_program=hp, num_kv_blocks=kv_len // block_k),
+      grid=(n_items, batch, kv_heads),
       in_specs=[
-          q_all, kv_tile, kv_tile,
-          pl.BlockSpec((None, q_len, None, topk), lambda j, b, h: (b, 0, h, 0)),
-          pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)),
-          pl.BlockSpec((None, block_k), lambda j, b, h: (b, j)),
-          pl.BlockSpec((None, None, None, 2), lambda j, b, h: (b, h, j, 0)),
-          pl.BlockSpec((None, None, kv_tiles.shape[-1]), lambda j, b, h: (b, h, 0)),
+          q_all, kv_all, kv_all,
+          pl.BlockSpec((None, q_len, None, topk), lambda i, b, h: (b, 0, h, 0)),
+          pl.BlockSpec((None, q_len), lambda i, b, h: (b, 0)),
+          pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+          pl.BlockSpec((None, None, None, 4), lambda i, b, h: (b, h, i, 0)),
+          pl.BlockSpec((None, None, key_index.tiles.shape[-1]), lambda i, b, h: (b, h, 0)),
           q_all, rows_all, rows_all,
       ],
+      out_specs=[part, part], out_shape=[part_shape, part_shape],
+      compiler_params=params(dkdv_launch), interpret=interpret, name="sparse_attention_dkdv",
+  )(q, k, v, selected, q_segment_ids, kv_segment_ids, key_index.items, key_index.tiles, d_out,
+    lse2, delta)
+
+  parts = pl.BlockSpec((None, None, n_items, block_k, head_dim), lambda j, b, h: (b, h, 0, 0, 0))
+  kv_tile = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_sum_items_kernel, scale=scale),
+      grid=(kv_len // block_k, batch, kv_heads),
+      in_specs=[pl.BlockSpec((None, None, None, 2), lambda j, b, h: (b, h, j, 0)), parts, parts],
       out_specs=[kv_tile, kv_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params(dkdv_launch), interpret=interpret, name="sparse_attention_dkdv",
-  )(q, k, v, selected, q_segment_ids, kv_segment_ids, kv_ranges, kv_tiles, d_out, lse2, delta)
+      compiler_params=params((4, 1)), interpret=interpret, name="sparse_attention_dkdv_sum",
+  )(key_index.block_items, dk_part, dv_part)
   return dq, dk, dv

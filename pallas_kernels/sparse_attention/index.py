@@ -10,8 +10,10 @@ blocks inside the tile. `query_block_unions` computes those unions:
 
 Packing the count into column 0 keeps one small int32 array per program (Triton block shapes
 are powers of two; the width is padded to one). `block_index` adds the dk/dv kernel's transposed
-index (the query tiles per key block).
+index (the query tiles per key block, in work items of bounded length: `KeyBlockIndex`).
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -56,14 +58,40 @@ def query_block_unions(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_b
   return _count_and_list(bitmap, min(num_kv_blocks, block_q * block_idx.shape[-1]))
 
 
-def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,
-                block_q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(unions, kv_ranges, kv_tiles): the forward/dq kernels' unions (`query_block_unions`) and
-  the dk/dv kernel's transposed index, so that each key block's program loops only over the
-  query tiles whose union holds it (no atomics):
+class KeyBlockIndex(NamedTuple):
+  """The dk/dv kernel's transposed index: which query tiles' unions hold each key block, cut into
+  work items of at most `chunk` tiles so that no program's loop is longer than that.
 
-    kv_ranges[b, h, kb] = (count, start): key block kb is in the unions of `count` query tiles,
-    kv_tiles[b, h, start : start + count], ascending.
+    tiles[b, h, :]        the query tiles, grouped by key block (ascending within each), a flat
+                          list (CSR) with one entry per slot of the unions;
+    items[b, h, i]        (key block, start in tiles, count, 0): work item i; key blocks come in
+                          ascending order, a block's items consecutive; past the last item the
+                          key block is num_kv_blocks and the count 0;
+    block_items[b, h, kb] (first item, number of items) of key block kb (0 items: never seen).
+
+  Why items: the init block is in every query tile's union (a forced block), the local ones in
+  those of the next local_blocks blocks, and early blocks are popular picks. With one program per
+  key block, block 0's program loops over all q_len / block_q tiles while the others finish:
+  on the H100 at 32k that one loop was the dk/dv kernel's 34 ms, 3.6x the dq kernel
+  (experiments/results/kernel_run_2026-12-06.md). Items of at most `chunk` tiles spread it.
+  """
+  tiles: jax.Array
+  items: jax.Array
+  block_items: jax.Array
+
+
+def max_items(q_blocks: int, union_slots: int, num_kv_blocks: int, chunk: int) -> int:
+  """A static bound on the work items: every item but a key block's last is full (chunk tiles),
+  and the tiles number at most q_blocks x union_slots."""
+  return -(-q_blocks * union_slots // chunk) + num_kv_blocks
+
+
+def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,
+                block_q: int, chunk: int) -> tuple[jax.Array, KeyBlockIndex]:
+  """(unions, KeyBlockIndex): the forward/dq kernels' unions (`query_block_unions`) and the dk/dv
+  kernel's transposed index, so that each dk/dv program loops over at most `chunk` of the query
+  tiles whose union holds its key block (no atomics: the items' partial sums are added per key
+  block afterwards).
 
   The transposed index is a flat list (CSR) rather than one padded row per key block: a row
   would need room for every query tile (key block 0 can be in all their unions), and with the
@@ -72,6 +100,8 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
   slot of the unions, q_len / block_q x min(num_kv_blocks, block_q x topk) (dead slots sort past
   every key block's range).
   """
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+    raise ValueError(f"block index: chunk must be a positive int, got {chunk!r}")
   bitmap = _selection_bitmap(block_idx, block_valid, num_kv_blocks, block_q)
   max_len = min(num_kv_blocks, block_q * block_idx.shape[-1])
   unions = _count_and_list(bitmap, max_len)
@@ -87,4 +117,18 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
                              is_stable=True, num_keys=1)
   per_block = jnp.sum(bitmap, axis=-2, dtype=jnp.int32)           # [b, h, num_kv_blocks]
   start = jnp.cumsum(per_block, axis=-1, dtype=jnp.int32) - per_block
-  return unions, jnp.stack([per_block, start], axis=-1), kv_tiles
+  n_chunks = -(-per_block // chunk)
+  ends = jnp.cumsum(n_chunks, axis=-1, dtype=jnp.int32)
+  n_items = max_items(nqb, max_len, num_kv_blocks, chunk)
+  item = jnp.arange(n_items, dtype=jnp.int32)
+  # Each item's key block: the first whose items end past it (num_kv_blocks past the last).
+  owner = jax.vmap(jax.vmap(lambda e: jnp.searchsorted(e, item, side="right")))(ends)
+  owner = owner.astype(jnp.int32)
+  at = lambda x: jnp.take_along_axis(x, jnp.minimum(owner, num_kv_blocks - 1), axis=-1)
+  j = item - (at(ends) - at(n_chunks))                             # the item's rank in its block
+  live = owner < num_kv_blocks
+  items = jnp.stack([owner, jnp.where(live, at(start) + j * chunk, 0),
+                     jnp.where(live, jnp.minimum(at(per_block) - j * chunk, chunk), 0),
+                     jnp.zeros_like(owner)], axis=-1)
+  block_items = jnp.stack([ends - n_chunks, n_chunks], axis=-1)
+  return unions, KeyBlockIndex(kv_tiles, items, block_items)

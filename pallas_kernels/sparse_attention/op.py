@@ -27,20 +27,33 @@ IMPLEMENTATIONS = ("pallas", "interpret", "reference")
 
 
 class Launch(NamedTuple):
-  """Triton launch parameters, (num_warps, num_stages), of the three kernels. The defaults are
-  the fastest of `experiments.bench_attention --tune` on the H100 (64k tokens, 32 heads over 2
-  KV heads, head dim 128: experiments/results/bench_attention_tuned.*). The forward gains 7%
-  from a third stage; 8 warps cost every kernel 16-150%."""
+  """How the kernels run: the Triton launch parameters, (num_warps, num_stages), of the three
+  kernels, and the dk/dv kernel's work items (`dkdv_chunk`: at most that many query tiles per
+  program; `index.KeyBlockIndex`). None of them changes the arithmetic, only its schedule (and
+  with dkdv_chunk the order dK and dV's partial sums are added in).
+
+  The launch defaults are the fastest of `experiments.bench_attention --tune` on the H100 (64k
+  tokens, 32 heads over 2 KV heads, head dim 128: experiments/results/bench_attention_tuned.*).
+  The forward gains 7% from a third stage; 8 warps cost every kernel 16-150%. dkdv_chunk is not
+  yet measured (next to nothing: one program per key block was 3.6x the dq kernel at 32k)."""
   forward: tuple[int, int] = (4, 3)
   dq: tuple[int, int] = (4, 2)
   dkdv: tuple[int, int] = (4, 2)
+  dkdv_chunk: int = 1024
+
+  KERNELS = ("forward", "dq", "dkdv")
 
   def check(self):
-    for name, pair in zip(self._fields, self):
+    for name in self.KERNELS:
+      pair = getattr(self, name)
       if (not isinstance(pair, tuple) or len(pair) != 2
           or not all(isinstance(x, int) and x >= 1 for x in pair) or pair[0] & (pair[0] - 1)):
         raise ValueError(f"sparse_attention: launch.{name} must be (num_warps, num_stages) with "
                          f"num_warps a power of two and num_stages >= 1, got {pair!r}")
+    chunk = self.dkdv_chunk
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+      raise ValueError(f"sparse_attention: launch.dkdv_chunk must be a positive int (query tiles "
+                       f"per dk/dv program), got {chunk!r}")
 
 
 def _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation):
@@ -75,7 +88,7 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
   a power of two dividing num_heads / num_kv_heads (their (token, head) pairs are the tile rows,
   so a program's union spans fewer tokens); the backward kernels use the same tiles.
   poison_outputs: run the kernel on NaN-filled output buffers (a test of full coverage).
-  launch: the kernels' Triton launch parameters (`Launch`)."""
+  launch: the kernels' Triton launch parameters and the dk/dv work items (`Launch`)."""
   _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation)
   if not isinstance(launch, Launch):
     raise ValueError(f"sparse_attention: launch must be a Launch, got {type(launch).__name__}")
@@ -105,7 +118,8 @@ def _sparse_attention(q, k, v, block_idx, block_valid, segment_ids, static):
   return _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static)[0]
 
 
-def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q):
+def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q,
+                   dkdv_chunk):
   """Pads the sequence to whole tiles and builds the kernels' index at block_q tokens (see
   index.py): the unions of the forward and dq tiles, and the dk/dv kernel's transposed index."""
   seq = q.shape[1]
@@ -120,10 +134,9 @@ def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, blo
   idx = jnp.where(block_valid, block_idx, -1).astype(jnp.int32)
   idx = jnp.pad(idx, ((0, 0), (0, pad), (0, 0), (0, next_power_of_2(topk) - topk)),
                 constant_values=-1)
-  unions, kv_ranges, kv_tiles = block_index(idx, idx >= 0, num_kv_blocks=padded // block_size,
-                                            block_q=block_q)
-  return ((pad_tokens(q), pad_tokens(k), pad_tokens(v), idx, q_seg, kv_seg, unions),
-          (kv_ranges, kv_tiles))
+  unions, key_index = block_index(idx, idx >= 0, num_kv_blocks=padded // block_size,
+                                  block_q=block_q, chunk=dkdv_chunk)
+  return ((pad_tokens(q), pad_tokens(k), pad_tokens(v), idx, q_seg, kv_seg, unions), key_index)
 
 
 def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
@@ -133,14 +146,14 @@ def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
                                      block_size=block_size)
     return out, (q, k, v, block_idx, block_valid, segment_ids)
   seq = q.shape[1]
-  inputs, transposed = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size,
-                                      block_q)
+  inputs, key_index = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size,
+                                     block_q, launch.dkdv_chunk)
   out, lse = sparse_attention_forward(*inputs, block_q=block_q, block_k=block_size, poison=poison,
                                       interpret=implementation == "interpret",
                                       heads_per_program=hp, num_warps=launch.forward[0],
                                       num_stages=launch.forward[1])
   result = (out[:, :seq], jnp.transpose(lse, (0, 2, 1))[:, :seq])
-  return result, (inputs, transposed, out, lse)
+  return result, (inputs, key_index, out, lse)
 
 
 def _bwd_rule(static, residuals, cotangents):
@@ -152,13 +165,13 @@ def _bwd_rule(static, residuals, cotangents):
                                                            segment_ids, block_size=block_size)
     _, vjp = jax.vjp(reference, q, k, v)
     return (*vjp(cotangents), None, None, None)
-  inputs, (kv_ranges, kv_tiles), out, lse = residuals
+  inputs, key_index, out, lse = residuals
   seq, padded = d_out.shape[1], out.shape[1]
   pad = ((0, 0), (0, padded - seq))
   d_out = jnp.pad(d_out, pad + ((0, 0), (0, 0)))
   d_lse = jnp.pad(jnp.transpose(d_lse, (0, 2, 1)), ((0, 0), (0, 0), (0, padded - seq)))
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32)) - d_lse
-  dq, dk, dv = sparse_attention_backward(*inputs, kv_ranges, kv_tiles, lse, delta,
+  dq, dk, dv = sparse_attention_backward(*inputs, key_index, lse, delta,
                                          d_out.astype(inputs[0].dtype), block_q=block_q,
                                          block_k=block_size, heads_per_program=hp,
                                          dq_launch=launch.dq, dkdv_launch=launch.dkdv,

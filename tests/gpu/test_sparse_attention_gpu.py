@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference
+from pallas_kernels.sparse_attention import Launch, sparse_attention, sparse_attention_reference
 from sparsejax.ops import infllmv2 as ref_ops
 
 
@@ -38,12 +38,13 @@ def test_pallas_matches_reference(seq, heads, kv_heads, packed, hp):
   assert rel_err(got_lse, want_lse) < 1e-3
 
 
-@pytest.mark.parametrize("seq,heads,kv_heads,packed,hp", [
-    (4096, 32, 2, False, 1), (3000, 8, 8, False, 1),
+@pytest.mark.parametrize("seq,heads,kv_heads,packed,hp,chunk", [
+    (4096, 32, 2, False, 1, 1024), (3000, 8, 8, False, 1, 1024),
     # The backward on the forward's (token, head) tiles: hp = group, and hp < group (dk/dv loop
-    # over two head-chunks), ragged and packed.
-    (4096, 32, 2, False, 16), (4000, 32, 2, True, 8)])
-def test_pallas_gradients_match_reference(seq, heads, kv_heads, packed, hp):
+    # over two head-chunks), ragged and packed; 64 tiles per dk/dv item: the init block's
+    # 1024 tiles come in 16 items, summed afterwards.
+    (4096, 32, 2, False, 16, 64), (4000, 32, 2, True, 8, 1024), (4000, 32, 2, True, 8, 64)])
+def test_pallas_gradients_match_reference(seq, heads, kv_heads, packed, hp, chunk):
   keys = jax.random.split(jax.random.key(seq + 1), 4)
   q = jax.random.normal(keys[0], (1, seq, heads, 128), jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, seq, kv_heads, 128), jnp.bfloat16)
@@ -59,7 +60,8 @@ def test_pallas_gradients_match_reference(seq, heads, kv_heads, packed, hp):
 
   def loss(impl, q, k, v):
     if impl == "pallas":
-      out, _ = sparse_attention(q, k, v, idx, valid, segment_ids=seg, heads_per_program=hp)
+      out, _ = sparse_attention(q, k, v, idx, valid, segment_ids=seg, heads_per_program=hp,
+                                launch=Launch(dkdv_chunk=chunk))
     else:
       out, _ = sparse_attention_reference(q, k, v, idx, valid, segments, block_size=64)
     return jnp.sum(out.astype(jnp.float32) * w)
