@@ -73,7 +73,7 @@ class KeyBlockIndex(NamedTuple):
   those of the next local_blocks blocks, and early blocks are popular picks. With one program per
   key block, block 0's program loops over all q_len / block_q tiles while the others finish:
   on the H100 at 32k that one loop was the dk/dv kernel's 34 ms, 3.6x the dq kernel
-  (experiments/results/kernel_run_2026-12-06.md). Items of at most `chunk` tiles spread it.
+  (experiments/results/kernel_profile_run.md). Items of at most `chunk` tiles spread it.
   """
   tiles: jax.Array
   items: jax.Array
