@@ -65,6 +65,9 @@ _TOPK_KERNEL = flags.DEFINE_bool("topk_kernel", True, "Select with the sort-free
 _KEYS_KERNEL = flags.DEFINE_bool(
     "keys_kernel", False, "Compute the selection keys with pallas_kernels/block_scores' decode "
     "kernels (the layer's attention_options decode_keys_kernel) instead of XLA.")
+_KEYS_SPLITS = flags.DEFINE_integer(
+    "keys_splits", 0, "With --keys_kernel: programs per (row, KV head) of the decode-key kernels, "
+    "a power of two; 0 = their default_splits (about 128 programs in all).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny CPU smoke run (interpret mode).")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Distinct caches in the in-step timing (0: skip it).")
 _STEP_REPS = flags.DEFINE_integer("step_reps", 4, "Passes over the layers in the in-step timing.")
@@ -116,7 +119,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 configs=("shipped", "issue"), iters: int = 20, num_splits: int | None = None,
                 num_warps: int = 4, num_stages: int = 2, segments: bool = True,
                 layers: int = 4, step_reps: int = 4, topk_kernel: bool = True,
-                keys_kernel: bool = False, profile: bool = False,
+                keys_kernel: bool = False, keys_splits: int | None = None,
+                profile: bool = False,
                 quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's
   schema (seq_len, batch, pass="decode", sparsejax_ms, cudnn_dense_ms, floor_ms,
@@ -168,8 +172,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       splits = num_splits or default_num_splits(batch, kv_heads, topk)
 
       top = top_blocks_fn(implementation) if topk_kernel else None
-      keys_fn = (functools.partial(decode_selection_keys, implementation=implementation)
-                 if keys_kernel else None)
+      keys_fn = (functools.partial(decode_selection_keys, implementation=implementation,
+                                   splits=keys_splits) if keys_kernel else None)
 
       def select(q, kc, q_start, seg, kv_seg, cfg=cfg, top=top, keys_fn=keys_fn):
         return select_decode_blocks(q, kc, cfg, kv_len=seq, q_start=q_start, segment_ids=seg,
@@ -227,6 +231,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "step_speedup_vs_cudnn_dense": t_dense_step / t_step_chained,
              "step_layers": len(caches), "step_reps": step_reps,
              "topk_kernel": topk_kernel, "keys_kernel": keys_kernel,
+             "keys_splits": keys_splits if keys_kernel else None,
              "selections_equal_to_xla_keys": agree,
              "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
              "implementation": implementation}
@@ -297,7 +302,8 @@ def main(argv):
       num_splits=_NUM_SPLITS.value or None, num_warps=_NUM_WARPS.value,
       num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, layers=_LAYERS.value,
       step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value,
-      keys_kernel=_KEYS_KERNEL.value, profile=_PROFILE.value,
+      keys_kernel=_KEYS_KERNEL.value, keys_splits=_KEYS_SPLITS.value or None,
+      profile=_PROFILE.value,
       quick=quick)
   if _OUT.value:
     write_results(rows, _OUT.value, quick=quick)

@@ -3,6 +3,7 @@
 # $OUT/gpu_kernels.tgz (a device call returns at most 8 files; these are about 10).
 #   bash experiments/gpu_kernels.sh   (on the GPU machine, from the repo root, .whl carried)
 # Each step has a time limit (seconds, 0 skips it): TESTS_S, DECODE_S, ATTN_S, TOPK_S, FFN_S.
+# TOPK_S defaults to 0 since 2026-12-06 (4 warps per row measured fastest, the default).
 set -u
 source experiments/gpu_env.sh
 start=$(date +%s)
@@ -14,30 +15,35 @@ if runs ${TESTS_S:-200}; then
     | grep -v "Warning\|^  " | tail -30 > "$OUT/gpu_tests.txt"
   tail -8 "$OUT/gpu_tests.txt"
 fi
-if runs ${DECODE_S:-150}; then
-  # XLA's selection keys and the decode kernels' (attention_options decode_keys_kernel), each
-  # with in-step timing; the kernels' run also traces its kernels.
-  for keys in nokeys_kernel keys_kernel; do
-    stamp "bench_decode --$keys"
-    extra=""; [ $keys = keys_kernel ] && extra="--profile"
-    timeout $(( ${DECODE_S:-150} / 2 )) python3 -m experiments.bench_decode \
+if runs ${DECODE_S:-200}; then
+  # XLA's selection keys and the decode kernels' (attention_options decode_keys_kernel) at their
+  # default splits (traced) and at 2 and 4 programs per SM, each with in-step timing.
+  for variant in nokeys_kernel keys_kernel keys_kernel,16 keys_kernel,32; do
+    keys=${variant%,*}; splits=${variant#*,}; name=$keys; extra=""
+    if [ "$variant" = keys_kernel ]; then extra="--profile"
+    elif [ "$splits" != "$variant" ]; then extra="--keys_splits=$splits"; name=${keys}_splits$splits
+    fi
+    stamp "bench_decode --$keys $extra"
+    timeout $(( ${DECODE_S:-200} / 4 )) python3 -m experiments.bench_decode \
       --seq_lens=${DECODE_LENS:-32768,131072} --batch=8 --configs=issue --$keys $extra \
-      --out="$OUT/bench_decode_$keys" 2>&1 | grep '^{' | cut -c1-500
+      --out="$OUT/bench_decode_$name" 2>&1 | grep '^{' | cut -c1-500
   done
 fi
 if runs ${ATTN_S:-300}; then
-  # The sweep first (tile tokens, scoring options, launches) at 64k, then the rows at the best,
+  # The sweep first (tile tokens, scoring options, launches, dk/dv work items; 1000000 is one
+  # program per key block, the schedule before 2026-12-06) at 64k, then the rows at the best,
   # with each row's kernels traced.
   stamp "bench_attention --tune"
   timeout ${ATTN_S:-300} python3 -m experiments.bench_attention --tune --tune_seq_len=65536 \
     --tune_block_q=${TUNE_BLOCK_Q:-1,2,4} \
     --tune_score_grid="block_rows=128|256,block_windows=64,num_warps=4|8" \
-    --tune_launch_grid=4x2,4x3 --seq_lens=${SEQ_LENS:-32768,131072} --passes=fwd,fwd_bwd \
+    --tune_launch_grid=4x2,4x3 --tune_dkdv_chunk=${TUNE_DKDV_CHUNK:-256,1024,4096,1000000} \
+    --seq_lens=${SEQ_LENS:-32768,131072} --passes=fwd,fwd_bwd \
     --iters=3 --profile --out="$OUT/bench_attention" 2>&1 | grep '^{' | cut -c1-400
 fi
-if runs ${TOPK_S:-60}; then
+if runs ${TOPK_S:-0}; then
   stamp "bench_topk, warps per row"
-  timeout ${TOPK_S:-60} python3 -m experiments.bench_topk --seq_lens=131072 --num_warps=1,2,4,8 \
+  timeout ${TOPK_S} python3 -m experiments.bench_topk --seq_lens=131072 --num_warps=1,2,4,8 \
     --out="$OUT/bench_topk_warps" 2>&1 | grep '^{' | cut -c1-300
 fi
 if runs ${FFN_S:-0}; then
