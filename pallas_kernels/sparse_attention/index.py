@@ -91,7 +91,7 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
   """(unions, KeyBlockIndex): the forward/dq kernels' unions (`query_block_unions`) and the dk/dv
   kernel's transposed index, so that each dk/dv program loops over at most `chunk` of the query
   tiles whose union holds its key block (no atomics: the items' partial sums are added per key
-  block afterwards).
+  block afterwards). chunk: a positive int (`Launch.check` validates the op's).
 
   The transposed index is a flat list (CSR) rather than one padded row per key block: a row
   would need room for every query tile (key block 0 can be in all their unions), and with the
@@ -100,8 +100,6 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
   slot of the unions, q_len / block_q x min(num_kv_blocks, block_q x topk) (dead slots sort past
   every key block's range).
   """
-  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-    raise ValueError(f"block index: chunk must be a positive int, got {chunk!r}")
   bitmap = _selection_bitmap(block_idx, block_valid, num_kv_blocks, block_q)
   max_len = min(num_kv_blocks, block_q * block_idx.shape[-1])
   unions = _count_and_list(bitmap, max_len)

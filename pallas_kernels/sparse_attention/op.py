@@ -34,8 +34,9 @@ class Launch(NamedTuple):
 
   The launch defaults are the fastest of `experiments.bench_attention --tune` on the H100 (64k
   tokens, 32 heads over 2 KV heads, head dim 128: experiments/results/bench_attention_tuned.*).
-  The forward gains 7% from a third stage; 8 warps cost every kernel 16-150%. dkdv_chunk is not
-  yet measured (next to nothing: one program per key block was 3.6x the dq kernel at 32k)."""
+  The forward gains 7% from a third stage; 8 warps cost every kernel 16-150%. dkdv_chunk (1024)
+  is not yet measured on a GPU; the schedule it replaces, one program per key block, made dk/dv
+  3.6x the dq kernel at 32k (experiments/results/kernel_profile_run.md)."""
   forward: tuple[int, int] = (4, 3)
   dq: tuple[int, int] = (4, 2)
   dkdv: tuple[int, int] = (4, 2)
