@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import eval_longctx, eviction_flags
-from sparsejax.eval import evaluate
+from sparsejax.eval import evaluate, paired_bootstrap
 from sparsejax.inference.eviction import EvictingGenerator
 from sparsejax.inference.eviction_cache import cache_bytes
 from sparsejax.inference.generate import generate
@@ -77,12 +77,46 @@ def _evaluate(model, tok, length: int, generate_fn) -> dict:
 
 
 def _summarise(per_length: dict[int, dict], peak: int, extra: dict | None = None) -> dict:
-  """Per-length evaluate() results -> score (mean over lengths and tasks), per task, per length."""
+  """Per-length evaluate() results -> score (mean over lengths and tasks), per task, per length,
+  and each prompt's score (`samples`, what the paired intervals resample)."""
   tasks = list(next(iter(per_length.values()))["tasks"])
   by_task = {t: float(np.mean([r["tasks"][t][l] for l, r in per_length.items()])) for t in tasks}
   by_length = {str(l): r["avg_score"] for l, r in per_length.items()}
+  samples = [{k: x[k] for k in ("task", "length", "depth", "sample", "score")}
+             for r in per_length.values() for x in r["samples"]]
   return {"score": float(np.mean(list(by_length.values()))), "peak_kv_bytes": int(peak),
-          "tasks": by_task, "by_length": by_length, **(extra or {})}
+          "tasks": by_task, "by_length": by_length, "samples": samples, **(extra or {})}
+
+
+def _paired_lines(data: dict, ratios: list[str]) -> list[str]:
+  """Markdown rows of paired 95% intervals over the prompts: each scorer against the full cache,
+  and Locret against SnapKV and H2O (the paper's comparison). Entries of runs that kept no
+  per-prompt scores (before 2026-12-06) are left out."""
+  full, methods = data["full_cache"], data["methods"]
+  has = lambda e: e is not None and "samples" in e
+  pct = lambda v: f"{100 * v:+.1f}"
+  rows = []
+
+  def row(name_a, a, name_b, b, ratio):
+    p = paired_bootstrap(a["samples"], b["samples"])
+    rows.append(f"| {name_b} - {name_a} | {ratio}x | {pct(p['diff'])} | "
+                f"[{pct(p['diff_ci95'][0])}, {pct(p['diff_ci95'][1])}] | {p['n']} |")
+
+  for scorer, by_ratio in methods.items():
+    for r in ratios:
+      if has(full) and has(by_ratio.get(r)):
+        row("full cache", full, scorer, by_ratio[r], r)
+  locret = methods.get("locret", {})
+  for other in ("snapkv", "h2o"):
+    for r in ratios:
+      if has(locret.get(r)) and has(methods.get(other, {}).get(r)):
+        row(other, methods[other][r], "locret", locret[r], r)
+  if not rows:
+    return []
+  return ["", "## Paired differences (points, 95% interval over the prompts)", "",
+          "Resampling the prompts within each task (`sparsejax.eval.paired_bootstrap`); this "
+          "covers the prompts drawn, not the run-to-run variance of training.", "",
+          "| difference | ratio | points | 95% interval | prompts |", "|---|---|---|---|---|"] + rows
 
 
 def _plot(data: dict, path: str) -> None:
@@ -156,6 +190,7 @@ def _markdown(data: dict) -> str:
   for scorer, by_ratio in methods.items():
     lines.append(f"| {scorer} | " + " | ".join(
         mib(by_ratio[r]["peak_kv_bytes"]) if r in by_ratio else "-" for r in ratios) + " |")
+  lines += _paired_lines(data, ratios)
   notes = [f"- {k}: {v}" for k, v in data["skipped"].items()] + [f"- {n}" for n in data["notes"]]
   if notes:
     lines += ["", "## Notes", ""] + notes

@@ -283,7 +283,10 @@ def test_eviction_sweep_end_to_end(tmp_path, model1):
     assert by_ratio["4"]["peak_kv_bytes"] < by_ratio["2"]["peak_kv_bytes"]
     assert by_ratio["2"]["peak_kv_bytes"] < data["full_cache"]["peak_kv_bytes"]
   assert data["settings"]["chunk_size"] == 64
-  assert "| streaming |" in open(out + ".md").read() and "locret" in stdout
+  assert len(data["full_cache"]["samples"]) == 1 and "score" in data["full_cache"]["samples"][0]
+  report = open(out + ".md").read()
+  assert "| streaming |" in report and "locret" in stdout
+  assert "| streaming - full cache | 2x |" in report       # the paired intervals
   with open(out + ".png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(out + ".png") > 1000
