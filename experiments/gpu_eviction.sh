@@ -16,8 +16,6 @@ set -u
 source experiments/gpu_env.sh
 ROOT=${ROOT:-runs/longctx_ablation_gpu}
 HEADS=${HEADS:-runs/locret_longctx}
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 quiet() { grep -v -i "warning\|^  warnings\|^$"; }
 if ! ls "$ROOT"/dense/checkpoints/*/ >/dev/null 2>&1; then
   steps=${PRETRAIN_STEPS:-1000}
@@ -33,7 +31,6 @@ if ! ls "$ROOT"/dense/checkpoints/*/ >/dev/null 2>&1; then
     --config.train.checkpoint_every=$cont --config.train.eval_every=$(( cont / 2 )) \
     --config.train.log_every=$(( cont / 10 )) 2>&1 | quiet | tail -6
 fi
-runs() { [ "${1:-0}" -gt 0 ]; }
 if runs ${HEADS_S:-300}; then
   stamp "retaining heads"
   timeout ${HEADS_S:-300} python3 -m experiments.train_retaining_heads \

@@ -6,9 +6,6 @@
 # TOPK_S defaults to 0 since 2026-12-06 (4 warps per row measured fastest, the default).
 set -u
 source experiments/gpu_env.sh
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
-runs() { [ "${1:-0}" -gt 0 ]; }
 if runs ${TESTS_S:-200}; then
   stamp "gpu tests ${TEST_FILES:-tests/gpu}"
   timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/gpu} 2>&1 \
