@@ -15,9 +15,9 @@ Timed (median of --iters after two warm-up calls; inputs are jit arguments):
                   cached compressed keys, top-k selection, the kernel and its split combine
                   (with the cache's segment ids, as the model passes them; --segments=false
                   drops them)
-  selection_ms    scoring + selection alone (XLA: einsum, softmax, group sum, max-pool, or with
-                  --keys_kernel pallas_kernels/block_scores' two decode kernels; the top-k by the
-                  sort-free kernel, or XLA's top_k and sort with --notopk_kernel)
+  selection_ms    scoring + selection alone (pallas_kernels/block_scores' two decode kernels, or
+                  with --nokeys_kernel XLA: einsum, softmax, group sum, max-pool; the top-k by
+                  the sort-free kernel, or XLA's top_k and sort with --notopk_kernel)
   attention_ms    the kernel + combine alone, given the selection
   cudnn_dense_ms  jax.nn.dot_product_attention(implementation="cudnn") of the one-token query
                   against the full cache (XLA when cuDNN refuses; `dense_impl` says which)
@@ -63,11 +63,11 @@ _TOPK_KERNEL = flags.DEFINE_bool("topk_kernel", True, "Select with the sort-free
                                  "(pallas_kernels/block_topk), as the layer does; false: XLA's "
                                  "top_k and sort.")
 _KEYS_KERNEL = flags.DEFINE_bool(
-    "keys_kernel", False, "Compute the selection keys with pallas_kernels/block_scores' decode "
-    "kernels (the layer's attention_options decode_keys_kernel) instead of XLA.")
+    "keys_kernel", True, "Compute the selection keys with pallas_kernels/block_scores' decode "
+    "kernels, as the layer does by default (attention_options decode_keys_kernel); false: XLA.")
 _KEYS_SPLITS = flags.DEFINE_integer(
     "keys_splits", 0, "With --keys_kernel: programs per (row, KV head) of the decode-key kernels, "
-    "a power of two; 0 = their default_splits (about 128 programs in all).")
+    "a power of two; 0 = their default_splits (about 512 programs in all).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny CPU smoke run (interpret mode).")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Distinct caches in the in-step timing (0: skip it).")
 _STEP_REPS = flags.DEFINE_integer("step_reps", 4, "Passes over the layers in the in-step timing.")
@@ -119,7 +119,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 configs=("shipped", "issue"), iters: int = 20, num_splits: int | None = None,
                 num_warps: int = 4, num_stages: int = 2, segments: bool = True,
                 layers: int = 4, step_reps: int = 4, topk_kernel: bool = True,
-                keys_kernel: bool = False, keys_splits: int | None = None,
+                keys_kernel: bool = True, keys_splits: int | None = None,
                 profile: bool = False,
                 quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's

@@ -181,7 +181,8 @@ def test_decode_keys_bad_inputs_are_named():
 def test_decode_default_splits_are_powers_of_two():
   """The GPU run at batch 3 x 4 KV heads once chose 10 splits, which the Triton lowering
   rejects; the default rounds down to a power of two, at most one split per tile."""
-  assert default_splits(3, 4, 64) == 8
-  assert default_splits(8, 2, 1024) == 8
+  assert default_splits(3, 4, 64) == 32
+  assert default_splits(8, 2, 1024) == 32
+  assert default_splits(8, 2, 16) == 16
   assert default_splits(1, 1, 4) == 4
   assert default_splits(64, 8, 64) == 1

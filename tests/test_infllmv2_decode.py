@@ -278,10 +278,11 @@ def test_generation_with_cached_compressed_keys_equals_reference_path():
   seg = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
   want = _greedy_with_plain_cache(*nnx.split(model), tokens, seg, lengths, steps=14).tolist()
   assert generate(model, prompts, max_new_tokens=14) == want  # jnp decode from the cache
+  xla_keys = with_params_of(model, sparse_model_config(kernel="interpret",
+                                                       decode_keys_kernel=False))
+  assert generate(xla_keys, prompts, max_new_tokens=14) == want  # the Pallas kernel, XLA's keys
   kernel = with_params_of(model, sparse_model_config(kernel="interpret"))
-  assert generate(kernel, prompts, max_new_tokens=14) == want  # the Pallas kernel
-  keys = with_params_of(model, sparse_model_config(kernel="interpret", decode_keys_kernel=True))
-  assert generate(keys, prompts, max_new_tokens=14) == want  # + the selection-key kernels
+  assert generate(kernel, prompts, max_new_tokens=14) == want  # + the selection-key kernels
 
 
 # ---------------------------------------------------------------------------------------------

@@ -265,9 +265,12 @@ def _window_segments(kv_seg, count, window, stride):
 
 
 def default_splits(batch: int, kv_heads: int, tiles: int) -> int:
-  """Programs per (row, KV head): about 128 in all (an H100 has 132 SMs), at most one per tile,
+  """Programs per (row, KV head): about 512 in all, 4 per SM of an H100 (132), so that one
+  program's loads hide another's latency (at one per SM the kernels took 2.5-3.5x the time of
+  reading the keys: at batch 8 x 2 KV heads, 128k, a decode step took 0.128 ms at 8 splits,
+  0.097 at 16 and 0.090 at 32; experiments/results/kernel_dkdv_run.md); at most one per tile,
   a power of two (the scores kernel loads the [splits, rows] partials as one Triton block)."""
-  most = max(1, min(tiles, 128 // max(1, batch * kv_heads)))
+  most = max(1, min(tiles, 512 // max(1, batch * kv_heads)))
   return 1 << (most.bit_length() - 1)
 
 

@@ -34,9 +34,11 @@ class Launch(NamedTuple):
 
   The launch defaults are the fastest of `experiments.bench_attention --tune` on the H100 (64k
   tokens, 32 heads over 2 KV heads, head dim 128: experiments/results/bench_attention_tuned.*).
-  The forward gains 7% from a third stage; 8 warps cost every kernel 16-150%. dkdv_chunk (1024)
-  is not yet measured on a GPU; the schedule it replaces, one program per key block, made dk/dv
-  3.6x the dq kernel at 32k (experiments/results/kernel_profile_run.md)."""
+  The forward gains 7% from a third stage; 8 warps cost every kernel 16-150% (again with the
+  work items: dq +46%, dk/dv +39%). dkdv_chunk: at 64k forward + backward took 93.0 / 91.3 /
+  91.1 ms at 256 / 1024 / 4096 tiles against 118.2 ms with one program per key block (the
+  schedule it replaced, whose init-block program looped over every tile); 1024 splits 128k's
+  block 0 into 32 programs rather than 8 (experiments/results/kernel_dkdv_run.md)."""
   forward: tuple[int, int] = (4, 3)
   dq: tuple[int, int] = (4, 2)
   dkdv: tuple[int, int] = (4, 2)

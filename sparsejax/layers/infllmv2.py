@@ -42,10 +42,11 @@ from sparsejax.ops.infllmv2 import (InfLLMv2Config, infllmv2_attention, infllmv2
 # "block_q" sets the query tokens per attention tile (default 64 / heads_per_program: 64 rows);
 # 1 is the CUDA kernel's one-token tile, with no union of selections to visit but 16-row
 # matmuls: on the H100 at 64k its forward took 37.6 ms against 20.2 at 4 tokens
-# (experiments/results/kernel_profile_run.md). "decode_keys_kernel" (default False) computes a
+# (experiments/results/kernel_profile_run.md). "decode_keys_kernel" (default True) computes a
 # decode step's selection keys with pallas_kernels/block_scores' two decode kernels instead of a
-# dozen XLA fusions; the same blocks. On the H100 at batch 8 a decode step took 0.063 ms against
-# 0.086 at 32k, but 0.118 against 0.088 at 128k (the same file), so XLA's keys stay the default.
+# dozen XLA fusions; the same blocks. On the H100 at batch 8 (4 programs per SM) a decode step
+# took 0.069 ms against XLA's 0.093 at 32k and 0.090 against 0.100 at 128k
+# (experiments/results/kernel_dkdv_run.md).
 LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program", "topk_kernel", "block_q",
                  "decode_keys_kernel")
 MAX_HEADS_PER_PROGRAM = 16
@@ -91,7 +92,7 @@ class InfLLMv2Attention(GroupedQueryAttention):
     if not isinstance(topk_kernel, bool):
       raise ValueError(f"attention_options['topk_kernel'] must be a bool, got {topk_kernel!r}")
     self.topk_implementation = self.kernel if topk_kernel else "reference"
-    decode_keys = options.get("decode_keys_kernel", False)
+    decode_keys = options.get("decode_keys_kernel", True)
     if not isinstance(decode_keys, bool):
       raise ValueError(f"attention_options['decode_keys_kernel'] must be a bool, got "
                        f"{decode_keys!r}")
