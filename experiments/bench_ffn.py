@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import timing
 from pallas_kernels.union_ffn import (ExpertWeights, FusedExpertWeights, UnionFFNConfig,
                                       union_ffn, union_ffn_gathered, union_ffn_reference)
 from pallas_kernels.union_ffn.kernel import kernel_rows
@@ -201,16 +202,8 @@ def router_weights(rng, n, num_experts, sparsity):
 
 def timeit(fn, *args):
   """Per-layer milliseconds: median over samples of reps back-to-back calls."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  per_call = []
-  for _ in range(_ITERS.value):
-    start = time.perf_counter()
-    for _ in range(_REPS.value):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    per_call.append((time.perf_counter() - start) / _REPS.value)
-  return float(np.median(per_call)) * 1e3 / (_LAYERS.value * _PASSES.value)
+  return timing.timeit(fn, *args, iters=_ITERS.value, reps=_REPS.value) / (
+      _LAYERS.value * _PASSES.value)
 
 
 def host_call_ms(*args):
