@@ -8,7 +8,8 @@ against cuDNN dense decode, and the bytes floor.
 Shapes: batch 8, 32 query heads, 2 KV heads (GQA 16), head dim 128, bf16, every row's cache full
 (the query is the last token). Two selections: "shipped" (InfLLMv2Config's default: topk 96 =
 init 1 + local 32 + 63 others, MiniCPM4's released setting) and "issue" (64 blocks = init 1 +
-local 32 + 31 others). Blocks of 64, compressed keys 32/16 (exact LSE), dense_len 8192.
+local 32 + 31 others). Blocks of 64, compressed keys 32/16, dense_len 8192; the selection's
+normaliser exact, or with --approximate_lse over the coarse 128/64 keys.
 
 Timed (median of --iters after two warm-up calls; inputs are jit arguments):
   sparsejax_ms    the whole decode attention as the InfLLM-V2 layer runs it: scoring from the
@@ -68,6 +69,10 @@ _KEYS_KERNEL = flags.DEFINE_bool(
 _KEYS_SPLITS = flags.DEFINE_integer(
     "keys_splits", 0, "With --keys_kernel: programs per (row, KV head) of the decode-key kernels, "
     "a power of two; 0 = their default_splits (about 512 programs in all).")
+_APPROX = flags.DEFINE_bool(
+    "approximate_lse", False, "Normalise the selection scores over the coarse compressed keys "
+    "(InfLLMv2Config.approximate_lse, as bench_attention's prefill rows do by default; the cache "
+    "then keeps both): a quarter of the normaliser's reads.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny CPU smoke run (interpret mode).")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Distinct caches in the in-step timing (0: skip it).")
 _STEP_REPS = flags.DEFINE_integer("step_reps", 4, "Passes over the layers in the in-step timing.")
@@ -120,6 +125,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 num_warps: int = 4, num_stages: int = 2, segments: bool = True,
                 layers: int = 4, step_reps: int = 4, topk_kernel: bool = True,
                 keys_kernel: bool = True, keys_splits: int | None = None,
+                approximate_lse: bool = False,
                 profile: bool = False,
                 quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's
@@ -127,7 +133,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
   speedup_vs_cudnn_dense) plus the fields listed in the module docstring."""
   if quick:
     heads, kv_heads, dim, dtype = 4, 2, 16, jnp.float32
-    geometry = dict(block_size=16, compress_window=8, compress_stride=4, dense_len=64)
+    geometry = dict(block_size=16, compress_window=8, compress_stride=4, dense_len=64,
+                    lse_window=32, lse_stride=16)
     table, implementation, dense_impls = QUICK_CONFIGS, "interpret", ("xla",)
   else:
     heads, kv_heads, dim, dtype = 32, 2, 128, jnp.bfloat16
@@ -166,9 +173,16 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
     for name in configs:
       init_blocks, local_blocks, topk = table[name]
       cfg = InfLLMv2Config(init_blocks=init_blocks, local_blocks=local_blocks, topk=topk,
-                           **geometry)
-      kc = jax.jit(lambda k: compress_keys(k, window=cfg.compress_window,
-                                           stride=cfg.compress_stride))(k)
+                           approximate_lse=approximate_lse, **geometry)
+
+      def cache_keys(k, cfg=cfg):
+        """The cache's compressed keys: (kc, the coarse kc or None), as the model keeps them."""
+        fine = compress_keys(k, window=cfg.compress_window, stride=cfg.compress_stride)
+        coarse = (compress_keys(k, window=cfg.lse_window, stride=cfg.lse_stride)
+                  if cfg.approximate_lse else None)
+        return fine, coarse
+
+      kc = jax.jit(cache_keys)(k)
       splits = num_splits or default_num_splits(batch, kv_heads, topk)
 
       top = top_blocks_fn(implementation) if topk_kernel else None
@@ -176,9 +190,9 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                                    splits=keys_splits) if keys_kernel else None)
 
       def select(q, kc, q_start, seg, kv_seg, cfg=cfg, top=top, keys_fn=keys_fn):
-        return select_decode_blocks(q, kc, cfg, kv_len=seq, q_start=q_start, segment_ids=seg,
-                                    kv_segment_ids=kv_seg, top_blocks_fn=top,
-                                    selection_keys_fn=keys_fn)
+        return select_decode_blocks(q, kc[0], cfg, kv_len=seq, q_start=q_start,
+                                    kc_coarse=kc[1], segment_ids=seg, kv_segment_ids=kv_seg,
+                                    top_blocks_fn=top, selection_keys_fn=keys_fn)
 
       def attend(q, k, v, idx, valid, q_start, seg, kv_seg, cfg=cfg, splits=splits):
         out, _ = sparse_decode(q[:, 0], k, v, idx[:, 0], valid[:, 0], q_start + 1,
@@ -200,9 +214,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
 
       t_step_chained = float("nan")
       if caches:
-        layer_args = [(k_, v_, jax.jit(lambda k: compress_keys(
-            k, window=cfg.compress_window, stride=cfg.compress_stride))(k_), q_start, seg,
-                       kv_seg) for k_, v_ in caches]
+        layer_args = [(k_, v_, jax.jit(cache_keys)(k_), q_start, seg, kv_seg)
+                      for k_, v_ in caches]
         t_step_chained = step_time(step, q, layer_args, reps=step_reps, iters=iters)
 
       got = attend_jit(q, k, v, idx, valid, q_start, seg, kv_seg)
@@ -213,12 +226,12 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       agree = None
       if keys_kernel:  # the kernels' keys against XLA's: the share of identical selections
         xla_idx, _ = jax.jit(lambda q, kc, q_start, seg, kv_seg: select_decode_blocks(
-            q, kc, cfg, kv_len=seq, q_start=q_start, segment_ids=seg, kv_segment_ids=kv_seg,
-            top_blocks_fn=top))(q, kc, q_start, seg, kv_seg)
+            q, kc[0], cfg, kv_len=seq, q_start=q_start, kc_coarse=kc[1], segment_ids=seg,
+            kv_segment_ids=kv_seg, top_blocks_fn=top))(q, kc, q_start, seg, kv_seg)
         agree = float(jnp.mean(jnp.all(xla_idx == idx, axis=-1)))
       selected = int(jnp.sum(valid))  # (row, KV head, block) triples actually attended
       kv_bytes = selected * cfg.block_size * dim * itemsize * 2
-      kc_bytes = kc.size * itemsize
+      kc_bytes = sum(x.size for x in kc if x is not None) * itemsize
       floor_ms = (kv_bytes + kc_bytes) / HBM_BYTES_PER_S * 1e3
       row = {"seq_len": seq, "batch": batch, "pass": "decode", "config": name, "topk": topk,
              "init_blocks": init_blocks, "local_blocks": local_blocks,
@@ -232,6 +245,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "step_layers": len(caches), "step_reps": step_reps,
              "topk_kernel": topk_kernel, "keys_kernel": keys_kernel,
              "keys_splits": keys_splits if keys_kernel else None,
+             "approximate_lse": approximate_lse,
              "selections_equal_to_xla_keys": agree,
              "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
              "implementation": implementation}
@@ -272,7 +286,8 @@ def write_results(rows, out: str, *, quick: bool = False):
             "in-step dense ms | in-step speedup |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
-      f.write(f"| {r['seq_len']} | {r['batch']} | {r['config']} ({r['topk']}) | "
+      lse = ", coarse LSE" if r.get("approximate_lse") else ""
+      f.write(f"| {r['seq_len']} | {r['batch']} | {r['config']} ({r['topk']}{lse}) | "
               f"{r['sparsejax_ms']:.3f} | {r['selection_ms']:.3f} | {r['attention_ms']:.3f} | "
               f"{r['cudnn_dense_ms']:.3f} ({r['dense_impl']}) | {r['floor_ms']:.4g} | "
               f"{r['speedup_vs_cudnn_dense']:.2f}x | {r['ratio_to_floor']:.3g}x | "
@@ -303,6 +318,7 @@ def main(argv):
       num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, layers=_LAYERS.value,
       step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value,
       keys_kernel=_KEYS_KERNEL.value, keys_splits=_KEYS_SPLITS.value or None,
+      approximate_lse=_APPROX.value,
       profile=_PROFILE.value,
       quick=quick)
   if _OUT.value:

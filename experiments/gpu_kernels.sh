@@ -16,16 +16,14 @@ if runs ${TESTS_S:-450}; then
 fi
 if runs ${DECODE_S:-200}; then
   # XLA's selection keys and the decode kernels' (attention_options decode_keys_kernel, the
-  # default) at their default splits (about 4 programs per SM; traced) and at 1 and 2 per SM,
-  # each with in-step timing.
-  for variant in nokeys_kernel keys_kernel keys_kernel,8 keys_kernel,16; do
-    keys=${variant%,*}; splits=${variant#*,}; name=$keys; extra=""
-    if [ "$variant" = keys_kernel ]; then extra="--profile"
-    elif [ "$splits" != "$variant" ]; then extra="--keys_splits=$splits"; name=${keys}_splits$splits
-    fi
-    stamp "bench_decode --$keys $extra"
+  # default) at their default splits (about 4 programs per SM; traced), at 2 per SM, and with
+  # the coarse normaliser (--approximate_lse, a quarter of its reads), each timed in-step.
+  for variant in nokeys:--nokeys_kernel keys:--profile keys_splits16:--keys_splits=16 \
+                 keys_coarse_lse:--approximate_lse; do
+    name=${variant%%:*}; args=${variant#*:}
+    stamp "bench_decode $args"
     timeout $(( ${DECODE_S:-200} / 4 )) python3 -m experiments.bench_decode \
-      --seq_lens=${DECODE_LENS:-32768,131072} --batch=8 --configs=issue --$keys $extra \
+      --seq_lens=${DECODE_LENS:-32768,131072} --batch=8 --configs=issue $args \
       --out="$OUT/bench_decode_$name" 2>&1 | grep '^{' | cut -c1-500
   done
 fi

@@ -336,7 +336,7 @@ def test_benchmark_quick_mode(tmp_path):
   from tests.test_experiments import run
   out = str(tmp_path / "bench_decode")
   run("experiments.bench_decode", "--quick", "--seq_lens=128", "--batch=2", "--configs=issue",
-      "--iters=1", "--profile", "--keys_kernel", f"--out={out}")
+      "--iters=1", "--profile", "--keys_kernel", "--approximate_lse", f"--out={out}")
   with open(out + ".json") as f:
     rows = json.load(f)["rows"]
   assert [r["config"] for r in rows] == ["issue"]
@@ -348,6 +348,7 @@ def test_benchmark_quick_mode(tmp_path):
   assert rows[0]["step_sparsejax_ms"] > 0 and rows[0]["step_cudnn_dense_ms"] > 0
   assert rows[0]["pass"] == "decode" and rows[0]["max_abs_err_vs_reference"] < 1e-4
   assert rows[0]["keys_kernel"] and rows[0]["selections_equal_to_xla_keys"] == 1.0
+  assert rows[0]["approximate_lse"]
   # --profile: both in-step programs traced (on the CPU, the host's events stand in for kernels).
   for kind in ("sparse", "dense"):
     summary = rows[0]["profile"][kind]["summary"]
