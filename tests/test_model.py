@@ -8,7 +8,7 @@ from flax import nnx
 from sparsejax.config import ModelConfig
 from sparsejax.layers.kv_cache import KVCache
 from sparsejax.model import DecoderLM
-from sparsejax.ops.attention import dense_attention, segment_runs
+from sparsejax.ops.attention import cudnn_takes, dense_attention, segment_runs
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -153,6 +153,18 @@ def test_bad_attention_inputs():
     dense_attention(jnp.zeros((1, 4, 2, 8)), k, k, segment_ids=jnp.zeros((1, 5), jnp.int32))
   with pytest.raises(ValueError, match="supports causal self-attention"):
     dense_attention(jnp.zeros((1, 1, 2, 8)), k, k, q_start=jnp.array([3]), implementation="cudnn")
+
+
+def test_automatic_choice_leaves_cudnn_what_it_rejects():
+  """On a GPU, implementation=None picks cuDNN only for operands it accepts: a float32 model (the
+  notebooks') or an odd head dim takes the xla path instead of raising inside jax."""
+  x = lambda dtype, d: jnp.zeros((1, 4, 2, d), dtype)
+  assert cudnn_takes(x(jnp.bfloat16, 128), x(jnp.bfloat16, 128), x(jnp.bfloat16, 128))
+  assert cudnn_takes(x(jnp.float16, 64), x(jnp.float16, 64), x(jnp.float16, 64))
+  assert not cudnn_takes(x(jnp.float32, 64), x(jnp.float32, 64), x(jnp.float32, 64))
+  assert not cudnn_takes(x(jnp.bfloat16, 64), x(jnp.float32, 64), x(jnp.bfloat16, 64))
+  assert not cudnn_takes(x(jnp.bfloat16, 12), x(jnp.bfloat16, 12), x(jnp.bfloat16, 12))
+  assert not cudnn_takes(x(jnp.bfloat16, 512), x(jnp.bfloat16, 512), x(jnp.bfloat16, 512))
 
 
 def test_from_dict_rejects_unknown_fields():

@@ -95,8 +95,8 @@ def dense_attention(
       are [batch] int arrays.
     window: sliding-window size in tokens (None: unlimited), see the module docstring.
     implementation: "xla" (the reference, materialises the scores), "cudnn" (flash attention;
-      GPU only, self-attention over whole rows), or None (cudnn when running on a GPU and the
-      call is a self-attention, else xla).
+      GPU only, self-attention over whole rows, bf16 / fp16 with head_dim a multiple of 8 up
+      to 128), or None (cudnn when running on a GPU and the call is one cuDNN takes, else xla).
     max_segments: static bound on the runs of equal segment ids per row (documents plus the
       padding run) that the cuDNN path is compiled for. A row with more comes out NaN rather
       than silently wrong; the trainer checks batches against the bound before the step.
@@ -108,7 +108,8 @@ def dense_attention(
                     and q.shape[1] == k.shape[1] and causal)
   if implementation is None:
     # cuDNN's training kernels need an even sequence length when a padding mask is used.
-    cudnn_ok = self_attention and (segment_ids is None or q.shape[1] % 2 == 0)
+    cudnn_ok = (self_attention and cudnn_takes(q, k, v)
+                and (segment_ids is None or q.shape[1] % 2 == 0))
     implementation = "cudnn" if (jax.default_backend() == "gpu" and cudnn_ok) else "xla"
   if implementation == "xla":
     return _xla_attention(q, k, v, segment_ids, kv_segment_ids, q_start, kv_lengths, causal,
@@ -120,6 +121,15 @@ def dense_attention(
           "rows only (no q_start, kv_lengths or kv_segment_ids); use implementation='xla'")
     return _cudnn_attention(q, k, v, segment_ids, max_segments, window)
   raise ValueError(f"dense_attention: implementation must be 'xla', 'cudnn' or None, got {implementation!r}")
+
+
+def cudnn_takes(q, k, v) -> bool:
+  """Whether cuDNN's flash attention accepts these operands: jax's entry point raises for float32
+  (so a float32 model on a GPU takes the xla path) and for head dims it has no kernel for."""
+  half = {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}
+  head_dim = q.shape[-1]
+  return ({q.dtype, k.dtype, v.dtype} <= half and q.dtype == k.dtype == v.dtype
+          and head_dim % 8 == 0 and head_dim <= 128)
 
 
 def _xla_attention(q, k, v, segment_ids, kv_segment_ids, q_start, kv_lengths, causal,
