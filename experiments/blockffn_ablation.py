@@ -30,7 +30,8 @@ _METHODS = flags.DEFINE_list("methods", list(ablation.ABLATION),
                              f"Methods, from {list(ablation.METHODS)}.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/blockffn_ablation",
                                "Each method trains in <workdir>/<method>.")
-_OUT = flags.DEFINE_string("out", "experiments/results/blockffn_ablation", "Output path stem.")
+_OUT = flags.DEFINE_string("out", None, "Output path stem (default <workdir>/blockffn_ablation; "
+                            "the recorded results are written only when asked for).")
 _SIZE = flags.DEFINE_enum("size", "gpu", ["gpu", "cpu", "tiny"],
                           "gpu: the ablation's model (~2 H100-minutes a method); cpu: a smaller "
                           "one for two CPU cores; tiny: a few steps (tests).")
@@ -42,6 +43,10 @@ _MERGE = flags.DEFINE_list("merge", [], "Train nothing: join the methods of thes
 # The paper's 0.1B numbers (TLS %, CLS8 %, PPL), for the table's reference row.
 PAPER = {"dense": (None, None, 14.90), "topk_moe": (79.2, 49.2, 16.22),
          "remoe": (78.3, 42.4, 14.60), "blockffn": (80.5, 71.4, 14.88)}
+
+
+def _out() -> str:
+  return _OUT.value or os.path.join(_WORKDIR.value, "blockffn_ablation")
 
 
 def _clean(value):
@@ -209,12 +214,12 @@ def write_outputs(results, device=None):
   out = {"device": device or _device(), "jax": jax.__version__, "scale": _scale(),
          "paper_0.1b": {k: {"tls": t, "cls8": c, "ppl": p} for k, (t, c, p) in PAPER.items()},
          "methods": results}
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value + ".json", "w") as f:
+  os.makedirs(os.path.dirname(_out()) or ".", exist_ok=True)
+  with open(_out() + ".json", "w") as f:
     json.dump(out, f, indent=2)
-  with open(_OUT.value + ".md", "w") as f:
+  with open(_out() + ".md", "w") as f:
     f.write(markdown(results, _header(results, device)))
-  plot(results, _OUT.value + ".png")
+  plot(results, _out() + ".png")
 
 if __name__ == "__main__":
   app.run(main)

@@ -15,6 +15,7 @@ experiments/eviction_flags.py. experiments.eviction_sweep runs every scorer x co
 """
 import dataclasses
 import json
+import os
 import time
 
 from absl import app, flags, logging
@@ -36,7 +37,8 @@ _SAMPLES = flags.DEFINE_integer("samples", 4, "Samples per (task, length, depth)
 _HAYSTACK = flags.DEFINE_enum("haystack", "noise", list(HAYSTACKS), "Haystack text.")
 _CORPUS = flags.DEFINE_string("corpus", "stdlib",
                               "Corpus whose validation split feeds haystacks and long perplexity.")
-_OUT = flags.DEFINE_string("out", "experiments/results/eval_longctx", "Output path stem.")
+_OUT = flags.DEFINE_string("out", None, "Output path stem (default: under --workdir; "
+                            "the recorded results are written only when asked for).")
 _METHOD = flags.DEFINE_string("method", None, "Name stored in the JSON (default: attention kind).")
 _ATTENTION = flags.DEFINE_string("attention", None, "Attention kind at eval time (default: the "
                                  "checkpoint's).")
@@ -61,6 +63,10 @@ _EVICTION_SCORER = flags.DEFINE_enum("eviction_scorer", None, sorted(SCORERS),
 _EVICTION_BUDGET = flags.DEFINE_integer("eviction_budget", None, "Entries kept per KV head.")
 _EVICTION_COMPRESSION = flags.DEFINE_float("eviction_compression", None,
                                            "Or: budget = prompt length / this.")
+
+
+def _out() -> str:
+  return _OUT.value or os.path.join(_WORKDIR.value, "eval_longctx")
 
 
 def with_attention(model, attention: str | None, options_json: str | None,
@@ -123,7 +129,7 @@ def main(argv):
                         "eval_seconds": round(eval_s, 1), "total_seconds":
                         round(time.time() - start, 1)},
              **{k: v for k, v in results.items() if k not in ("avg_score", "tasks")}}
-  paths = write_results(results, _OUT.value)
+  paths = write_results(results, _out())
   print(f"{method}: checkpoint step {meta['step']} from {_WORKDIR.value}")
   print(markdown_table(results), end="")
   print("wrote " + ", ".join(paths))

@@ -53,7 +53,6 @@ _RESUME = flags.DEFINE_bool("resume", True, "Keep the entries an earlier run wit
                             "written after every scorer x ratio).")
 FLAGS.set_default("lengths", ["16384"])
 FLAGS.set_default("samples", 1)
-FLAGS.set_default("out", "experiments/results/eviction_sweep")
 
 
 class _RecordingGenerate:
@@ -263,7 +262,7 @@ def main(argv):
     else:
       notes.append(f"locret: {note}")
 
-  out = FLAGS.out
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "eviction_sweep")  # results/ only when asked
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   settings = _settings(meta, model, lengths)
   old = _previous(out + ".json", settings) or {}

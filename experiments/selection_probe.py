@@ -37,7 +37,6 @@ _ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", None, "Queries probed per
 FLAGS.set_default("tasks", ["passkey", "multi_key"])
 FLAGS.set_default("depths", ["0", "0.25", "0.5", "0.75"])
 FLAGS.set_default("samples", 2)
-FLAGS.set_default("out", "experiments/results/selection_probe")
 
 
 def sparse_config(model) -> InfLLMv2Config:
@@ -86,7 +85,7 @@ def main(argv):
             "sparse": dataclasses.asdict(cfg), "tasks": list(FLAGS.tasks), "lengths": lengths,
             "depths": depths, "samples": FLAGS.samples, "haystack": FLAGS.haystack,
             "seconds": round(time.time() - start, 1), **probe}
-  out = FLAGS.out
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "selection_probe")  # results/ only when asked
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out + ".json", "w") as fh:
     json.dump(report, fh, indent=1)

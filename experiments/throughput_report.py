@@ -1,4 +1,5 @@
-"""Turns a pretraining run's summary into experiments/results/pretrain_throughput.{json,md}.
+"""Turns a pretraining run's summary into <out>.{json,md} (by default beside the run; the recorded
+ones are experiments/results/pretrain_throughput.*):
 
   python -m experiments.throughput_report --workdir=runs/pretrain_100m \
       --command="python -m experiments.pretrain --config=configs/pretrain_100m.py"
@@ -15,8 +16,13 @@ from sparsejax.model import matmul_flops_per_token
 from sparsejax.config import ModelConfig
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain_100m", "The run's workdir.")
-_OUT = flags.DEFINE_string("out", "experiments/results/pretrain_throughput", "Output path stem.")
+_OUT = flags.DEFINE_string("out", None, "Output path stem (default <workdir>/pretrain_throughput; "
+                            "the recorded results are written only when asked for).")
 _COMMAND = flags.DEFINE_string("command", "", "The command that produced the run.")
+
+
+def _out() -> str:
+  return _OUT.value or os.path.join(_WORKDIR.value, "pretrain_throughput")
 
 
 def main(argv):
@@ -47,11 +53,11 @@ def main(argv):
       "command": _COMMAND.value,
       "model": model_cfg.to_dict(),
   }
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value + ".json", "w") as f:
+  os.makedirs(os.path.dirname(_out()) or ".", exist_ok=True)
+  with open(_out() + ".json", "w") as f:
     json.dump(result, f, indent=2)
   mfu = "n/a" if result["mfu"] is None else f"{result['mfu']:.1%}"
-  with open(_OUT.value + ".md", "w") as f:
+  with open(_out() + ".md", "w") as f:
     f.write("# Pretraining throughput\n\n")
     f.write(f"Command: `{result['command']}`\n\n")
     f.write("| device | jax | params | seq_len | global batch | steps | tokens/s | MFU | loss first -> last |\n")
@@ -61,7 +67,7 @@ def main(argv):
             f"{result['steps']} | {result['tokens_per_s']:,.0f} | {mfu} | "
             f"{result['first_loss']:.3f} -> {result['last_loss']:.3f} |\n\n")
     f.write(f"MFU: {result['mfu_definition']}.\n")
-  print(open(_OUT.value + ".md").read())
+  print(open(_out() + ".md").read())
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def test_binary_end_to_end(tmp_path):
        "--config.train.steps=2", "--config.train.warmup_steps=1", "--config.train.eval_every=0",
        "--config.sample.max_new_tokens=0", "--config.model.num_layers=1",
        "--config.data.seq_len=32", "--config.model.max_seq_len=512")
-  out_stem = str(tmp_path / "sw")
+  out_stem = os.path.join(workdir, "eval_longctx")  # the default --out: beside the run, not results/
   # A sliding window, as InfLLM-V2 keeping only its local blocks, on the dense checkpoint.
   options = {"dense_len": 0, "block_size": 32, "compress_window": 32, "compress_stride": 16,
              "init_blocks": 0, "local_blocks": 2, "topk": 2, "lse_window": 64, "lse_stride": 32}
@@ -224,7 +224,7 @@ def test_binary_end_to_end(tmp_path):
              "--lengths=320,400", "--depths=0,1", "--samples=1", "--max_new_tokens=4",
              "--batch_size=2", "--haystack=corpus", "--method=sliding_window",
              "--attention=infllmv2", f"--attention_options={json.dumps(options)}",
-             "--ppl_lengths=300", "--ppl_tail=32", "--ppl_docs=1", f"--out={out_stem}")
+             "--ppl_lengths=300", "--ppl_tail=32", "--ppl_docs=1")
   assert "| passkey |" in out and "| frequent_words |" in out and "sliding_window" in out
   data = json.load(open(out_stem + ".json"))
   assert data["method"] == "sliding_window" and 0.0 <= data["avg_score"] <= 1.0
