@@ -45,10 +45,6 @@ PAPER = {"dense": (None, None, 14.90), "topk_moe": (79.2, 49.2, 16.22),
          "remoe": (78.3, 42.4, 14.60), "blockffn": (80.5, 71.4, 14.88)}
 
 
-def _out() -> str:
-  return _OUT.value or os.path.join(_WORKDIR.value, "blockffn_ablation")
-
-
 def _clean(value):
   """NaN (nothing measured) -> None, so the JSON stays standard."""
   return None if isinstance(value, float) and math.isnan(value) else value
@@ -214,12 +210,13 @@ def write_outputs(results, device=None):
   out = {"device": device or _device(), "jax": jax.__version__, "scale": _scale(),
          "paper_0.1b": {k: {"tls": t, "cls8": c, "ppl": p} for k, (t, c, p) in PAPER.items()},
          "methods": results}
-  os.makedirs(os.path.dirname(_out()) or ".", exist_ok=True)
-  with open(_out() + ".json", "w") as f:
+  stem = _OUT.value or os.path.join(_WORKDIR.value, "blockffn_ablation")  # results/ when asked
+  os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+  with open(stem + ".json", "w") as f:
     json.dump(out, f, indent=2)
-  with open(_out() + ".md", "w") as f:
+  with open(stem + ".md", "w") as f:
     f.write(markdown(results, _header(results, device)))
-  plot(results, _out() + ".png")
+  plot(results, stem + ".png")
 
 if __name__ == "__main__":
   app.run(main)

@@ -65,10 +65,6 @@ _EVICTION_COMPRESSION = flags.DEFINE_float("eviction_compression", None,
                                            "Or: budget = prompt length / this.")
 
 
-def _out() -> str:
-  return _OUT.value or os.path.join(_WORKDIR.value, "eval_longctx")
-
-
 def with_attention(model, attention: str | None, options_json: str | None,
                    max_seq_len: int | None):
   """The same parameters under another attention kind / options / max_seq_len."""
@@ -129,7 +125,8 @@ def main(argv):
                         "eval_seconds": round(eval_s, 1), "total_seconds":
                         round(time.time() - start, 1)},
              **{k: v for k, v in results.items() if k not in ("avg_score", "tasks")}}
-  paths = write_results(results, _out())
+  out = _OUT.value or os.path.join(_WORKDIR.value, "eval_longctx")  # results/ only when asked
+  paths = write_results(results, out)
   print(f"{method}: checkpoint step {meta['step']} from {_WORKDIR.value}")
   print(markdown_table(results), end="")
   print("wrote " + ", ".join(paths))

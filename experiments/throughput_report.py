@@ -21,10 +21,6 @@ _OUT = flags.DEFINE_string("out", None, "Output path stem (default <workdir>/pre
 _COMMAND = flags.DEFINE_string("command", "", "The command that produced the run.")
 
 
-def _out() -> str:
-  return _OUT.value or os.path.join(_WORKDIR.value, "pretrain_throughput")
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -32,6 +28,10 @@ def main(argv):
     summary = json.load(f)
   with open(os.path.join(_WORKDIR.value, "logs", "train_metrics.csv")) as f:
     rows = list(csv.DictReader(f))
+  if "tokens_per_s" not in summary:
+    raise app.UsageError(
+        f"{_WORKDIR.value}/summary.json has no tokens_per_s: the run timed no logging window (the "
+        f"first window, which compiles, is left out), so train more than train.log_every steps")
   model_cfg = ModelConfig.from_dict(config.model)
   seq_len = config.data.seq_len
   result = {
@@ -53,11 +53,12 @@ def main(argv):
       "command": _COMMAND.value,
       "model": model_cfg.to_dict(),
   }
-  os.makedirs(os.path.dirname(_out()) or ".", exist_ok=True)
-  with open(_out() + ".json", "w") as f:
+  out = _OUT.value or os.path.join(_WORKDIR.value, "pretrain_throughput")  # results/ when asked
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".json", "w") as f:
     json.dump(result, f, indent=2)
   mfu = "n/a" if result["mfu"] is None else f"{result['mfu']:.1%}"
-  with open(_out() + ".md", "w") as f:
+  with open(out + ".md", "w") as f:
     f.write("# Pretraining throughput\n\n")
     f.write(f"Command: `{result['command']}`\n\n")
     f.write("| device | jax | params | seq_len | global batch | steps | tokens/s | MFU | loss first -> last |\n")
@@ -67,7 +68,7 @@ def main(argv):
             f"{result['steps']} | {result['tokens_per_s']:,.0f} | {mfu} | "
             f"{result['first_loss']:.3f} -> {result['last_loss']:.3f} |\n\n")
     f.write(f"MFU: {result['mfu_definition']}.\n")
-  print(open(_out() + ".md").read())
+  print(open(out + ".md").read())
 
 
 if __name__ == "__main__":
