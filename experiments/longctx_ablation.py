@@ -85,7 +85,8 @@ _SCALE = flags.DEFINE_enum("scale", "gpu", ablation_config.SCALES,
                            "Preset of configs/longctx_ablation.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root of the run directories (<root>/pretrain, "
                                "<root>/<method>); default runs/longctx_ablation_<scale>.")
-_OUT_DIR = flags.DEFINE_string("out_dir", "experiments/results", "Where the results go.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the results go (default <root>/results; "
+                               "experiments/results only when named).")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"Continuations, from {list(METHODS)}.")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "Pretraining steps.")
 _PRETRAIN_BATCH = flags.DEFINE_integer("pretrain_batch_size", None, "Pretraining rows per step.")
@@ -736,7 +737,8 @@ def run(config, out_dir: str) -> bool:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  out_dir = _OUT_DIR.value
+  config = build_config()
+  out_dir = _OUT_DIR.value or os.path.join(config.ablation.root, "results")
   os.makedirs(out_dir, exist_ok=True)
   if _REPLOT.value:  # the summary and markdown too, from the JSON (e.g. after adding a statistic)
     with open(os.path.join(out_dir, JSON_NAME), encoding="utf-8") as f:
@@ -749,7 +751,6 @@ def main(argv):
     say("redrew " + ", ".join(draw_plots(out_dir, os.path.join(out_dir, ".plots_scratch"))))
     shutil.rmtree(os.path.join(out_dir, ".plots_scratch"), ignore_errors=True)
     return
-  config = build_config()
   if not run(config, out_dir):
     sys.exit(1)
 
