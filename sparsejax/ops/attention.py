@@ -126,9 +126,8 @@ def dense_attention(
 def cudnn_takes(q, k, v) -> bool:
   """Whether cuDNN's flash attention accepts these operands: jax's entry point raises for float32
   (so a float32 model on a GPU takes the xla path) and for head dims it has no kernel for."""
-  half = {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}
   head_dim = q.shape[-1]
-  return ({q.dtype, k.dtype, v.dtype} <= half and q.dtype == k.dtype == v.dtype
+  return (q.dtype == k.dtype == v.dtype and q.dtype in (jnp.bfloat16, jnp.float16)
           and head_dim % 8 == 0 and head_dim <= 128)
 
 
