@@ -240,3 +240,23 @@ def test_bench_attention_option_parsing():
       raise AssertionError(bad)
     """
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("block_q", [1, 3, 4])
+def test_query_block_unions_match_sets(block_q):
+  """Random selections with repeats, dead slots and out-of-range ids: each tile's union is the
+  sorted set of its tokens' live ids."""
+  rng = np.random.default_rng(block_q)
+  idx = rng.integers(-2, 9, (2, 12, 3, 5))                     # 8 key blocks: 8 is out of range
+  valid = rng.random(idx.shape) < 0.8
+  unions = np.asarray(query_block_unions(jnp.asarray(idx, jnp.int32), jnp.asarray(valid),
+                                         num_kv_blocks=8, block_q=block_q))
+  for b in range(2):
+    for h in range(3):
+      for qb in range(12 // block_q):
+        rows = slice(qb * block_q, (qb + 1) * block_q)
+        live = valid[b, rows, h] & (idx[b, rows, h] >= 0) & (idx[b, rows, h] < 8)
+        want = sorted(set(idx[b, rows, h][live].tolist()))
+        n = unions[b, h, qb, 0]
+        assert list(unions[b, h, qb, 1:1 + n]) == want
+        assert not unions[b, h, qb, 1 + n:].any()

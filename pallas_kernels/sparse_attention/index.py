@@ -22,40 +22,38 @@ def next_power_of_2(x: int) -> int:
   return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _selection_bitmap(block_idx, block_valid, num_kv_blocks, block_q):
-  """bool [batch, kv_heads, q_blocks, num_kv_blocks]: some token of the query block selected
-  the key block."""
+def _tile_ids(block_idx, block_valid, num_kv_blocks, block_q):
+  """int32 [batch, kv_heads, q_blocks, block_q * topk]: the blocks a query tile's tokens selected,
+  num_kv_blocks for a dead slot."""
   batch, q_len, kv_heads, topk = block_idx.shape
   if q_len % block_q:
     raise ValueError(f"block index: q_len={q_len} is not a multiple of block_q={block_q}")
-  nqb = q_len // block_q
   live = block_valid & (block_idx >= 0) & (block_idx < num_kv_blocks)
-  idx = jnp.where(live, block_idx, num_kv_blocks)  # dead slots land in a spare column
-  idx = idx.reshape(batch, nqb, block_q, kv_heads, topk).transpose(0, 3, 1, 2, 4)
-  idx = idx.reshape(batch, kv_heads, nqb, block_q * topk)
-  b_ix = jnp.arange(batch)[:, None, None, None]
-  h_ix = jnp.arange(kv_heads)[None, :, None, None]
-  q_ix = jnp.arange(nqb)[None, None, :, None]
-  bitmap = jnp.zeros((batch, kv_heads, nqb, num_kv_blocks + 1), bool)
-  return bitmap.at[b_ix, h_ix, q_ix, idx].set(True)[..., :num_kv_blocks]
-
-
-def _count_and_list(bitmap, max_len: int) -> jax.Array:
-  """[..., n] bool -> int32 [..., width]: the count, then the ascending indices of the set bits."""
-  count = jnp.sum(bitmap, axis=-1, dtype=jnp.int32)
-  order = jnp.argsort(~bitmap, axis=-1, stable=True)[..., :max_len].astype(jnp.int32)
-  order = jnp.where(jnp.arange(max_len) < count[..., None], order, 0)
-  width = next_power_of_2(max_len + 1)
-  pad = jnp.zeros((*count.shape, width - max_len - 1), jnp.int32)
-  return jnp.concatenate([count[..., None], order, pad], axis=-1)
+  ids = jnp.where(live, block_idx, num_kv_blocks).astype(jnp.int32)
+  ids = ids.reshape(batch, q_len // block_q, block_q, kv_heads, topk).transpose(0, 3, 1, 2, 4)
+  return ids.reshape(batch, kv_heads, q_len // block_q, block_q * topk)
 
 
 def query_block_unions(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,
                        block_q: int) -> jax.Array:
   """int32 [batch, kv_heads, q_len // block_q, width]: per query block, the count then the
-  ascending union of the blocks its tokens selected. q_len must be a multiple of block_q."""
-  bitmap = _selection_bitmap(block_idx, block_valid, num_kv_blocks, block_q)
-  return _count_and_list(bitmap, min(num_kv_blocks, block_q * block_idx.shape[-1]))
+  ascending union of the blocks its tokens selected. q_len must be a multiple of block_q.
+
+  Two sorts of each tile's block_q x topk selected ids: the first finds repeats (the first of
+  each run is kept), the second moves the kept ids to the front. Before 2026-12-06 this was the
+  argsort of a [tiles x num_kv_blocks] selection bitmap, whose rows are 8x longer at 128k
+  (2048 against 256 ids); see kernel_dkdv_run.md for the times.
+  """
+  max_len = min(num_kv_blocks, block_q * block_idx.shape[-1])
+  ids = jnp.sort(_tile_ids(block_idx, block_valid, num_kv_blocks, block_q), axis=-1)
+  first = jnp.concatenate([jnp.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]],
+                          axis=-1) & (ids < num_kv_blocks)
+  count = jnp.sum(first, axis=-1, dtype=jnp.int32)
+  order = jnp.sort(jnp.where(first, ids, num_kv_blocks), axis=-1)[..., :max_len]
+  order = jnp.where(jnp.arange(max_len) < count[..., None], order, 0)
+  width = next_power_of_2(max_len + 1)
+  pad = jnp.zeros((*count.shape, width - max_len - 1), jnp.int32)
+  return jnp.concatenate([count[..., None], order, pad], axis=-1)
 
 
 class KeyBlockIndex(NamedTuple):
@@ -74,7 +72,8 @@ class KeyBlockIndex(NamedTuple):
   key block, block 0's program loops over all q_len / block_q tiles while the others finish:
   on the H100 at 32k that one loop was the dk/dv kernel's 34 ms, 3.6x the dq kernel
   (experiments/results/kernel_profile_run.md). Items of at most `chunk` tiles spread it: the
-  kernel took 19.6-22.4 ms at 32k and 95.8 ms at 128k (from 151.4; kernel_dkdv_run.md).
+  kernel took 19.6-22.4 ms at 32k and 95.8 ms at 128k (from 151.4), and 70.5 ms at 128k once it
+  read Q and dO as row-major 2D tiles (kernel_dkdv_run.md).
   """
   tiles: jax.Array
   items: jax.Array
@@ -101,21 +100,29 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
   slot of the unions, q_len / block_q x min(num_kv_blocks, block_q x topk) (dead slots sort past
   every key block's range).
   """
-  bitmap = _selection_bitmap(block_idx, block_valid, num_kv_blocks, block_q)
+  unions = query_block_unions(block_idx, block_valid, num_kv_blocks=num_kv_blocks,
+                              block_q=block_q)
   max_len = min(num_kv_blocks, block_q * block_idx.shape[-1])
-  unions = _count_and_list(bitmap, max_len)
   batch, kv_heads, nqb = unions.shape[:3]
   count = unions[..., :1]
   slots = unions[..., 1:1 + max_len]
-  # Dead slots sort last (key num_kv_blocks); the stable sort keeps, within a key block, the
-  # query-tile-major order of the slots, so each key block's tiles come out ascending.
+  # Dead slots sort last (key num_kv_blocks); within a key block the query tiles come out
+  # ascending. One int32 key block * nqb + tile holds both where it fits (a single-operand sort);
+  # else the pair is sorted by block, stably.
   blocks = jnp.where(jnp.arange(max_len) < count, slots, num_kv_blocks)
   tiles = jnp.broadcast_to(jnp.arange(nqb, dtype=jnp.int32)[:, None], blocks.shape)
   flat = (batch, kv_heads, nqb * max_len)
-  _, kv_tiles = jax.lax.sort((blocks.reshape(flat), tiles.reshape(flat)), dimension=-1,
-                             is_stable=True, num_keys=1)
-  per_block = jnp.sum(bitmap, axis=-2, dtype=jnp.int32)           # [b, h, num_kv_blocks]
-  start = jnp.cumsum(per_block, axis=-1, dtype=jnp.int32) - per_block
+  if (num_kv_blocks + 1) * nqb < 2**31:
+    packed = jnp.sort((blocks * nqb + tiles).reshape(flat), axis=-1)
+    kv_blocks, kv_tiles = packed // nqb, packed % nqb
+  else:
+    kv_blocks, kv_tiles = jax.lax.sort((blocks.reshape(flat), tiles.reshape(flat)),
+                                       dimension=-1, is_stable=True, num_keys=1)
+  # Each key block's run in the sorted list: where it starts, and how many tiles.
+  bounds = jax.vmap(jax.vmap(lambda x: jnp.searchsorted(
+      x, jnp.arange(num_kv_blocks + 1, dtype=jnp.int32), side="left")))(kv_blocks)
+  start = bounds[..., :-1].astype(jnp.int32)
+  per_block = (bounds[..., 1:] - bounds[..., :-1]).astype(jnp.int32)  # [b, h, num_kv_blocks]
   n_chunks = -(-per_block // chunk)
   ends = jnp.cumsum(n_chunks, axis=-1, dtype=jnp.int32)
   n_items = max_items(nqb, max_len, num_kv_blocks, chunk)
