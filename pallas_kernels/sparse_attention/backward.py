@@ -203,7 +203,8 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
   n_items = key_index.items.shape[2]
   # Q and dO as row-major copies, so that a tile's rows are one 2D block (`_row_major_vectors`):
   # on the H100 at 128k the kernel took 70.5 ms against 95.9 ms loading [tokens, heads, d]
-  # blocks and reshaping them (the copies cost ~1 ms; kernel_dkdv_run.md).
+  # blocks and reshaping them; the copies themselves, two XLA transposes, took 2.8 ms there
+  # (kernel_dkdv_run.md).
   q_all = pl.BlockSpec((None, heads // hp, q_len * hp, head_dim), lambda i, b, h: (b, 0, 0, 0))
   q_in, do_in = _row_major_vectors(q, hp), _row_major_vectors(d_out, hp)
   kv_all = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
