@@ -107,14 +107,19 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
   count = unions[..., :1]
   slots = unions[..., 1:1 + max_len]
   # Dead slots sort last (key num_kv_blocks); within a key block the query tiles come out
-  # ascending. One int32 key block * nqb + tile holds both where it fits (a single-operand sort);
-  # else the pair is sorted by block, stably.
+  # ascending. Where it fits, one int32 key (row, key block, tile), row = b * kv_heads + h, holds
+  # all three, and the whole index is one 1D sort: XLA's GPU backend gives a single long sort to
+  # CUB's radix sort, where a batch of 2 rows of millions of keys went to its bitonic sort,
+  # dozens of launches (`sort_20_1__*` in the profiles). Else the pairs are sorted per row,
+  # by block, stably.
   blocks = jnp.where(jnp.arange(max_len) < count, slots, num_kv_blocks)
   tiles = jnp.broadcast_to(jnp.arange(nqb, dtype=jnp.int32)[:, None], blocks.shape)
   flat = (batch, kv_heads, nqb * max_len)
-  if (num_kv_blocks + 1) * nqb < 2**31:
-    packed = jnp.sort((blocks * nqb + tiles).reshape(flat), axis=-1)
-    kv_blocks, kv_tiles = packed // nqb, packed % nqb
+  if batch * kv_heads * (num_kv_blocks + 1) * nqb < 2**31:
+    row = jnp.arange(batch * kv_heads, dtype=jnp.int32).reshape(batch, kv_heads, 1, 1)
+    packed = jnp.sort(((row * (num_kv_blocks + 1) + blocks) * nqb + tiles).reshape(-1))
+    packed = packed.reshape(flat)  # every row holds nqb * max_len keys, so rows stay apart
+    kv_blocks, kv_tiles = packed // nqb % (num_kv_blocks + 1), packed % nqb
   else:
     kv_blocks, kv_tiles = jax.lax.sort((blocks.reshape(flat), tiles.reshape(flat)),
                                        dimension=-1, is_stable=True, num_keys=1)
