@@ -1,13 +1,28 @@
-# One-off A/B: the transposed index as one 1D sort (the tree) against the batched sort (baseline).
+# One-off A/B of branch rank-keys (on one-sort) in one device call, fwd and fwd_bwd at 32k and
+# 128k with --profile: the tree (the scoring kernel writes the ranking keys; the transposed
+# index is one 1D sort), then one_sort (main's block scoring back), then main (main's index
+# too). The main files are in experiments/_baseline/. About 3 minutes.
 set -u
 source experiments/gpu_env.sh
-f=pallas_kernels/sparse_attention/index.py
-cp $f /tmp/index_new.py
-for variant in one_sort batched; do
-  [ $variant = batched ] && cp experiments/_baseline_index.py $f
+save=/tmp/tree_files; mkdir -p $save
+cp pallas_kernels/sparse_attention/index.py pallas_kernels/block_scores/op.py \
+   pallas_kernels/block_scores/kernel.py $save/
+for variant in rank_keys one_sort main; do
+  if [ $variant = one_sort ]; then
+    cp experiments/_baseline/block_scores_op.py pallas_kernels/block_scores/op.py
+    cp experiments/_baseline/block_scores_kernel.py pallas_kernels/block_scores/kernel.py
+  fi
+  [ $variant = main ] && cp experiments/_baseline/index.py pallas_kernels/sparse_attention/index.py
   stamp "$variant"
-  timeout ${LIMIT_S:-100} python3 -m experiments.bench_attention --seq_lens=32768,131072 \
-    --passes=fwd_bwd --iters=3 --profile --out=$OUT/ab_index_$variant 2>&1 | grep '"pass"' | cut -c1-160
+  timeout ${LIMIT_S:-80} python3 -m experiments.bench_attention --seq_lens=32768,131072 \
+    --passes=${PASSES:-fwd,fwd_bwd} --iters=3 ${PROFILE---profile} --out=$OUT/ab_$variant 2>&1 \
+    | grep '"pass"' | cut -c1-160
 done
-cp /tmp/index_new.py $f
+cp $save/index.py pallas_kernels/sparse_attention/index.py
+cp $save/op.py $save/kernel.py pallas_kernels/block_scores/
+if runs ${TESTS_S:-0}; then
+  stamp tests
+  timeout $TESTS_S python3 -m pytest -q -p no:cacheprovider tests/gpu/test_block_scores_gpu.py \
+    tests/gpu/test_sparse_attention_gpu.py 2>&1 | tail -2
+fi
 stamp done

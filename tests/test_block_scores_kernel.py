@@ -79,6 +79,37 @@ def test_selection_equals_reference_selection():
   np.testing.assert_array_equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("seq,heads,kv_heads,init,local,approx", [
+    (100, 4, 2, 1, 1, False),   # ragged
+    (150, 6, 2, 2, 3, True),    # GQA 3, two init blocks, three local ones
+    (64, 16, 1, 1, 2, False),   # a whole number of blocks
+])
+def test_ranking_keys_match_reference(seq, heads, kv_heads, init, local, approx):
+  """The kernel's epilogue writes `selection_keys` (forced +inf, future -inf) of its scores."""
+  cfg = dataclasses.replace(CFG, init_blocks=init, local_blocks=local, topk=init + local + 1,
+                            approximate_lse=approx)
+  q, k = inputs(seq + init, 2, seq, heads, kv_heads, 16)
+  want = ref_ops.selection_keys(ref_ops.block_scores(q, k, cfg), cfg, q_len=seq, kv_len=seq)
+  got = block_scores(q, k, cfg, implementation="interpret", ranking_keys=True, block_rows=32)
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  reference = block_scores(q, k, cfg, implementation="reference", ranking_keys=True)
+  np.testing.assert_array_equal(reference, want)
+
+
+@pytest.mark.parametrize("topk_implementation", ["reference", "interpret"])
+def test_selection_of_one_document_rows(topk_implementation):
+  """Without segment ids the selection comes from the kernel's ranking keys."""
+  q, k = inputs(5, 2, 140, 8, 2, 16)
+  cfg = dataclasses.replace(CFG, topk=4, local_blocks=2)
+  want = ref_ops.select_blocks(ref_ops.block_scores(q, k, cfg), cfg, q_len=140, kv_len=140)
+  got = score_and_select(q, k, cfg, implementation="interpret", block_rows=32,
+                         topk_implementation=topk_implementation)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_bad_inputs_are_named():
   q, k = inputs(0, 1, 64, 4, 2, 16)
   with pytest.raises(ValueError, match="implementation"):
@@ -89,6 +120,8 @@ def test_bad_inputs_are_named():
     block_scores(q, k, CFG, segment_ids=jnp.ones((1, 63), jnp.int32), implementation="interpret")
   with pytest.raises(ValueError, match="block_rows"):
     block_scores(q, k, CFG, implementation="interpret", block_rows=24)
+  with pytest.raises(ValueError, match="ranking_keys"):
+    block_scores(q, k, CFG, segment_ids=jnp.ones((1, 64), jnp.int32), ranking_keys=True)
   with pytest.raises(ValueError, match="power of two"):
     block_scores(q, k, dataclasses.replace(CFG, block_size=12, compress_window=4,
                                            compress_stride=4),

@@ -26,6 +26,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -70,10 +71,22 @@ def _online_lse(q2d, keys_ref, last_ref, seg_ref, q_pos, q_seg, lo, hi, *, tile,
   return jnp.where(l > 0, m + jnp.log2(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
+def _ranking_keys(score, blocks, q_pos, *, block_size, init_blocks, local_blocks):
+  """`selection_keys` of sparsejax.ops.infllmv2 without segment ids, for a [block_q, n] tile of
+  scores of `blocks`: +inf forced (the first init_blocks blocks and the local_blocks ending at
+  the query's own), -inf past the query's block, else the score (NaN -> the lowest finite)."""
+  big = jnp.float32(np.finfo(np.float32).max)
+  q_block = (q_pos // block_size)[:, None]
+  eligible = blocks[None, :] <= q_block
+  forced = eligible & ((blocks[None, :] < init_blocks) | (blocks[None, :] > q_block - local_blocks))
+  finite = jnp.clip(jnp.where(score == score, score, -big), -big, big)
+  return jnp.where(forced, jnp.inf, jnp.where(eligible, finite, -jnp.inf))
+
+
 def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, scale: float,
                          block_q: int, group: int, heads: int, block_windows: int, ratio: int,
                          overlap: int, window: int, stride: int, approximate: bool,
-                         lse_window: int, lse_stride: int):
+                         lse_window: int, lse_stride: int, ranking):
   if approximate:
     kc2_ref, last2_ref, wseg2_ref, out_ref = rest
   else:
@@ -107,6 +120,12 @@ def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, sc
   follows = (block[:, None] == block[None, :] + 1)[None]      # [1, j, j']: j' = j - 1
   first, final = (block == 0)[None, :], (block == tile_blocks - 1)[None, :]
 
+  def finish(ti, scores):
+    """What a tile writes: its scores, or with `ranking` their ranking keys."""
+    if ranking is None:
+      return scores
+    return _ranking_keys(scores, ti * tile_blocks + block, q_pos, **ranking)
+
   def score_tile(ti, carry):
     rows = pl.ds(ti * tile, tile)
     s = _scaled_logits(q2d, kc_ref[rows, :], (block_q, group, tile), scale2)
@@ -118,7 +137,7 @@ def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, sc
     tail = jnp.max(jnp.where(in_tail, per_block, 0.0), axis=2)          # [block_q, tile_blocks]
     before = jnp.max(jnp.where(follows, tail[:, None, :], 0.0), axis=2)  # tail of block j - 1
     before = jnp.maximum(before, jnp.where(first, carry[:, None], 0.0))
-    out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = jnp.maximum(pooled, before)
+    out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = finish(ti, jnp.maximum(pooled, before))
     return jnp.max(jnp.where(final, tail, 0.0), axis=1)
 
   # One tile past the causal limit: its first block takes the previous tile's tail.
@@ -126,8 +145,8 @@ def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, sc
   lax.fori_loop(0, scored, score_tile, jnp.zeros((block_q,), jnp.float32))
 
   def zero_tile(ti, carry):
-    out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = jnp.zeros((block_q, tile_blocks),
-                                                                 jnp.float32)
+    out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = finish(
+        ti, jnp.zeros((block_q, tile_blocks), jnp.float32))
     return carry
 
   lax.fori_loop(scored, total_tiles, zero_tile, None)  # (a literal carry does not lower)
@@ -135,15 +154,17 @@ def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, sc
 
 @functools.partial(jax.jit, static_argnames=(
     "block_q", "heads", "block_windows", "ratio", "overlap", "window", "stride", "lse_window",
-    "lse_stride", "interpret", "num_warps", "num_stages"))
+    "lse_stride", "ranking", "interpret", "num_warps", "num_stages"))
 def block_scores_kernel(q, q_seg, kc, last, wseg, coarse, *, block_q: int, heads: int,
                         block_windows: int, ratio: int, overlap: int, window: int, stride: int,
-                        lse_window: int, lse_stride: int, interpret: bool = False,
+                        lse_window: int, lse_stride: int, ranking=None, interpret: bool = False,
                         num_warps: int = 4, num_stages: int = 2):
   """Padded, laid-out inputs (see op.py): q [b, t, kv_heads * group, d] (group a power of two,
   `heads` real heads per group), q_seg [b, t]; kc [b, c_pad, kv_heads, d] with last [c_pad] and
   wseg [b, c_pad]; coarse = (kc2, last2, wseg2) or None. Returns float32
-  [b, t, kv_heads, c_pad / ratio] pooled block scores."""
+  [b, t, kv_heads, c_pad / ratio] pooled block scores, or with ranking (a tuple of
+  (name, value) pairs: block_size, init_blocks, local_blocks; one document per row) their
+  ranking keys: the scoring pass writes them where XLA would read and rewrite the scores."""
   batch, q_len, all_heads, d = q.shape
   kv_heads = kc.shape[2]
   group = all_heads // kv_heads
@@ -152,7 +173,8 @@ def block_scores_kernel(q, q_seg, kc, last, wseg, coarse, *, block_q: int, heads
   kernel = functools.partial(
       _block_scores_kernel, scale=1.0 / math.sqrt(d), block_q=block_q, group=group, heads=heads,
       block_windows=block_windows, ratio=ratio, overlap=overlap, window=window, stride=stride,
-      approximate=approximate, lse_window=lse_window, lse_stride=lse_stride)
+      approximate=approximate, lse_window=lse_window, lse_stride=lse_stride,
+      ranking=None if ranking is None else dict(ranking))
   keys_spec = lambda n: pl.BlockSpec((None, n, None, d), lambda i, b, h: (b, 0, h, 0))
   vector_spec = lambda n: pl.BlockSpec((n,), lambda i, b, h: (0,))
   row_spec = lambda n: pl.BlockSpec((None, n), lambda i, b, h: (b, 0))

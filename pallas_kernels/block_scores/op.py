@@ -1,7 +1,8 @@
 """The public op: InfLLM-V2 block scores (and selection) for self-attention over whole rows.
 
-  block_scores(q, k, cfg, segment_ids=None, implementation="pallas" | "interpret" | "reference")
-      -> float32 [batch, seq, kv_heads, ceil(seq / block_size)]
+  block_scores(q, k, cfg, segment_ids=None, implementation="pallas" | "interpret" | "reference",
+               ranking_keys=False)
+      -> float32 [batch, seq, kv_heads, ceil(seq / block_size)] (scores, or ranking keys)
   score_and_select(...) -> (block_idx, block_valid) [batch, seq, kv_heads, topk]
 
 Same contract and result as `sparsejax.ops.infllmv2.block_scores` / `select_blocks` with
@@ -66,15 +67,24 @@ def _windows(k, seg, window, stride, padded):
 
 
 def block_scores(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
-                 implementation: str = "pallas", block_rows: int = 128, block_windows: int = 64,
-                 num_warps: int = 8, num_stages: int = 2):
-  """See the module docstring. block_rows: (token, head) rows per program (block_q = block_rows
-  / group tokens); block_windows: compressed windows per tile. The defaults are the fastest of
-  `experiments.bench_attention --tune` on the H100 (64k tokens, groups of 16 heads: 7.7 ms,
-  against 8.2 at 4 warps; experiments/results/bench_attention_tuned.*)."""
+                 implementation: str = "pallas", ranking_keys: bool = False,
+                 block_rows: int = 128, block_windows: int = 64, num_warps: int = 8,
+                 num_stages: int = 2):
+  """See the module docstring. ranking_keys: return `selection_keys` of the scores instead
+  (+inf forced, -inf ineligible; one document per row, so no segment_ids), which the kernel
+  writes in place of the scores. block_rows: (token, head) rows per program (block_q =
+  block_rows / group tokens); block_windows: compressed windows per tile. The defaults are the
+  fastest of `experiments.bench_attention --tune` on the H100 (64k tokens, groups of 16 heads:
+  7.7 ms, against 8.2 at 4 warps; experiments/results/bench_attention_tuned.*)."""
   _check(q, k, cfg, segment_ids, implementation, block_rows, block_windows)
+  if ranking_keys and segment_ids is not None:
+    raise ValueError("block_scores: ranking_keys=True takes no segment_ids (one document per "
+                     "row); use select_blocks' keys for packed documents")
   if implementation == "reference":
-    return reference.block_scores(q, k, cfg, segment_ids=segment_ids)
+    scores = reference.block_scores(q, k, cfg, segment_ids=segment_ids)
+    if ranking_keys:
+      return reference.selection_keys(scores, cfg, q_len=q.shape[1], kv_len=k.shape[1])
+    return scores
   batch, seq, heads, d = q.shape
   kv_heads = k.shape[2]
   group = heads // kv_heads
@@ -105,6 +115,8 @@ def block_scores(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
       coarse, block_q=block_q, heads=group, block_windows=block_windows, ratio=ratio,
       overlap=overlap, window=cfg.compress_window, stride=cfg.compress_stride,
       lse_window=cfg.lse_window, lse_stride=cfg.lse_stride,
+      ranking=(("block_size", cfg.block_size), ("init_blocks", cfg.init_blocks),
+               ("local_blocks", cfg.local_blocks)) if ranking_keys else None,
       interpret=implementation == "interpret", num_warps=num_warps, num_stages=num_stages)
   return scores[:, :seq, :, :n_blocks]
 
@@ -117,6 +129,12 @@ def score_and_select(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
   topk_implementation: "reference" (XLA's top_k and sort) or the sort-free kernel of
   pallas_kernels/block_topk ("pallas" | "interpret"); the same result either way."""
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+  if segment_ids is None:
+    # One document per row: the scoring kernel writes the ranking keys itself (at 128k XLA's
+    # passes over the 2 GiB of scores took ~3.4 ms; experiments/results/infllmv2_targets.md).
+    key = block_scores(q, k, cfg, implementation=implementation, ranking_keys=True,
+                       **kernel_options)
+    return block_topk.top_blocks(key, cfg.topk, implementation=topk_implementation)
   scores = block_scores(q, k, cfg, segment_ids=segment_ids, implementation=implementation,
                         **kernel_options)
   return block_topk.select_blocks(scores, cfg, q_len=q.shape[1], kv_len=k.shape[1],

@@ -26,6 +26,11 @@ def test_pallas_matches_reference(seq, heads, kv_heads, packed, approx):
   got = jax.jit(lambda q, k: block_scores(q, k, cfg, segment_ids=seg))(q, k)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-5)
+  if seg is None:  # the ranking keys the kernel writes for one-document rows
+    keys = jax.jit(lambda q, k: block_scores(q, k, cfg, ranking_keys=True))(q, k)
+    want_keys = ref_ops.selection_keys(want, cfg, q_len=seq, kv_len=seq)
+    np.testing.assert_array_equal(np.isinf(keys), np.isinf(want_keys))
+    np.testing.assert_allclose(keys, want_keys, rtol=2e-3, atol=2e-5)
   idx, valid = jax.jit(lambda q, k: score_and_select(q, k, cfg, segment_ids=seg))(q, k)
   want_idx, want_valid = ref_ops.select_blocks(want, cfg, q_len=seq, kv_len=seq, segment_ids=seg)
   np.testing.assert_array_equal(valid, want_valid)

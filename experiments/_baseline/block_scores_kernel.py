@@ -1,0 +1,179 @@
+"""InfLLM-V2 block scoring (stages 1-3) as one Pallas kernel (Triton lowering).
+
+One program = one KV head x `block_q` query tokens x all `group` query heads of that KV head
+(the rows of every matmul tile are token-major (token, head) pairs). It never writes the
+[tokens x compressed keys x heads] probabilities to HBM, only the pooled block scores:
+
+  pass 1  online logsumexp of the scaled logits q.kc over the compressed windows each row may
+          see (exact), or over the coarse windows (approximate_lse); rows that see no coarse
+          window fall back to the exact normaliser, in a second loop that only tiles holding
+          such rows run (queries within ~lse_window tokens of their document's start).
+  pass 2  per tile of `block_windows` compressed windows: probabilities exp(logit - lse),
+          summed over the group's heads, max-pooled onto selection blocks. Block j takes the
+          max over its own windows j*r ... j*r + r - 1 (r = block_size / stride: a reshape-max
+          inside the tile) and over the overlap - 1 windows just before j*r, the tail of block
+          j - 1's windows (overlap - 1 < r is required): a shift by one block inside the tile,
+          with the previous tile's last tail carried in. Every window's probability is computed
+          once, so two blocks that share their best window get bitwise equal scores and the
+          top-k breaks the tie exactly as the reference does.
+
+Visibility of window i to a query at position p (as `sparsejax.ops.infllmv2`): its last token
+i*s + l - 1 <= p and its segment id (the id of all its tokens, -1 if it straddles two) equals the
+query's. Invisible windows contribute probability 0, like the reference.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
+
+
+def _visible(last, seg, q_pos, q_seg):
+  """bool [block_q, n]: window (last token, segment) visible to each query token."""
+  return (last[None, :] <= q_pos[:, None]) & (seg[None, :] == q_seg[:, None])
+
+
+def visible_tiles(q_pos, window, stride, count, tile):
+  """Tiles of `tile` windows (of `count`, `window` tokens every `stride`) that hold a window
+  whose last token is <= q_pos: the loop bound of a causal pass over the windows."""
+  n = jnp.minimum(jnp.maximum((q_pos - window + 1) // stride + 1, 0), count)
+  return (n + tile - 1) // tile
+
+
+def _scaled_logits(q2d, keys, shape, scale2):
+  """[block_q, group, n] base-2 scaled logits of the (token, head) rows against `keys`."""
+  return (plgpu.dot(q2d, keys.T) * scale2).reshape(shape)
+
+
+def _online_lse(q2d, keys_ref, last_ref, seg_ref, q_pos, q_seg, lo, hi, *, tile, group, scale2):
+  """Base-2 logsumexp per (token, head) over the visible windows of tiles [lo, hi)."""
+  block_q = q_pos.shape[0]
+
+  def body(ti, carry):
+    m_prev, l_prev = carry
+    rows = pl.ds(ti * tile, tile)
+    s = _scaled_logits(q2d, keys_ref[rows, :], (block_q, group, tile), scale2)
+    vis = _visible(last_ref[rows], seg_ref[rows], q_pos, q_seg)[:, None, :]
+    s = jnp.where(vis, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=2))
+    p = jnp.where(vis, jnp.exp2(s - m_next[:, :, None]), 0.0)
+    return m_next, l_prev * jnp.exp2(m_prev - m_next) + jnp.sum(p, axis=2)
+
+  init = (jnp.full((block_q, group), MASK_VALUE, jnp.float32),
+          jnp.zeros((block_q, group), jnp.float32))
+  m, l = lax.fori_loop(lo, hi, body, init)
+  return jnp.where(l > 0, m + jnp.log2(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
+def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, scale: float,
+                         block_q: int, group: int, heads: int, block_windows: int, ratio: int,
+                         overlap: int, window: int, stride: int, approximate: bool,
+                         lse_window: int, lse_stride: int):
+  if approximate:
+    kc2_ref, last2_ref, wseg2_ref, out_ref = rest
+  else:
+    (out_ref,) = rest
+  qi = pl.program_id(0)
+  d = q_ref.shape[-1]
+  q2d = q_ref[...].reshape(block_q * group, d)
+  q_seg = q_seg_ref[...]
+  q_pos = qi * block_q + jnp.arange(block_q)
+  scale2 = scale * LOG2E
+  tile, tile_blocks = block_windows, block_windows // ratio
+  total_tiles = kc_ref.shape[0] // tile
+
+  last_query = qi * block_q + block_q - 1
+  n_tiles = visible_tiles(last_query, window, stride, kc_ref.shape[0], tile)
+  lse_kw = dict(tile=tile, group=group, scale2=scale2)
+  if approximate:
+    n2 = visible_tiles(last_query, lse_window, lse_stride, kc2_ref.shape[0], tile)
+    lse = _online_lse(q2d, kc2_ref, last2_ref, wseg2_ref, q_pos, q_seg, 0, n2, **lse_kw)
+    # Exact normaliser for rows without a coarse window; the loop is empty for other tiles.
+    need = jnp.max(jnp.isneginf(lse).astype(jnp.int32)) > 0
+    exact = _online_lse(q2d, kc_ref, last_ref, wseg_ref, q_pos, q_seg, 0,
+                        jnp.where(need, n_tiles, 0), **lse_kw)
+    lse = jnp.where(jnp.isneginf(lse), exact, lse)
+  else:
+    lse = _online_lse(q2d, kc_ref, last_ref, wseg_ref, q_pos, q_seg, 0, n_tiles, **lse_kw)
+  lse = jnp.where(jnp.isneginf(lse), 0.0, lse)[:, :, None]  # such rows see nothing anyway
+  head_ok = (jnp.arange(group) < heads)[None, :, None]       # padded heads add nothing
+  in_tail = (jnp.arange(ratio) >= ratio - (overlap - 1))[None, None, :]
+  block = jnp.arange(tile_blocks)
+  follows = (block[:, None] == block[None, :] + 1)[None]      # [1, j, j']: j' = j - 1
+  first, final = (block == 0)[None, :], (block == tile_blocks - 1)[None, :]
+
+  def score_tile(ti, carry):
+    rows = pl.ds(ti * tile, tile)
+    s = _scaled_logits(q2d, kc_ref[rows, :], (block_q, group, tile), scale2)
+    vis = _visible(last_ref[rows], wseg_ref[rows], q_pos, q_seg)[:, None, :] & head_ok
+    probs = jnp.sum(jnp.where(vis, jnp.exp2(s - lse), 0.0), axis=1)  # [block_q, tile]
+    # Probabilities are >= 0 and invisible windows 0, so 0 is the neutral element of every max.
+    per_block = probs.reshape(block_q, tile_blocks, ratio)
+    pooled = jnp.max(per_block, axis=2)
+    tail = jnp.max(jnp.where(in_tail, per_block, 0.0), axis=2)          # [block_q, tile_blocks]
+    before = jnp.max(jnp.where(follows, tail[:, None, :], 0.0), axis=2)  # tail of block j - 1
+    before = jnp.maximum(before, jnp.where(first, carry[:, None], 0.0))
+    out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = jnp.maximum(pooled, before)
+    return jnp.max(jnp.where(final, tail, 0.0), axis=1)
+
+  # One tile past the causal limit: its first block takes the previous tile's tail.
+  scored = jnp.minimum(n_tiles + (overlap > 1), total_tiles)
+  lax.fori_loop(0, scored, score_tile, jnp.zeros((block_q,), jnp.float32))
+
+  def zero_tile(ti, carry):
+    out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = jnp.zeros((block_q, tile_blocks),
+                                                                 jnp.float32)
+    return carry
+
+  lax.fori_loop(scored, total_tiles, zero_tile, None)  # (a literal carry does not lower)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_q", "heads", "block_windows", "ratio", "overlap", "window", "stride", "lse_window",
+    "lse_stride", "interpret", "num_warps", "num_stages"))
+def block_scores_kernel(q, q_seg, kc, last, wseg, coarse, *, block_q: int, heads: int,
+                        block_windows: int, ratio: int, overlap: int, window: int, stride: int,
+                        lse_window: int, lse_stride: int, interpret: bool = False,
+                        num_warps: int = 4, num_stages: int = 2):
+  """Padded, laid-out inputs (see op.py): q [b, t, kv_heads * group, d] (group a power of two,
+  `heads` real heads per group), q_seg [b, t]; kc [b, c_pad, kv_heads, d] with last [c_pad] and
+  wseg [b, c_pad]; coarse = (kc2, last2, wseg2) or None. Returns float32
+  [b, t, kv_heads, c_pad / ratio] pooled block scores."""
+  batch, q_len, all_heads, d = q.shape
+  kv_heads = kc.shape[2]
+  group = all_heads // kv_heads
+  c_pad = kc.shape[1]
+  approximate = coarse is not None
+  kernel = functools.partial(
+      _block_scores_kernel, scale=1.0 / math.sqrt(d), block_q=block_q, group=group, heads=heads,
+      block_windows=block_windows, ratio=ratio, overlap=overlap, window=window, stride=stride,
+      approximate=approximate, lse_window=lse_window, lse_stride=lse_stride)
+  keys_spec = lambda n: pl.BlockSpec((None, n, None, d), lambda i, b, h: (b, 0, h, 0))
+  vector_spec = lambda n: pl.BlockSpec((n,), lambda i, b, h: (0,))
+  row_spec = lambda n: pl.BlockSpec((None, n), lambda i, b, h: (b, 0))
+  in_specs = [
+      pl.BlockSpec((None, block_q, group, d), lambda i, b, h: (b, i, h, 0)),
+      pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+      keys_spec(c_pad), vector_spec(c_pad), row_spec(c_pad),
+  ]
+  args = [q, q_seg, kc, last, wseg]
+  if approximate:
+    c2 = coarse[0].shape[1]
+    in_specs += [keys_spec(c2), vector_spec(c2), row_spec(c2)]
+    args += list(coarse)
+  blocks_padded = c_pad // ratio
+  return pl.pallas_call(
+      kernel,
+      grid=(q_len // block_q, batch, kv_heads),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, block_q, None, blocks_padded), lambda i, b, h: (b, i, h, 0)),
+      out_shape=jax.ShapeDtypeStruct((batch, q_len, kv_heads, blocks_padded), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="infllmv2_block_scores",
+  )(*args)
