@@ -112,16 +112,20 @@ def test_bf16_inputs():
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("batch,seq,heads,kv_heads,packed,hp,chunk", [
-    (1, 48, 4, 2, False, 1, 1024), (2, 70, 4, 4, True, 1, 1), (1, 64, 16, 1, True, 1, 2),
-    (2, 75, 8, 2, True, 4, 3),       # heads_per_program = group: one head-chunk per KV head
-    (2, 75, 16, 2, True, 2, 1024),   # heads_per_program < group: dk/dv loop over 4 head-chunks
-    (2, 100, 8, 2, True, 2, 1)])
-def test_gradients_match_reference(batch, seq, heads, kv_heads, packed, hp, chunk):
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,packed,hp,chunk,dq_atomic", [
+    (1, 48, 4, 2, False, 1, 1024, False), (2, 70, 4, 4, True, 1, 1, False),
+    (1, 64, 16, 1, True, 1, 2, False),
+    (2, 75, 8, 2, True, 4, 3, False),     # heads_per_program = group: one head-chunk per KV head
+    (2, 75, 16, 2, True, 2, 1024, False), # heads_per_program < group: dk/dv loop over 4 chunks
+    (2, 100, 8, 2, True, 2, 1, False),
+    (2, 75, 8, 2, True, 4, 3, True),      # dQ from the dk/dv kernel's atomics
+    (2, 70, 16, 2, True, 2, 1, True)])
+def test_gradients_match_reference(batch, seq, heads, kv_heads, packed, hp, chunk, dq_atomic):
   """The dq and dk/dv kernels (through the custom_vjp), including the lse output's cotangent;
   tokens 32-47 select nothing, so some rows see no key: a whole tile of them at 16-token tiles,
   beside rows that see keys at 32-token tiles (hp = 2). chunk: query tiles per dk/dv work item
-  (1-3: a key block's partial sums come from several items; 1024: one item per key block)."""
+  (1-3: a key block's partial sums come from several items; 1024: one item per key block).
+  dq_atomic: no dq kernel, the dk/dv kernel adds dQ's parts with atomics."""
   q, k, v = inputs(seq, batch, seq, heads, kv_heads, 16)
   seg = None
   if packed:
@@ -138,7 +142,7 @@ def test_gradients_match_reference(batch, seq, heads, kv_heads, packed, hp, chun
     out, lse = sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
                                 implementation="interpret", heads_per_program=hp,
                                 launch=Launch(forward=(8, 3), dq=(2, 1), dkdv=(8, 2),
-                                              dkdv_chunk=chunk))
+                                              dkdv_chunk=chunk, dq_atomic=dq_atomic))
     return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse)
 
   def ref_loss(q, k, v):
@@ -218,6 +222,8 @@ def test_bad_inputs_are_named():
     sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dq=(3, 2)))
   with pytest.raises(ValueError, match="launch.dkdv_chunk must be a positive int"):
     sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dkdv_chunk=0))
+  with pytest.raises(ValueError, match="launch.dq_atomic must be a bool"):
+    sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dq_atomic=1))
   with pytest.raises(ValueError, match="launch must be a Launch"):
     sparse_attention(q, k, v, idx, idx >= 0, launch=(4, 2))
 
@@ -229,6 +235,7 @@ def test_bench_attention_option_parsing():
     from pallas_kernels.sparse_attention import Launch
     assert b.parse_launch("forward=8x3,dkdv=4x1") == Launch(forward=(8, 3), dkdv=(4, 1))
     assert b.parse_launch("dkdv_chunk=64") == Launch(dkdv_chunk=64)
+    assert b.parse_launch("dq_atomic=1") == Launch(dq_atomic=True)
     assert b.parse_grid("a=1|2,b=3") == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
     assert b.parse_options("block_rows=64,num_warps=2") == {
         "block_rows": 64, "block_windows": 64, "num_warps": 2, "num_stages": 2}

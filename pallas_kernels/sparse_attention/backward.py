@@ -73,10 +73,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, d
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, item_ref, tiles_ref,
-                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int,
-                 block_k: int, group: int, heads_per_program: int, num_kv_blocks: int):
+                 do_ref, lse_ref, delta_ref, *refs, scale: float, block_q: int, block_k: int,
+                 group: int, heads_per_program: int, num_kv_blocks: int, dq_atomic: bool):
   """One work item (`index.KeyBlockIndex`): its key block's partial dK / dV (unscaled, fp32) over
-  the item's query tiles. A dead item (past the last) writes zeros that no block sums."""
+  the item's query tiles. A dead item (past the last) writes zeros that no block sums. With
+  dq_atomic it also adds each tile's dS K (unscaled, fp32) into the row-major dQ accumulator."""
+  if dq_atomic:
+    _, dk_ref, dv_ref, dq_ref = refs  # the accumulator's input is its output (aliased)
+  else:
+    dk_ref, dv_ref = refs
   kv_head = pl.program_id(2)
   hp = heads_per_program
   rows = block_q * hp
@@ -107,6 +112,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, item_ref, 
       p, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale)
       dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
       dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
+      if dq_atomic:
+        plgpu.atomic_add(dq_ref, (chunk, tile_rows, slice(None)),
+                         plgpu.dot(ds.astype(k.dtype), k))
       return dk, dv
 
     if chunks == 1:  # no loop of one iteration: the tile loop stays innermost (Triton pipelines it)
@@ -151,17 +159,20 @@ def _row_major_vectors(x, hp: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret", "dq_launch",
-                                             "dkdv_launch", "heads_per_program"))
+                                             "dkdv_launch", "heads_per_program", "dq_atomic"))
 def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, unions,
                               key_index: KeyBlockIndex, lse, delta, d_out, *, block_q: int,
                               block_k: int, interpret: bool = False,
                               dq_launch: tuple[int, int] = (4, 2),
-                              dkdv_launch: tuple[int, int] = (4, 2), heads_per_program: int = 1):
+                              dkdv_launch: tuple[int, int] = (4, 2), heads_per_program: int = 1,
+                              dq_atomic: bool = False):
   """Padded inputs as in `sparse_attention_forward` (with its block_q, heads_per_program and
   unions), the dk/dv kernel's index (`index.block_index` at the same block_q), the forward's lse
   [b, heads, t], delta [b, heads, t] (rowsum(dO * O) - dLSE) and the output cotangent.
-  dq_launch / dkdv_launch: (num_warps, num_stages) of each kernel.
-  Returns (dq, dk, dv) like q, k, v."""
+  dq_launch / dkdv_launch: (num_warps, num_stages) of each kernel. dq_atomic: no dq kernel; the
+  dk/dv kernel, which has dS already, adds dS K into an fp32 accumulator with atomics (one
+  matmul where the dq kernel recomputes P and dS for it: two more; the sum's order, so its last
+  bits, then vary from run to run). Returns (dq, dk, dv) like q, k, v."""
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -180,7 +191,7 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
   q_tile = pl.BlockSpec((None, block_q, head_block, head_dim), lambda i, b, h: (b, i, h, 0))
   kv_all = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h), 0))
   row_vec = pl.BlockSpec((None, None, block_q * hp), lambda i, b, h: (b, h, i))
-  dq = pl.pallas_call(
+  dq = None if dq_atomic else pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k,
                         heads_per_program=hp),
       grid=(q_len // block_q, batch, heads // hp),
@@ -211,9 +222,11 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
   rows_all = pl.BlockSpec((None, heads // hp, q_len * hp), lambda i, b, h: (b, 0, 0))
   part = pl.BlockSpec((None, None, None, block_k, head_dim), lambda i, b, h: (b, h, i, 0, 0))
   part_shape = jax.ShapeDtypeStruct((batch, kv_heads, n_items, block_k, head_dim), jnp.float32)
-  dk_part, dv_part = pl.pallas_call(
+  dq_shape = jax.ShapeDtypeStruct(q_in.shape, jnp.float32)
+  outputs = pl.pallas_call(
       functools.partial(_dkdv_kernel, scale=scale, block_q=block_q, block_k=block_k, group=group,
-                        heads_per_program=hp, num_kv_blocks=kv_len // block_k),
+                        heads_per_program=hp, num_kv_blocks=kv_len // block_k,
+                        dq_atomic=dq_atomic),
       grid=(n_items, batch, kv_heads),
       in_specs=[
           q_all, kv_all, kv_all,
@@ -222,12 +235,20 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
           pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
           pl.BlockSpec((None, None, None, 4), lambda i, b, h: (b, h, i, 0)),
           pl.BlockSpec((None, None, key_index.tiles.shape[-1]), lambda i, b, h: (b, h, 0)),
-          q_all, rows_all, rows_all,
+          q_all, rows_all, rows_all, *([q_all] if dq_atomic else []),
       ],
-      out_specs=[part, part], out_shape=[part_shape, part_shape],
+      out_specs=[part, part, *([q_all] if dq_atomic else [])],
+      out_shape=[part_shape, part_shape, *([dq_shape] if dq_atomic else [])],
+      input_output_aliases={11: 2} if dq_atomic else {},
       compiler_params=params(dkdv_launch), interpret=interpret, name="sparse_attention_dkdv",
   )(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index.items, key_index.tiles, do_in,
-    lse2, delta)
+    lse2, delta, *([jnp.zeros(dq_shape.shape, jnp.float32)] if dq_atomic else []))
+  if dq_atomic:
+    dk_part, dv_part, dq_rows = outputs
+    dq = jnp.swapaxes((dq_rows * scale).reshape(batch, heads // hp, q_len, hp, head_dim), 1, 2)
+    dq = dq.reshape(q.shape).astype(q.dtype)
+  else:
+    dk_part, dv_part = outputs
 
   parts = pl.BlockSpec((None, None, n_items, block_k, head_dim), lambda j, b, h: (b, h, 0, 0, 0))
   kv_tile = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h, 0))

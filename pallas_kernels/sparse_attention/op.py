@@ -43,6 +43,9 @@ class Launch(NamedTuple):
   dq: tuple[int, int] = (4, 2)
   dkdv: tuple[int, int] = (4, 2)
   dkdv_chunk: int = 1024
+  # dQ from the dk/dv kernel with fp32 atomics instead of the dq kernel (`backward.py`): fewer
+  # matmuls, the last bits of dQ nondeterministic. Not yet timed on a GPU, so off by default.
+  dq_atomic: bool = False
 
   KERNELS = ("forward", "dq", "dkdv")
 
@@ -57,6 +60,9 @@ class Launch(NamedTuple):
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
       raise ValueError(f"sparse_attention: launch.dkdv_chunk must be a positive int (query tiles "
                        f"per dk/dv program), got {chunk!r}")
+    if not isinstance(self.dq_atomic, bool):
+      raise ValueError(f"sparse_attention: launch.dq_atomic must be a bool, got "
+                       f"{self.dq_atomic!r}")
 
 
 def _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation):
@@ -178,6 +184,7 @@ def _bwd_rule(static, residuals, cotangents):
                                          d_out.astype(inputs[0].dtype), block_q=block_q,
                                          block_k=block_size, heads_per_program=hp,
                                          dq_launch=launch.dq, dkdv_launch=launch.dkdv,
+                                         dq_atomic=launch.dq_atomic,
                                          interpret=implementation == "interpret")
   return dq[:, :seq], dk[:, :seq], dv[:, :seq], None, None, None
 

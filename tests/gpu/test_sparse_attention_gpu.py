@@ -38,13 +38,16 @@ def test_pallas_matches_reference(seq, heads, kv_heads, packed, hp):
   assert rel_err(got_lse, want_lse) < 1e-3
 
 
-@pytest.mark.parametrize("seq,heads,kv_heads,packed,hp,chunk", [
-    (4096, 32, 2, False, 1, 1024), (3000, 8, 8, False, 1, 1024),
+@pytest.mark.parametrize("seq,heads,kv_heads,packed,hp,chunk,dq_atomic", [
+    (4096, 32, 2, False, 1, 1024, False), (3000, 8, 8, False, 1, 1024, False),
     # The backward on the forward's (token, head) tiles: hp = group, and hp < group (dk/dv loop
     # over two head-chunks), ragged and packed; 64 tiles per dk/dv item: the init block's
     # 1024 tiles come in 16 items, summed afterwards.
-    (4096, 32, 2, False, 16, 64), (4000, 32, 2, True, 8, 1024), (4000, 32, 2, True, 8, 64)])
-def test_pallas_gradients_match_reference(seq, heads, kv_heads, packed, hp, chunk):
+    (4096, 32, 2, False, 16, 64, False), (4000, 32, 2, True, 8, 1024, False),
+    (4000, 32, 2, True, 8, 64, False),
+    # dQ added by the dk/dv kernel with atomics (Launch.dq_atomic).
+    (4096, 32, 2, False, 16, 64, True), (4000, 32, 2, True, 8, 1024, True)])
+def test_pallas_gradients_match_reference(seq, heads, kv_heads, packed, hp, chunk, dq_atomic):
   keys = jax.random.split(jax.random.key(seq + 1), 4)
   q = jax.random.normal(keys[0], (1, seq, heads, 128), jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, seq, kv_heads, 128), jnp.bfloat16)
@@ -61,7 +64,7 @@ def test_pallas_gradients_match_reference(seq, heads, kv_heads, packed, hp, chun
   def loss(impl, q, k, v):
     if impl == "pallas":
       out, _ = sparse_attention(q, k, v, idx, valid, segment_ids=seg, heads_per_program=hp,
-                                launch=Launch(dkdv_chunk=chunk))
+                                launch=Launch(dkdv_chunk=chunk, dq_atomic=dq_atomic))
     else:
       out, _ = sparse_attention_reference(q, k, v, idx, valid, segments, block_size=64)
     return jnp.sum(out.astype(jnp.float32) * w)
