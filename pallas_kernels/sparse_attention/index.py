@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def next_power_of_2(x: int) -> int:
@@ -143,3 +144,56 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
                      jnp.zeros_like(owner)], axis=-1)
   block_items = jnp.stack([ends - n_chunks, n_chunks], axis=-1)
   return unions, KeyBlockIndex(kv_tiles, items, block_items)
+
+
+def union_token_bits(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,
+                     tile_tokens: int) -> tuple[jax.Array, jax.Array]:
+  """(unions, bits): the unions of tiles of `tile_tokens` query tokens (`query_block_unions`'
+  format) and, per union slot, which of the tile's tokens selected the block:
+
+    bits[b, h, tile, j, 1 + u]  bit i set when token 32 j + i of the tile selected block
+                                unions[b, h, tile, 1 + u]; int32, column 0 and dead slots 0
+
+  The Mosaic GPU forward (`forward_mosaic.py`) masks a row by its token's bit, one scalar per
+  visited block, where the Triton kernels compare each row against its token's topk selected ids.
+
+  One sort of the tile's (block, token) keys: duplicates removed, each block's run of tokens
+  summed into its words (a prefix sum minus the sum before the run; the tokens in a run are
+  distinct, so the sum is their OR), then the run ends sorted to the front with their words.
+  """
+  batch, q_len, kv_heads, topk = block_idx.shape
+  if tile_tokens < 1 or tile_tokens & (tile_tokens - 1):
+    raise ValueError(f"union_token_bits: tile_tokens must be a power of two, got {tile_tokens}")
+  ids = _tile_ids(block_idx, block_valid, num_kv_blocks, tile_tokens)
+  length = ids.shape[-1]
+  token = jnp.arange(length, dtype=jnp.int32) // topk
+  keys = jnp.sort(ids * tile_tokens + token, axis=-1)
+  block, token = keys // tile_tokens, keys % tile_tokens
+  live = block < num_kv_blocks
+  differs = lambda x: jnp.concatenate([jnp.ones_like(x[..., :1], bool), x[..., 1:] != x[..., :-1]],
+                                      axis=-1)
+  new_key = differs(keys) & live
+  run_start = differs(block)
+  run_end = jnp.concatenate([block[..., 1:] != block[..., :-1],
+                             jnp.ones_like(block[..., :1], bool)], axis=-1) & live
+  position = jnp.arange(length, dtype=jnp.int32)
+  start = lax.cummax(jnp.where(run_start, position, 0), axis=ids.ndim - 1)
+  words = []
+  for j in range(-(-tile_tokens // 32)):
+    bit = jnp.where(new_key & (token // 32 == j),
+                    jnp.left_shift(jnp.uint32(1), (token % 32).astype(jnp.uint32)), jnp.uint32(0))
+    total = jnp.cumsum(bit, axis=-1, dtype=jnp.uint32)  # wraps mod 2^32; differences stay exact
+    before = jnp.take_along_axis(total - bit, start, axis=-1)
+    words.append(lax.bitcast_convert_type(total - before, jnp.int32))
+  max_len = min(num_kv_blocks, length)
+  ends = jnp.where(run_end, block, num_kv_blocks)
+  ends, *words = lax.sort((ends, *words), dimension=ids.ndim - 1, num_keys=1)
+  count = jnp.sum(run_end, axis=-1, dtype=jnp.int32)
+  in_union = jnp.arange(max_len) < count[..., None]
+  width = next_power_of_2(max_len + 1)
+  pad = lambda x, first: jnp.concatenate(
+      [first, jnp.where(in_union, x[..., :max_len], 0),
+       jnp.zeros((*count.shape, width - max_len - 1), jnp.int32)], axis=-1)
+  unions = pad(ends, count[..., None])
+  bits = jnp.stack([pad(w, jnp.zeros_like(count[..., None])) for w in words], axis=-2)
+  return unions, bits
