@@ -220,7 +220,7 @@ def test_bad_inputs_are_named():
     sparse_attention(q, k, v, idx, idx >= 0, block_q=4, heads_per_program=2)
   with pytest.raises(ValueError, match="launch.dq must be"):
     sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dq=(3, 2)))
-  with pytest.raises(ValueError, match="launch.dkdv_chunk must be a positive int"):
+  with pytest.raises(ValueError, match="launch.dkdv_chunk must be an int >= 1"):
     sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dkdv_chunk=0))
   with pytest.raises(ValueError, match="launch.dq_atomic must be a bool"):
     sparse_attention(q, k, v, idx, idx >= 0, launch=Launch(dq_atomic=1))
@@ -236,10 +236,12 @@ def test_bench_attention_option_parsing():
     assert b.parse_launch("forward=8x3,dkdv=4x1") == Launch(forward=(8, 3), dkdv=(4, 1))
     assert b.parse_launch("dkdv_chunk=64") == Launch(dkdv_chunk=64)
     assert b.parse_launch("dq_atomic=1") == Launch(dq_atomic=True)
+    assert b.parse_launch("forward_kernel=mosaic,mosaic_stages=3") == Launch(
+        forward_kernel="mosaic", mosaic_stages=3)
     assert b.parse_grid("a=1|2,b=3") == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
     assert b.parse_options("block_rows=64,num_warps=2") == {
         "block_rows": 64, "block_windows": 64, "num_warps": 2, "num_stages": 2}
-    for bad in ("forward=8", "fwd=4x2", "dq=4xx2", "dkdv_chunk=4x2"):
+    for bad in ("forward=8", "fwd=4x2", "dq=4xx2", "dkdv_chunk=4x2", "forward_kernel=cuda"):
       try:
         b.parse_launch(bad)
       except ValueError:

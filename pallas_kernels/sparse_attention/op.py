@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.sparse_attention.backward import sparse_attention_backward
 from pallas_kernels.sparse_attention.forward import sparse_attention_forward
-from pallas_kernels.sparse_attention.index import block_index, next_power_of_2
+from pallas_kernels.sparse_attention import forward_mosaic
+from pallas_kernels.sparse_attention.index import block_index, next_power_of_2, union_token_bits
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
@@ -46,8 +47,15 @@ class Launch(NamedTuple):
   # dQ from the dk/dv kernel with fp32 atomics instead of the dq kernel (`backward.py`): fewer
   # matmuls, the last bits of dQ nondeterministic. Not yet timed on a GPU, so off by default.
   dq_atomic: bool = False
+  # The forward kernel: "triton" (any shape) or "mosaic", the Hopper kernel of forward_mosaic.py
+  # (TMA, wgmma, warp-specialised; hp in {1, 8, 16, ...}, bf16/f16; packed documents as runs of
+  # equal segment ids: a row whose ids come back after another id gets NaN).
+  # `forward` above is the Triton kernel's launch; "mosaic" takes `mosaic_stages` K/V slots.
+  forward_kernel: str = "triton"
+  mosaic_stages: int = 4
 
   KERNELS = ("forward", "dq", "dkdv")
+  FORWARD_KERNELS = ("triton", "mosaic")
 
   def check(self):
     for name in self.KERNELS:
@@ -56,10 +64,15 @@ class Launch(NamedTuple):
           or not all(isinstance(x, int) and x >= 1 for x in pair) or pair[0] & (pair[0] - 1)):
         raise ValueError(f"sparse_attention: launch.{name} must be (num_warps, num_stages) with "
                          f"num_warps a power of two and num_stages >= 1, got {pair!r}")
-    chunk = self.dkdv_chunk
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-      raise ValueError(f"sparse_attention: launch.dkdv_chunk must be a positive int (query tiles "
-                       f"per dk/dv program), got {chunk!r}")
+    for name, least, what in (("dkdv_chunk", 1, "query tiles per dk/dv program"),
+                              ("mosaic_stages", 2, "K/V shared-memory slots")):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"sparse_attention: launch.{name} must be an int >= {least} ({what}), "
+                         f"got {value!r}")
+    if self.forward_kernel not in self.FORWARD_KERNELS:
+      raise ValueError(f"sparse_attention: launch.forward_kernel must be one of "
+                       f"{self.FORWARD_KERNELS}, got {self.forward_kernel!r}")
     if not isinstance(self.dq_atomic, bool):
       raise ValueError(f"sparse_attention: launch.dq_atomic must be a bool, got "
                        f"{self.dq_atomic!r}")
@@ -107,6 +120,12 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
   if not isinstance(hp, int) or hp < 1 or hp & (hp - 1) or group % hp:
     raise ValueError(f"sparse_attention: heads_per_program must be a power of two dividing "
                      f"num_heads / num_kv_heads = {group}, got {heads_per_program!r}")
+  packed = segment_ids is not None
+  if launch.forward_kernel == "mosaic":
+    forward_mosaic.check_shapes(q, k, hp, block_size)
+    if poison_outputs:
+      raise ValueError("sparse_attention: poison_outputs is a test of the Triton forward; "
+                       "launch.forward_kernel='mosaic' writes fresh buffers")
   if segment_ids is None:
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   if block_q is None:
@@ -119,7 +138,8 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
                      f"{block_q} x {hp}, must be >= 16 (Triton's smallest dot)")
   return _sparse_attention(q, k, v, block_idx, block_valid.astype(bool),
                            segment_ids.astype(jnp.int32),
-                           (block_size, block_q, implementation, poison_outputs, hp, launch))
+                           (block_size, block_q, implementation, poison_outputs, hp, launch,
+                            packed))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -128,11 +148,12 @@ def _sparse_attention(q, k, v, block_idx, block_valid, segment_ids, static):
 
 
 def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q,
-                   dkdv_chunk):
-  """Pads the sequence to whole tiles and builds the kernels' index at block_q tokens (see
-  index.py): the unions of the forward and dq tiles, and the dk/dv kernel's transposed index."""
+                   dkdv_chunk, tile=1):
+  """Pads the sequence to whole tiles (of at least `tile` tokens) and builds the kernels' index
+  at block_q tokens (see index.py): the unions of the forward and dq tiles, and the dk/dv
+  kernel's transposed index."""
   seq = q.shape[1]
-  tile = max(block_q, block_size)
+  tile = max(block_q, block_size, tile)
   padded = -(-seq // tile) * tile
   pad = padded - seq
   pad_tokens = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
@@ -149,24 +170,39 @@ def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, blo
 
 
 def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
-  block_size, block_q, implementation, poison, hp, launch = static
+  block_size, block_q, implementation, poison, hp, launch, packed = static
   if implementation == "reference":
     out = sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids,
                                      block_size=block_size)
     return out, (q, k, v, block_idx, block_valid, segment_ids)
   seq = q.shape[1]
+  mosaic = launch.forward_kernel == "mosaic"
   inputs, key_index = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size,
-                                     block_q, launch.dkdv_chunk)
-  out, lse = sparse_attention_forward(*inputs, block_q=block_q, block_k=block_size, poison=poison,
-                                      interpret=implementation == "interpret",
-                                      heads_per_program=hp, num_warps=launch.forward[0],
-                                      num_stages=launch.forward[1])
+                                     block_q, launch.dkdv_chunk,
+                                     forward_mosaic.tile_tokens(hp) if mosaic else 1)
+  interpret = implementation == "interpret"
+  if mosaic:
+    q_pad, k_pad, v_pad, idx, q_seg = inputs[:5]
+    unions, bits = union_token_bits(idx, idx >= 0, num_kv_blocks=k_pad.shape[1] // block_size,
+                                    tile_tokens=forward_mosaic.tile_tokens(hp))
+    starts, runs_ok = forward_mosaic.document_starts(q_seg)
+    out, lse = forward_mosaic.sparse_attention_forward_mosaic(
+        q_pad, k_pad, v_pad, unions, bits,
+        forward_mosaic.row_starts(starts, hp) if packed else None, block_k=block_size,
+        heads_per_program=hp, stages=launch.mosaic_stages, interpret=interpret)
+    if packed:  # a segment id that comes back after another: NaN, never a silently other mask
+      out = jnp.where(runs_ok[:, None, None, None], out, jnp.nan).astype(out.dtype)
+      lse = jnp.where(runs_ok[:, None, None], lse, jnp.nan)
+  else:
+    out, lse = sparse_attention_forward(*inputs, block_q=block_q, block_k=block_size,
+                                        poison=poison, interpret=interpret, heads_per_program=hp,
+                                        num_warps=launch.forward[0], num_stages=launch.forward[1])
   result = (out[:, :seq], jnp.transpose(lse, (0, 2, 1))[:, :seq])
   return result, (inputs, key_index, out, lse)
 
 
 def _bwd_rule(static, residuals, cotangents):
-  block_size, block_q, implementation, _, hp, launch = static
+  block_size, block_q, implementation, _, hp, launch, _ = static
   d_out, d_lse = cotangents
   if implementation == "reference":
     q, k, v, block_idx, block_valid, segment_ids = residuals

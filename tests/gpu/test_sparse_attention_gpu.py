@@ -14,20 +14,28 @@ def rel_err(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("seq,heads,kv_heads,packed,hp", [
-    (4096, 32, 2, False, 1), (4000, 8, 8, True, 1), (2048, 16, 1, True, 1),
-    (4096, 32, 2, False, 16), (4000, 16, 2, True, 8)])
-def test_pallas_matches_reference(seq, heads, kv_heads, packed, hp):
-  keys = jax.random.split(jax.random.key(seq), 3)
+def problem(seed, seq, heads, kv_heads, packed):
+  """bf16 q, k, v, a float32 cotangent w, the segment ids (None or two documents) and
+  InfLLM-V2's own selection (init 1, local 8, top-16 blocks of 64)."""
+  keys = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(keys[0], (1, seq, heads, 128), jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, seq, kv_heads, 128), jnp.bfloat16)
   v = jax.random.normal(keys[2], (1, seq, kv_heads, 128), jnp.bfloat16)
+  w = jax.random.normal(keys[3], q.shape, jnp.float32)
   seg = None
   if packed:
     seg = jnp.asarray(np.r_[np.ones(seq // 3), 2 * np.ones(seq - seq // 3)][None], jnp.int32)
   cfg = ref_ops.InfLLMv2Config(init_blocks=1, local_blocks=8, topk=16, dense_len=0)
   scores = jax.jit(lambda q, k: ref_ops.block_scores(q, k, cfg, segment_ids=seg))(q, k)
   idx, valid = ref_ops.select_blocks(scores, cfg, q_len=seq, kv_len=seq, segment_ids=seg)
+  return q, k, v, w, seg, idx, valid
+
+
+@pytest.mark.parametrize("seq,heads,kv_heads,packed,hp", [
+    (4096, 32, 2, False, 1), (4000, 8, 8, True, 1), (2048, 16, 1, True, 1),
+    (4096, 32, 2, False, 16), (4000, 16, 2, True, 8)])
+def test_pallas_matches_reference(seq, heads, kv_heads, packed, hp):
+  q, k, v, _, seg, idx, valid = problem(seq, seq, heads, kv_heads, packed)
   segments = jnp.ones((1, seq), jnp.int32) if seg is None else seg
   got, got_lse = jax.jit(lambda *a: sparse_attention(*a, segment_ids=seg, heads_per_program=hp,
                                                       poison_outputs=True))(q, k, v, idx, valid)
@@ -48,17 +56,7 @@ def test_pallas_matches_reference(seq, heads, kv_heads, packed, hp):
     # dQ added by the dk/dv kernel with atomics (Launch.dq_atomic).
     (4096, 32, 2, False, 16, 64, True), (4000, 32, 2, True, 8, 1024, True)])
 def test_pallas_gradients_match_reference(seq, heads, kv_heads, packed, hp, chunk, dq_atomic):
-  keys = jax.random.split(jax.random.key(seq + 1), 4)
-  q = jax.random.normal(keys[0], (1, seq, heads, 128), jnp.bfloat16)
-  k = jax.random.normal(keys[1], (1, seq, kv_heads, 128), jnp.bfloat16)
-  v = jax.random.normal(keys[2], (1, seq, kv_heads, 128), jnp.bfloat16)
-  w = jax.random.normal(keys[3], q.shape, jnp.float32)
-  seg = None
-  if packed:
-    seg = jnp.asarray(np.r_[np.ones(seq // 3), 2 * np.ones(seq - seq // 3)][None], jnp.int32)
-  cfg = ref_ops.InfLLMv2Config(init_blocks=1, local_blocks=8, topk=16, dense_len=0)
-  scores = jax.jit(lambda q, k: ref_ops.block_scores(q, k, cfg, segment_ids=seg))(q, k)
-  idx, valid = ref_ops.select_blocks(scores, cfg, q_len=seq, kv_len=seq, segment_ids=seg)
+  q, k, v, w, seg, idx, valid = problem(seq + 1, seq, heads, kv_heads, packed)
   segments = jnp.ones((1, seq), jnp.int32) if seg is None else seg
 
   def loss(impl, q, k, v):
@@ -74,3 +72,26 @@ def test_pallas_gradients_match_reference(seq, heads, kv_heads, packed, hp, chun
   for g, r in zip(got, want):
     assert np.isfinite(np.asarray(g, np.float32)).all()
     assert rel_err(g, r) < 2e-2
+
+
+@pytest.mark.parametrize("seq,heads,kv_heads,hp,stages,packed", [
+    (4096, 32, 2, 16, 4, False), (4000, 32, 2, 8, 3, True), (4096, 8, 2, 1, 4, False),
+    (2000, 4, 4, 1, 2, True)])
+def test_mosaic_forward_matches_reference(seq, heads, kv_heads, hp, stages, packed):
+  """The Hopper forward (Launch.forward_kernel='mosaic'), ragged lengths and packed documents
+  included, and its gradient through the Triton backward kernels."""
+  q, k, v, w, seg, idx, valid = problem(seq + 2, seq, heads, kv_heads, packed)
+  launch = Launch(forward_kernel="mosaic", mosaic_stages=stages)
+  mosaic = lambda *a: sparse_attention(*a, segment_ids=seg, heads_per_program=hp, launch=launch)
+  got, got_lse = jax.jit(mosaic)(q, k, v, idx, valid)
+  segments = jnp.ones((1, seq), jnp.int32) if seg is None else seg
+  want, want_lse = jax.jit(lambda *a: sparse_attention_reference(*a, segments, block_size=64))(
+      q, k, v, idx, valid)
+  assert np.isfinite(np.asarray(got, np.float32)).all()
+  assert rel_err(got, want) < 1e-2
+  assert rel_err(got_lse, want_lse) < 1e-3
+  loss = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(
+      f(q, k, v, idx, valid)[0].astype(jnp.float32) * w), (0, 1, 2)))
+  triton = lambda *a: sparse_attention(*a, segment_ids=seg, heads_per_program=hp)
+  for got, want in zip(loss(mosaic)(q, k, v), loss(triton)(q, k, v)):
+    assert rel_err(got, want) < 1e-2

@@ -1,0 +1,112 @@
+"""The Mosaic GPU forward (forward_mosaic.py) in Mosaic GPU interpret mode on the CPU, against the
+reference, through the op (ragged lengths padded by it); and its index, `union_token_bits`."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.sparse_attention import Launch, query_block_unions, sparse_attention
+from pallas_kernels.sparse_attention.index import union_token_bits
+
+MOSAIC = Launch(forward_kernel="mosaic", mosaic_stages=2)
+
+
+@pytest.mark.parametrize("tile_tokens", [4, 8, 64, 128])
+def test_union_token_bits_match_sets(tile_tokens):
+  """Random selections with repeats, dead slots and out-of-range ids: the unions are
+  query_block_unions', and bit i of a slot's words is set exactly when token i selected it."""
+  rng = np.random.default_rng(tile_tokens)
+  idx = rng.integers(-2, 41, (2, 2 * tile_tokens, 2, 5))          # 40 key blocks: 40 is out
+  valid = rng.random(idx.shape) < 0.8
+  unions, bits = union_token_bits(jnp.asarray(idx, jnp.int32), jnp.asarray(valid),
+                                  num_kv_blocks=40, tile_tokens=tile_tokens)
+  np.testing.assert_array_equal(unions, query_block_unions(
+      jnp.asarray(idx, jnp.int32), jnp.asarray(valid), num_kv_blocks=40, block_q=tile_tokens))
+  unions, bits = np.asarray(unions), np.asarray(bits).view(np.uint32)
+  assert bits.shape == (*unions.shape[:3], -(-tile_tokens // 32), unions.shape[-1])
+  live = valid & (idx >= 0) & (idx < 40)
+  for b, h, tile in np.ndindex(*unions.shape[:3]):
+    count = unions[b, h, tile, 0]
+    for slot, block in enumerate(unions[b, h, tile, 1:1 + count]):
+      for token in range(tile_tokens):
+        t = tile * tile_tokens + token
+        want = bool(np.any((idx[b, t, h] == block) & live[b, t, h]))
+        assert (bits[b, h, tile, token // 32, 1 + slot] >> (token % 32)) & 1 == want
+    assert not bits[b, h, tile, :, 1 + count:].any() and not bits[b, h, tile, :, 0].any()
+
+
+def _inputs(seed, seq, heads, kv_heads, dim, topk, block):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(keys[0], (1, seq, heads, dim), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (1, seq, kv_heads, dim), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (1, seq, kv_heads, dim), jnp.bfloat16)
+  rng = np.random.default_rng(seed)
+  own = np.arange(seq) // block
+  idx = rng.integers(0, -(-seq // block), (1, seq, kv_heads, topk))
+  idx[..., 0] = own[None, :, None]
+  idx = np.minimum(idx, own[None, :, None, None])
+  valid = rng.random(idx.shape) < 0.85
+  return q, k, v, jnp.asarray(idx, jnp.int32), jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("seq,heads,kv_heads,hp,packed", [
+    (200, 16, 2, 8, True),     # ragged: 200 tokens padded to CTAs of 16; three documents
+    (72, 32, 2, 16, False),    # GQA 16, two head groups, CTAs of 8 tokens
+    (256, 2, 1, 1, True),      # one head per CTA: 64-token tiles, two words of bits each
+])
+def test_mosaic_forward_matches_reference(seq, heads, kv_heads, hp, packed):
+  block = 64
+  q, k, v, idx, valid = _inputs(seq, seq, heads, kv_heads, 64, 3, block)
+  # Documents as packing makes them (runs of ids), one starting inside a tile, mid-block.
+  seg = jnp.asarray(np.searchsorted([seq // 3 + 5, seq - 30], np.arange(seq), side="right")[None]
+                    + 1, jnp.int32) if packed else None
+  got, got_lse = sparse_attention(q, k, v, idx, valid, block_size=block, heads_per_program=hp,
+                                  segment_ids=seg, implementation="interpret", launch=MOSAIC)
+  want, want_lse = sparse_attention(q, k, v, idx, valid, block_size=block, segment_ids=seg,
+                                    implementation="reference")
+  np.testing.assert_array_equal(np.isfinite(got_lse), np.isfinite(want_lse))
+  np.testing.assert_allclose(np.where(np.isfinite(got_lse), got_lse, 0),
+                             np.where(np.isfinite(want_lse), want_lse, 0), atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=1.6e-2, rtol=1.6e-2)
+
+
+def test_mosaic_forward_bad_inputs_are_named():
+  q, k, v, idx, valid = _inputs(0, 128, 4, 2, 64, 2, 64)
+  with pytest.raises(ValueError, match="heads_per_program must be one of"):
+    sparse_attention(q, k, v, idx, valid, heads_per_program=2, launch=MOSAIC)
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    sparse_attention(q.astype(jnp.float32), k, v, idx, valid, launch=MOSAIC)
+  with pytest.raises(ValueError, match="forward_kernel must be one of"):
+    sparse_attention(q, k, v, idx, valid, launch=Launch(forward_kernel="cuda"))
+  with pytest.raises(ValueError, match="mosaic_stages must be an int >= 2"):
+    sparse_attention(q, k, v, idx, valid, launch=Launch(forward_kernel="mosaic", mosaic_stages=1))
+
+
+def test_segment_ids_that_come_back_give_nan():
+  """Documents are runs of equal ids in the Mosaic forward; ids 1, 2, 1 (where the reference
+  lets the two runs of 1 see each other) must not pass silently."""
+  q, k, v, idx, valid = _inputs(1, 128, 8, 1, 64, 2, 64)
+  seg = jnp.asarray(np.r_[np.ones(40), 2 * np.ones(40), np.ones(48)][None], jnp.int32)
+  out, lse = sparse_attention(q, k, v, idx, valid, segment_ids=seg, heads_per_program=8,
+                              implementation="interpret", launch=MOSAIC)
+  assert np.isnan(np.asarray(out, np.float32)).all() and np.isnan(np.asarray(lse)).all()
+
+
+@pytest.mark.parametrize("hp", [1, 8, 16])
+def test_mosaic_forward_lowers_for_the_gpu(hp):
+  """The kernel lowers to Mosaic GPU for CUDA here, without a GPU: the Pallas lowering rules
+  (layouts, transforms, barriers) that interpret mode does not exercise; compiling the module to
+  a cubin still needs a GPU (tests/gpu)."""
+  from pallas_kernels.sparse_attention.forward_mosaic import (sparse_attention_forward_mosaic,
+                                                              tile_tokens)
+  tokens = tile_tokens(hp)
+  spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
+  q, kv = spec((1, 1024, 32, 128), jnp.bfloat16), spec((1, 1024, 2, 128), jnp.bfloat16)
+  unions = spec((1, 2, 1024 // tokens, 1024))
+  bits = spec((1, 2, 1024 // tokens, -(-tokens // 32), 1024))
+  forward = jax.jit(lambda *a: sparse_attention_forward_mosaic(*a, block_k=64,
+                                                               heads_per_program=hp))
+  for starts in ([], [spec((1, 1024 * hp))]):   # one document per row; packed documents
+    lowered = forward.trace(q, kv, kv, unions, bits, *starts).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
