@@ -8,14 +8,19 @@ source experiments/gpu_env.sh
 save=/tmp/tree_files; mkdir -p $save
 cp pallas_kernels/sparse_attention/index.py pallas_kernels/block_scores/op.py \
    pallas_kernels/block_scores/kernel.py $save/
-for variant in rank_keys dq_atomic one_sort main; do
+for variant in ${VARIANTS:-rank_keys dq_atomic one_sort main}; do
   launch=; passes=${PASSES:-fwd,fwd_bwd}
   [ $variant = dq_atomic ] && launch=dq_atomic=1 && passes=fwd_bwd
-  if [ $variant = one_sort ]; then
+  [ $variant = mosaic ] && launch=forward_kernel=mosaic
+  if [ $variant = one_sort ] || [ $variant = main ]; then
     cp experiments/_baseline/block_scores_op.py pallas_kernels/block_scores/op.py
     cp experiments/_baseline/block_scores_kernel.py pallas_kernels/block_scores/kernel.py
   fi
-  [ $variant = main ] && cp experiments/_baseline/index.py pallas_kernels/sparse_attention/index.py
+  if [ $variant = main ]; then  # main's index, plus the Mosaic forward's union_token_bits
+    { sed 's/^import jax.numpy as jnp$/import jax.numpy as jnp\nfrom jax import lax/' \
+        experiments/_baseline/index.py; echo; echo; sed -n '/^def union_token_bits/,$p' $save/index.py; } \
+      > pallas_kernels/sparse_attention/index.py
+  fi
   stamp "$variant"
   timeout ${LIMIT_S:-80} python3 -m experiments.bench_attention --seq_lens=32768,131072 \
     --passes=$passes --launch="$launch" --iters=3 ${PROFILE---profile} --out=$OUT/ab_$variant 2>&1 \
