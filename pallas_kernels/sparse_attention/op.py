@@ -185,11 +185,13 @@ def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
     q_pad, k_pad, v_pad, idx, q_seg = inputs[:5]
     unions, bits = union_token_bits(idx, idx >= 0, num_kv_blocks=k_pad.shape[1] // block_size,
                                     tile_tokens=forward_mosaic.tile_tokens(hp))
-    starts, runs_ok = forward_mosaic.document_starts(q_seg)
+    starts = None
+    if packed:
+      starts, runs_ok = forward_mosaic.document_starts(q_seg)
+      starts = forward_mosaic.row_starts(starts, hp)
     out, lse = forward_mosaic.sparse_attention_forward_mosaic(
-        q_pad, k_pad, v_pad, unions, bits,
-        forward_mosaic.row_starts(starts, hp) if packed else None, block_k=block_size,
-        heads_per_program=hp, stages=launch.mosaic_stages, interpret=interpret)
+        q_pad, k_pad, v_pad, unions, bits, starts, block_k=block_size, heads_per_program=hp,
+        stages=launch.mosaic_stages, interpret=interpret)
     if packed:  # a segment id that comes back after another: NaN, never a silently other mask
       out = jnp.where(runs_ok[:, None, None, None], out, jnp.nan).astype(out.dtype)
       lse = jnp.where(runs_ok[:, None, None], lse, jnp.nan)
