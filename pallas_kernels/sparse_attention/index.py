@@ -23,6 +23,11 @@ def next_power_of_2(x: int) -> int:
   return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def _run_starts(x):
+  """bool, along the last axis of a sorted x: where a run of equal values begins."""
+  return jnp.concatenate([jnp.ones_like(x[..., :1], bool), x[..., 1:] != x[..., :-1]], axis=-1)
+
+
 def _tile_ids(block_idx, block_valid, num_kv_blocks, block_q):
   """int32 [batch, kv_heads, q_blocks, block_q * topk]: the blocks a query tile's tokens selected,
   num_kv_blocks for a dead slot."""
@@ -47,8 +52,7 @@ def query_block_unions(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_b
   """
   max_len = min(num_kv_blocks, block_q * block_idx.shape[-1])
   ids = jnp.sort(_tile_ids(block_idx, block_valid, num_kv_blocks, block_q), axis=-1)
-  first = jnp.concatenate([jnp.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]],
-                          axis=-1) & (ids < num_kv_blocks)
+  first = _run_starts(ids) & (ids < num_kv_blocks)
   count = jnp.sum(first, axis=-1, dtype=jnp.int32)
   order = jnp.sort(jnp.where(first, ids, num_kv_blocks), axis=-1)[..., :max_len]
   order = jnp.where(jnp.arange(max_len) < count[..., None], order, 0)
@@ -170,10 +174,8 @@ def union_token_bits(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blo
   keys = jnp.sort(ids * tile_tokens + token, axis=-1)
   block, token = keys // tile_tokens, keys % tile_tokens
   live = block < num_kv_blocks
-  differs = lambda x: jnp.concatenate([jnp.ones_like(x[..., :1], bool), x[..., 1:] != x[..., :-1]],
-                                      axis=-1)
-  new_key = differs(keys) & live
-  run_start = differs(block)
+  new_key = _run_starts(keys) & live
+  run_start = _run_starts(block)
   run_end = jnp.concatenate([block[..., 1:] != block[..., :-1],
                              jnp.ones_like(block[..., :1], bool)], axis=-1) & live
   position = jnp.arange(length, dtype=jnp.int32)
