@@ -75,7 +75,7 @@ def _ranking_keys(score, blocks, q_pos, *, block_size, init_blocks, local_blocks
   """`selection_keys` of sparsejax.ops.infllmv2 without segment ids, for a [block_q, n] tile of
   scores of `blocks`: +inf forced (the first init_blocks blocks and the local_blocks ending at
   the query's own), -inf past the query's block, else the score (NaN -> the lowest finite)."""
-  big = jnp.float32(np.finfo(np.float32).max)
+  big = float(np.finfo(np.float32).max)   # a Python float: Triton cannot negate array constants
   q_block = (q_pos // block_size)[:, None]
   eligible = blocks[None, :] <= q_block
   forced = eligible & ((blocks[None, :] < init_blocks) | (blocks[None, :] > q_block - local_blocks))
