@@ -120,6 +120,8 @@ def times(seq):
 
 
 if __name__ == "__main__":
+  from absl import flags
+  flags.FLAGS(sys.argv[:1])   # bench_attention's helpers read its flags' defaults
   say(device=str(jax.devices()[0]), jax=jax.__version__)
   check()
   for seq in map(int, sys.argv[1:] or ["32768", "131072"]):
