@@ -36,8 +36,11 @@ from experiments import profiling, timing
 
 from pallas_kernels.block_scores import block_scores, score_and_select
 from pallas_kernels.sparse_attention import Launch, sparse_attention
+from pallas_kernels.sparse_attention import forward_mosaic
 from pallas_kernels.sparse_attention.forward import sparse_attention_forward
-from pallas_kernels.sparse_attention.index import next_power_of_2, query_block_unions
+from pallas_kernels.sparse_attention.index import (next_power_of_2, query_block_unions,
+                                                   union_token_bits)
+from pallas_kernels.sparse_attention.op import resolve_forward_kernel
 from sparsejax.layers.infllmv2 import heads_per_program
 from sparsejax.ops.infllmv2 import InfLLMv2Config
 
@@ -252,6 +255,12 @@ def tune(cfg, topk_impl, block_q, hp):
   return opts, launch, block_q, records
 
 
+def uses_mosaic(launch, q, k, hp) -> bool:
+  """Whether the op's forward (as launched, one document per row) is the Mosaic kernel."""
+  return resolve_forward_kernel(launch, q, k, hp, _BLOCK.value, implementation="pallas",
+                                packed=False, poison=False) == "mosaic"
+
+
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
@@ -284,13 +293,21 @@ def main(argv):
       idx = jnp.pad(selection, ((0, 0), (0, 0), (0, 0),
                                 (0, next_power_of_2(_TOPK.value) - _TOPK.value)),
                     constant_values=-1)
-      build_index = jax.jit(lambda idx: query_block_unions(
-          idx, idx >= 0, num_kv_blocks=seq // _BLOCK.value, block_q=_BLOCK.value))
-      unions = build_index(idx)
       seg = jnp.ones((1, seq), jnp.int32)
-      kernel = jax.jit(lambda q, k, v, idx, unions: sparse_attention_forward(
-          q, k, v, idx, seg, seg, unions, block_q=_BLOCK.value, block_k=_BLOCK.value,
-          num_warps=_NUM_WARPS.value, num_stages=_NUM_STAGES.value)[0])
+      if uses_mosaic(launch, q, k, hp):   # the forward the fwd rows run: the Mosaic kernel's index
+        tokens = forward_mosaic.tile_tokens(hp)
+        build_index = jax.jit(lambda idx: union_token_bits(
+            idx, idx >= 0, num_kv_blocks=seq // _BLOCK.value, tile_tokens=tokens))
+        kernel = jax.jit(lambda q, k, v, idx, index: forward_mosaic.sparse_attention_forward_mosaic(
+            q, k, v, *index, block_k=_BLOCK.value, heads_per_program=hp,
+            stages=launch.mosaic_stages)[0])
+      else:
+        build_index = jax.jit(lambda idx: query_block_unions(
+            idx, idx >= 0, num_kv_blocks=seq // _BLOCK.value, block_q=_BLOCK.value))
+        kernel = jax.jit(lambda q, k, v, idx, unions: sparse_attention_forward(
+            q, k, v, idx, seg, seg, unions, block_q=_BLOCK.value, block_k=_BLOCK.value,
+            num_warps=_NUM_WARPS.value, num_stages=_NUM_STAGES.value)[0])
+      unions = build_index(idx)
       t_kernel, t_index = timeit(kernel, q, k, v, idx, unions), timeit(build_index, idx)
       rows.append(row(seq, "attn_only", t_kernel, t_dense, t_window, flops, index_build_ms=t_index))
     if {"fwd", "fwd_bwd"} & set(_PASSES.value):

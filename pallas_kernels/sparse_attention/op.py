@@ -49,13 +49,16 @@ class Launch(NamedTuple):
   dq_atomic: bool = False
   # The forward kernel: "triton" (any shape) or "mosaic", the Hopper kernel of forward_mosaic.py
   # (TMA, wgmma, warp-specialised; hp in {1, 8, 16, ...}, bf16/f16; packed documents as runs of
-  # equal segment ids: a row whose ids come back after another id gets NaN).
+  # equal segment ids: a row whose ids come back after another id gets NaN). "auto" takes the
+  # Mosaic kernel where it applies (a Hopper GPU, implementation="pallas", its shapes, one
+  # document per row), the Triton one elsewhere: on the H100 it is 0.70x of Triton's time for
+  # the attention alone at 128k (experiments/results/mosaic_forward.md).
   # `forward` above is the Triton kernel's launch; "mosaic" takes `mosaic_stages` K/V slots.
-  forward_kernel: str = "triton"
+  forward_kernel: str = "auto"
   mosaic_stages: int = 4
 
   KERNELS = ("forward", "dq", "dkdv")
-  FORWARD_KERNELS = ("triton", "mosaic")
+  FORWARD_KERNELS = ("auto", "triton", "mosaic")
 
   def check(self):
     for name in self.KERNELS:
@@ -76,6 +79,20 @@ class Launch(NamedTuple):
     if not isinstance(self.dq_atomic, bool):
       raise ValueError(f"sparse_attention: launch.dq_atomic must be a bool, got "
                        f"{self.dq_atomic!r}")
+
+
+def resolve_forward_kernel(launch: Launch, q, k, hp: int, block_size: int, *,
+                           implementation: str, packed: bool, poison: bool) -> str:
+  """launch.forward_kernel, with "auto" made "mosaic" where that kernel applies (a Hopper GPU,
+  implementation="pallas", its shapes, one document per row) and "triton" elsewhere."""
+  if launch.forward_kernel != "auto":
+    return launch.forward_kernel
+  device = jax.devices()[0]
+  hopper = (device.platform == "gpu"
+            and str(getattr(device, "compute_capability", "")).startswith("9"))
+  mosaic = (hopper and implementation == "pallas" and not packed and not poison
+            and forward_mosaic.takes(q, k, hp, block_size))
+  return "mosaic" if mosaic else "triton"
 
 
 def _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation):
@@ -121,6 +138,9 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
     raise ValueError(f"sparse_attention: heads_per_program must be a power of two dividing "
                      f"num_heads / num_kv_heads = {group}, got {heads_per_program!r}")
   packed = segment_ids is not None
+  launch = launch._replace(forward_kernel=resolve_forward_kernel(
+      launch, q, k, hp, block_size, implementation=implementation, packed=packed,
+      poison=poison_outputs))
   if launch.forward_kernel == "mosaic":
     forward_mosaic.check_shapes(q, k, hp, block_size)
     if poison_outputs:
