@@ -117,22 +117,24 @@ def parse_pair(text: str) -> tuple[int, int]:
 
 def parse_launch(text: str) -> Launch:
   """'forward=4x2,dq=8x3,dkdv=4x2,dkdv_chunk=512,dq_atomic=1,forward_kernel=mosaic,
-  mosaic_stages=3' -> Launch (those left out keep their defaults)."""
+  mosaic_stages=3,dkdv_kernel=mosaic,mosaic_dkdv_stages=4' -> Launch (those left out keep
+  their defaults)."""
   given = {}
+  kernels = "|".join(Launch.FORWARD_KERNELS)
   for item in filter(None, (x.strip() for x in text.split(","))):
     name, _, value = item.partition("=")
-    if name in ("dkdv_chunk", "mosaic_stages") and value.isdigit():
+    if name in ("dkdv_chunk", "mosaic_stages", "mosaic_dkdv_stages") and value.isdigit():
       given[name] = int(value)
     elif name == "dq_atomic" and value in ("0", "1"):
       given[name] = value == "1"
-    elif name == "forward_kernel" and value in Launch.FORWARD_KERNELS:
+    elif name in ("forward_kernel", "dkdv_kernel") and value in Launch.FORWARD_KERNELS:
       given[name] = value
     elif name in Launch.KERNELS:
       given[name] = parse_pair(value)
     else:
       raise ValueError(f"--launch: expected one of {Launch.KERNELS} =WxS, dkdv_chunk=N, "
-                       f"dq_atomic=0|1, forward_kernel={'|'.join(Launch.FORWARD_KERNELS)} or "
-                       f"mosaic_stages=N, got {item!r}")
+                       f"dq_atomic=0|1, forward_kernel={kernels}, dkdv_kernel={kernels}, "
+                       f"mosaic_stages=N or mosaic_dkdv_stages=N, got {item!r}")
   return Launch(**given)
 
 

@@ -203,6 +203,20 @@ def test_block_index_transposes_the_unions(block_q, chunk):
         live += n
       dead = items[b, h, live:]
       assert np.all(dead[:, 0] == 6) and np.all(dead[:, 2] == 0)
+  # With token_bits, the same index, and each entry's word says which of its tile's tokens
+  # selected the entry's key block.
+  unions_b, with_bits = block_index(idx, idx >= 0, num_kv_blocks=6, block_q=block_q,
+                                    chunk=chunk, token_bits=True)
+  np.testing.assert_array_equal(unions_b, unions)
+  for got_part, want_part in zip(with_bits[:3], index[:3]):
+    np.testing.assert_array_equal(got_part, want_part)
+  sel, bits = np.asarray(idx), np.asarray(with_bits.bits)
+  for b, h in np.ndindex(2, 3):
+    for key_block, start, count, _ in items[b, h]:
+      for e in range(start, start + count):
+        tile = tiles[b, h, e]
+        want = sum(1 << i for i in range(block_q) if key_block in sel[b, tile * block_q + i, h])
+        assert bits[b, h, e] == want, (b, h, e)
 
 
 def test_bad_inputs_are_named():
@@ -238,6 +252,8 @@ def test_bench_attention_option_parsing():
     assert b.parse_launch("dq_atomic=1") == Launch(dq_atomic=True)
     assert b.parse_launch("forward_kernel=mosaic,mosaic_stages=3") == Launch(
         forward_kernel="mosaic", mosaic_stages=3)
+    assert b.parse_launch("dkdv_kernel=mosaic,mosaic_dkdv_stages=2") == Launch(
+        dkdv_kernel="mosaic", mosaic_dkdv_stages=2)
     assert b.parse_grid("a=1|2,b=3") == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
     assert b.parse_options("block_rows=64,num_warps=2") == {
         "block_rows": 64, "block_windows": 64, "num_warps": 2, "num_stages": 2}

@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.sparse_attention import backward_mosaic
 from pallas_kernels.sparse_attention.forward import LOG2E, per_row, visible_tile
 from pallas_kernels.sparse_attention.index import KeyBlockIndex
 
@@ -159,20 +160,24 @@ def _row_major_vectors(x, hp: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret", "dq_launch",
-                                             "dkdv_launch", "heads_per_program", "dq_atomic"))
+                                             "dkdv_launch", "heads_per_program", "dq_atomic",
+                                             "dkdv_kernel", "mosaic_stages"))
 def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, unions,
                               key_index: KeyBlockIndex, lse, delta, d_out, *, block_q: int,
                               block_k: int, interpret: bool = False,
                               dq_launch: tuple[int, int] = (4, 2),
                               dkdv_launch: tuple[int, int] = (4, 2), heads_per_program: int = 1,
-                              dq_atomic: bool = False):
+                              dq_atomic: bool = False, dkdv_kernel: str = "triton",
+                              mosaic_stages: int = 4):
   """Padded inputs as in `sparse_attention_forward` (with its block_q, heads_per_program and
   unions), the dk/dv kernel's index (`index.block_index` at the same block_q), the forward's lse
   [b, heads, t], delta [b, heads, t] (rowsum(dO * O) - dLSE) and the output cotangent.
   dq_launch / dkdv_launch: (num_warps, num_stages) of each kernel. dq_atomic: no dq kernel; the
   dk/dv kernel, which has dS already, adds dS K into an fp32 accumulator with atomics (one
   matmul where the dq kernel recomputes P and dS for it: two more; the sum's order, so its last
-  bits, then vary from run to run). Returns (dq, dk, dv) like q, k, v."""
+  bits, then vary from run to run). dkdv_kernel: "triton", or "mosaic" for the dK/dV partial
+  sums of backward_mosaic.py (Hopper; key_index built with token_bits, one document per row,
+  no dq_atomic), with `mosaic_stages` Q/dO slots. Returns (dq, dk, dv) like q, k, v."""
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -216,33 +221,21 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
   # on the H100 at 128k the kernel took 70.5 ms against 95.9 ms loading [tokens, heads, d]
   # blocks and reshaping them; the copies themselves, two XLA transposes, took 2.8 ms there
   # (kernel_dkdv_run.md).
-  q_all = pl.BlockSpec((None, heads // hp, q_len * hp, head_dim), lambda i, b, h: (b, 0, 0, 0))
   q_in, do_in = _row_major_vectors(q, hp), _row_major_vectors(d_out, hp)
-  kv_all = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
-  rows_all = pl.BlockSpec((None, heads // hp, q_len * hp), lambda i, b, h: (b, 0, 0))
-  part = pl.BlockSpec((None, None, None, block_k, head_dim), lambda i, b, h: (b, h, i, 0, 0))
-  part_shape = jax.ShapeDtypeStruct((batch, kv_heads, n_items, block_k, head_dim), jnp.float32)
-  dq_shape = jax.ShapeDtypeStruct(q_in.shape, jnp.float32)
-  outputs = pl.pallas_call(
-      functools.partial(_dkdv_kernel, scale=scale, block_q=block_q, block_k=block_k, group=group,
-                        heads_per_program=hp, num_kv_blocks=kv_len // block_k,
-                        dq_atomic=dq_atomic),
-      grid=(n_items, batch, kv_heads),
-      in_specs=[
-          q_all, kv_all, kv_all,
-          pl.BlockSpec((None, q_len, None, topk), lambda i, b, h: (b, 0, h, 0)),
-          pl.BlockSpec((None, q_len), lambda i, b, h: (b, 0)),
-          pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
-          pl.BlockSpec((None, None, None, 4), lambda i, b, h: (b, h, i, 0)),
-          pl.BlockSpec((None, None, key_index.tiles.shape[-1]), lambda i, b, h: (b, h, 0)),
-          q_all, rows_all, rows_all, *([q_all] if dq_atomic else []),
-      ],
-      out_specs=[part, part, *([q_all] if dq_atomic else [])],
-      out_shape=[part_shape, part_shape, *([dq_shape] if dq_atomic else [])],
-      input_output_aliases={11: 2} if dq_atomic else {},
-      compiler_params=params(dkdv_launch), interpret=interpret, name="sparse_attention_dkdv",
-  )(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index.items, key_index.tiles, do_in,
-    lse2, delta, *([jnp.zeros(dq_shape.shape, jnp.float32)] if dq_atomic else []))
+  block_items = key_index.block_items
+  if dkdv_kernel == "mosaic":
+    if dq_atomic:
+      raise ValueError("sparse_attention_backward: dq_atomic needs the Triton dk/dv kernel")
+    # Two parts per item (one per compute warpgroup), summed below like the Triton items.
+    outputs = backward_mosaic.dkdv_parts_mosaic(
+        q_in, k, v, do_in, lse2, delta, key_index.items, key_index.tiles, key_index.bits,
+        heads_per_program=hp, group=group, stages=mosaic_stages, interpret=interpret)
+    block_items = block_items * 2
+    n_items *= 2
+  else:
+    outputs = _dkdv_triton(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index, do_in,
+                           lse2, delta, scale=scale, block_q=block_q, block_k=block_k, group=group,
+                           hp=hp, dq_atomic=dq_atomic, launch=dkdv_launch, interpret=interpret)
   if dq_atomic:
     dk_part, dv_part, dq_rows = outputs
     dq = jnp.swapaxes((dq_rows * scale).reshape(batch, heads // hp, q_len, hp, head_dim), 1, 2)
@@ -259,5 +252,43 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
       out_specs=[kv_tile, kv_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params((4, 1)), interpret=interpret, name="sparse_attention_dkdv_sum",
-  )(key_index.block_items, dk_part, dv_part)
+  )(block_items, dk_part, dv_part)
   return dq, dk, dv
+
+
+def _dkdv_triton(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index, do_in, lse2,
+                 delta, *, scale, block_q, block_k, group, hp, dq_atomic, launch, interpret):
+  """The Triton dk/dv kernel over the work items: (dk_parts, dv_parts[, dq rows fp32])."""
+  batch, _, q_len_hp, head_dim = q_in.shape
+  q_len = q_len_hp // hp
+  heads = q_in.shape[1] * hp
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  topk = selected.shape[-1]
+  n_items = key_index.items.shape[2]
+  q_all = pl.BlockSpec((None, heads // hp, q_len * hp, head_dim), lambda i, b, h: (b, 0, 0, 0))
+  kv_all = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+  rows_all = pl.BlockSpec((None, heads // hp, q_len * hp), lambda i, b, h: (b, 0, 0))
+  part = pl.BlockSpec((None, None, None, block_k, head_dim), lambda i, b, h: (b, h, i, 0, 0))
+  part_shape = jax.ShapeDtypeStruct((batch, kv_heads, n_items, block_k, head_dim), jnp.float32)
+  dq_shape = jax.ShapeDtypeStruct(q_in.shape, jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_dkdv_kernel, scale=scale, block_q=block_q, block_k=block_k, group=group,
+                        heads_per_program=hp, num_kv_blocks=kv_len // block_k,
+                        dq_atomic=dq_atomic),
+      grid=(n_items, batch, kv_heads),
+      in_specs=[
+          q_all, kv_all, kv_all,
+          pl.BlockSpec((None, q_len, None, topk), lambda i, b, h: (b, 0, h, 0)),
+          pl.BlockSpec((None, q_len), lambda i, b, h: (b, 0)),
+          pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+          pl.BlockSpec((None, None, None, 4), lambda i, b, h: (b, h, i, 0)),
+          pl.BlockSpec((None, None, key_index.tiles.shape[-1]), lambda i, b, h: (b, h, 0)),
+          q_all, rows_all, rows_all, *([q_all] if dq_atomic else []),
+      ],
+      out_specs=[part, part, *([q_all] if dq_atomic else [])],
+      out_shape=[part_shape, part_shape, *([dq_shape] if dq_atomic else [])],
+      input_output_aliases={11: 2} if dq_atomic else {},
+      compiler_params=plgpu.CompilerParams(num_warps=launch[0], num_stages=launch[1]),
+      interpret=interpret, name="sparse_attention_dkdv",
+  )(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index.items, key_index.tiles, do_in,
+    lse2, delta, *([jnp.zeros(dq_shape.shape, jnp.float32)] if dq_atomic else []))

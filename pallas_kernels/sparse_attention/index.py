@@ -83,6 +83,10 @@ class KeyBlockIndex(NamedTuple):
   tiles: jax.Array
   items: jax.Array
   block_items: jax.Array
+  # bits[b, h, e]: which of tiles[b, h, e]'s tokens selected the entry's key block (bit i for
+  # token i; `union_token_bits`' word), for tiles of at most 32 tokens; None unless asked for
+  # (`block_index(token_bits=True)`, the Mosaic dK/dV kernel's row mask).
+  bits: jax.Array | None = None
 
 
 def max_items(q_blocks: int, union_slots: int, num_kv_blocks: int, chunk: int) -> int:
@@ -92,7 +96,8 @@ def max_items(q_blocks: int, union_slots: int, num_kv_blocks: int, chunk: int) -
 
 
 def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,
-                block_q: int, chunk: int) -> tuple[jax.Array, KeyBlockIndex]:
+                block_q: int, chunk: int,
+                token_bits: bool = False) -> tuple[jax.Array, KeyBlockIndex]:
   """(unions, KeyBlockIndex): the forward/dq kernels' unions (`query_block_unions`) and the dk/dv
   kernel's transposed index, so that each dk/dv program loops over at most `chunk` of the query
   tiles whose union holds its key block (no atomics: the items' partial sums are added per key
@@ -104,9 +109,19 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
   rows of 65536 int32 (512 MiB) per KV head, and an argsort as large. The list has one entry per
   slot of the unions, q_len / block_q x min(num_kv_blocks, block_q x topk) (dead slots sort past
   every key block's range).
+
+  token_bits: also carry each entry's token word (`KeyBlockIndex.bits`) through the sort, for
+  block_q <= 32 (the unions are then `union_token_bits`', the same as `query_block_unions`').
   """
-  unions = query_block_unions(block_idx, block_valid, num_kv_blocks=num_kv_blocks,
-                              block_q=block_q)
+  if token_bits:
+    if block_q > 32:
+      raise ValueError(f"block_index: token_bits needs tiles of at most 32 tokens (one int32 "
+                       f"word), got block_q={block_q}")
+    unions, bits = union_token_bits(block_idx, block_valid, num_kv_blocks=num_kv_blocks,
+                                    tile_tokens=block_q)
+  else:
+    unions = query_block_unions(block_idx, block_valid, num_kv_blocks=num_kv_blocks,
+                                block_q=block_q)
   max_len = min(num_kv_blocks, block_q * block_idx.shape[-1])
   batch, kv_heads, nqb = unions.shape[:3]
   count = unions[..., :1]
@@ -120,14 +135,19 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
   blocks = jnp.where(jnp.arange(max_len) < count, slots, num_kv_blocks)
   tiles = jnp.broadcast_to(jnp.arange(nqb, dtype=jnp.int32)[:, None], blocks.shape)
   flat = (batch, kv_heads, nqb * max_len)
+  # The token words, if asked for, ride along as the sort's payload.
+  words = [bits[..., 0, 1:1 + max_len]] if token_bits else []
   if batch * kv_heads * (num_kv_blocks + 1) * nqb < 2**31:
     row = jnp.arange(batch * kv_heads, dtype=jnp.int32).reshape(batch, kv_heads, 1, 1)
-    packed = jnp.sort(((row * (num_kv_blocks + 1) + blocks) * nqb + tiles).reshape(-1))
+    packed = ((row * (num_kv_blocks + 1) + blocks) * nqb + tiles).reshape(-1)
+    packed, *words = jax.lax.sort((packed, *(w.reshape(-1) for w in words)), num_keys=1)
     packed = packed.reshape(flat)  # every row holds nqb * max_len keys, so rows stay apart
     kv_blocks, kv_tiles = packed // nqb % (num_kv_blocks + 1), packed % nqb
   else:
-    kv_blocks, kv_tiles = jax.lax.sort((blocks.reshape(flat), tiles.reshape(flat)),
-                                       dimension=-1, is_stable=True, num_keys=1)
+    kv_blocks, kv_tiles, *words = jax.lax.sort(
+        (blocks.reshape(flat), tiles.reshape(flat), *(w.reshape(flat) for w in words)),
+        dimension=-1, is_stable=True, num_keys=1)
+  words = [w.reshape(flat) for w in words]
   # Each key block's run in the sorted list: where it starts, and how many tiles.
   bounds = jax.vmap(jax.vmap(lambda x: jnp.searchsorted(
       x, jnp.arange(num_kv_blocks + 1, dtype=jnp.int32), side="left")))(kv_blocks)
@@ -147,7 +167,7 @@ def block_index(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: 
                      jnp.where(live, jnp.minimum(at(per_block) - j * chunk, chunk), 0),
                      jnp.zeros_like(owner)], axis=-1)
   block_items = jnp.stack([ends - n_chunks, n_chunks], axis=-1)
-  return unions, KeyBlockIndex(kv_tiles, items, block_items)
+  return unions, KeyBlockIndex(kv_tiles, items, block_items, words[0] if token_bits else None)
 
 
 def union_token_bits(block_idx: jax.Array, block_valid: jax.Array, *, num_kv_blocks: int,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.sparse_attention.backward import sparse_attention_backward
 from pallas_kernels.sparse_attention.forward import sparse_attention_forward
-from pallas_kernels.sparse_attention import forward_mosaic
+from pallas_kernels.sparse_attention import backward_mosaic, forward_mosaic
 from pallas_kernels.sparse_attention.index import block_index, next_power_of_2, union_token_bits
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
@@ -56,6 +56,13 @@ class Launch(NamedTuple):
   # `forward` above is the Triton kernel's launch; "mosaic" takes `mosaic_stages` K/V slots.
   forward_kernel: str = "auto"
   mosaic_stages: int = 4
+  # The dK/dV partial sums: "triton", or "mosaic", the Hopper kernel of backward_mosaic.py
+  # (hp >= 2 with tiles of 64 / hp tokens, block_size 64, bf16/f16, one document per row, no
+  # dq_atomic), with `mosaic_dkdv_stages` Q/dO slots (even). "auto" takes the Mosaic kernel
+  # where it applies, as forward_kernel does: on the H100 at 32k it took forward + backward
+  # from 35.66 to 32.62 ms (experiments/results/mosaic_dkdv.md; 128k not yet timed).
+  dkdv_kernel: str = "auto"
+  mosaic_dkdv_stages: int = 4
 
   KERNELS = ("forward", "dq", "dkdv")
   FORWARD_KERNELS = ("auto", "triton", "mosaic")
@@ -73,12 +80,26 @@ class Launch(NamedTuple):
       if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ValueError(f"sparse_attention: launch.{name} must be an int >= {least} ({what}), "
                          f"got {value!r}")
-    if self.forward_kernel not in self.FORWARD_KERNELS:
-      raise ValueError(f"sparse_attention: launch.forward_kernel must be one of "
-                       f"{self.FORWARD_KERNELS}, got {self.forward_kernel!r}")
+    for name in ("forward_kernel", "dkdv_kernel"):
+      if getattr(self, name) not in self.FORWARD_KERNELS:
+        raise ValueError(f"sparse_attention: launch.{name} must be one of "
+                         f"{self.FORWARD_KERNELS}, got {getattr(self, name)!r}")
+    stages = self.mosaic_dkdv_stages
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 2 or stages % 2:
+      raise ValueError(f"sparse_attention: launch.mosaic_dkdv_stages must be an even int >= 2 "
+                       f"(Q/dO slots, taken in turn by two warpgroups), got {stages!r}")
+    if self.dq_atomic and self.dkdv_kernel == "mosaic":
+      raise ValueError("sparse_attention: launch.dq_atomic needs dkdv_kernel='triton' (the "
+                       "Mosaic dK/dV kernel adds no dQ)")
     if not isinstance(self.dq_atomic, bool):
       raise ValueError(f"sparse_attention: launch.dq_atomic must be a bool, got "
                        f"{self.dq_atomic!r}")
+
+
+def _on_hopper() -> bool:
+  device = jax.devices()[0]
+  return (device.platform == "gpu"
+          and str(getattr(device, "compute_capability", "")).startswith("9"))
 
 
 def resolve_forward_kernel(launch: Launch, q, k, hp: int, block_size: int, *,
@@ -87,11 +108,21 @@ def resolve_forward_kernel(launch: Launch, q, k, hp: int, block_size: int, *,
   implementation="pallas", its shapes, one document per row) and "triton" elsewhere."""
   if launch.forward_kernel != "auto":
     return launch.forward_kernel
-  device = jax.devices()[0]
-  hopper = (device.platform == "gpu"
-            and str(getattr(device, "compute_capability", "")).startswith("9"))
-  mosaic = (hopper and implementation == "pallas" and not packed and not poison
+  mosaic = (_on_hopper() and implementation == "pallas" and not packed and not poison
             and forward_mosaic.takes(q, k, hp, block_size))
+  return "mosaic" if mosaic else "triton"
+
+
+def resolve_dkdv_kernel(launch: Launch, q, k, hp: int, block_size: int, block_q: int, *,
+                        implementation: str, packed: bool) -> str:
+  """launch.dkdv_kernel, with "auto" made "mosaic" where backward_mosaic.py applies (a Hopper
+  GPU, implementation="pallas", its shapes, tiles of 64 rows, one document per row, no
+  dq_atomic) and "triton" elsewhere."""
+  if launch.dkdv_kernel != "auto":
+    return launch.dkdv_kernel
+  mosaic = (_on_hopper() and implementation == "pallas" and not packed and not launch.dq_atomic
+            and block_q * hp == backward_mosaic.ROWS
+            and backward_mosaic.takes(q, k, hp, block_size))
   return "mosaic" if mosaic else "triton"
 
 
@@ -156,6 +187,17 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
   if implementation == "pallas" and block_q * hp < 16:
     raise ValueError(f"sparse_attention: a tile's rows, block_q x heads_per_program = "
                      f"{block_q} x {hp}, must be >= 16 (Triton's smallest dot)")
+  launch = launch._replace(dkdv_kernel=resolve_dkdv_kernel(
+      launch, q, k, hp, block_size, block_q, implementation=implementation, packed=packed))
+  if launch.dkdv_kernel == "mosaic":
+    backward_mosaic.check_shapes(q, k, hp, block_size)
+    if packed:
+      raise ValueError("sparse_attention: launch.dkdv_kernel='mosaic' takes one document per "
+                       "row; packed documents (segment_ids) need 'triton'")
+    if block_q * hp != backward_mosaic.ROWS:
+      raise ValueError(f"sparse_attention: launch.dkdv_kernel='mosaic' needs tiles of "
+                       f"{backward_mosaic.ROWS} rows, block_q x heads_per_program = {block_q} x "
+                       f"{hp}")
   return _sparse_attention(q, k, v, block_idx, block_valid.astype(bool),
                            segment_ids.astype(jnp.int32),
                            (block_size, block_q, implementation, poison_outputs, hp, launch,
@@ -168,7 +210,7 @@ def _sparse_attention(q, k, v, block_idx, block_valid, segment_ids, static):
 
 
 def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q,
-                   dkdv_chunk, tile=1):
+                   dkdv_chunk, tile=1, token_bits=False):
   """Pads the sequence to whole tiles (of at least `tile` tokens) and builds the kernels' index
   at block_q tokens (see index.py): the unions of the forward and dq tiles, and the dk/dv
   kernel's transposed index."""
@@ -185,7 +227,7 @@ def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, blo
   idx = jnp.pad(idx, ((0, 0), (0, pad), (0, 0), (0, next_power_of_2(topk) - topk)),
                 constant_values=-1)
   unions, key_index = block_index(idx, idx >= 0, num_kv_blocks=padded // block_size,
-                                  block_q=block_q, chunk=dkdv_chunk)
+                                  block_q=block_q, chunk=dkdv_chunk, token_bits=token_bits)
   return ((pad_tokens(q), pad_tokens(k), pad_tokens(v), idx, q_seg, kv_seg, unions), key_index)
 
 
@@ -199,7 +241,8 @@ def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
   mosaic = launch.forward_kernel == "mosaic"
   inputs, key_index = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size,
                                      block_q, launch.dkdv_chunk,
-                                     forward_mosaic.tile_tokens(hp) if mosaic else 1)
+                                     forward_mosaic.tile_tokens(hp) if mosaic else 1,
+                                     token_bits=launch.dkdv_kernel == "mosaic")
   interpret = implementation == "interpret"
   if mosaic:
     q_pad, k_pad, v_pad, idx, q_seg = inputs[:5]
@@ -243,6 +286,8 @@ def _bwd_rule(static, residuals, cotangents):
                                          block_k=block_size, heads_per_program=hp,
                                          dq_launch=launch.dq, dkdv_launch=launch.dkdv,
                                          dq_atomic=launch.dq_atomic,
+                                         dkdv_kernel=launch.dkdv_kernel,
+                                         mosaic_stages=launch.mosaic_dkdv_stages,
                                          interpret=implementation == "interpret")
   return dq[:, :seq], dk[:, :seq], dv[:, :seq], None, None, None
 
