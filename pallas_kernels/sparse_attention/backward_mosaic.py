@@ -53,15 +53,6 @@ def check_shapes(q, k, heads_per_program: int, block_k: int):
                      f"{k.dtype}")
 
 
-def takes(q, k, heads_per_program: int, block_k: int) -> bool:
-  """Whether `check_shapes` passes."""
-  try:
-    check_shapes(q, k, heads_per_program, block_k)
-  except ValueError:
-    return False
-  return True
-
-
 def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, items_ref, tiles_ref, bits_ref,
             dk_ref, dv_ref, scoped, *, hp: int, chunks: int, stages: int, num_kv_blocks: int):
   item, batch, kv_head = (lax.axis_index(a) for a in ("items", "batch", "heads"))

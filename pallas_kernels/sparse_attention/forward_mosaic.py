@@ -53,15 +53,6 @@ def check_shapes(q, k, heads_per_program: int, block_k: int):
                      f"float16, got {q.dtype} and {k.dtype}")
 
 
-def takes(q, k, heads_per_program: int, block_k: int) -> bool:
-  """Whether `check_shapes` passes."""
-  try:
-    check_shapes(q, k, heads_per_program, block_k)
-  except ValueError:
-    return False
-  return True
-
-
 def tile_tokens(heads_per_program: int) -> int:
   """Query tokens per CTA: two compute warpgroups of 64 / hp tokens."""
   return COMPUTE_WARPGROUPS * ROWS // heads_per_program

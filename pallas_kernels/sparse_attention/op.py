@@ -96,6 +96,15 @@ class Launch(NamedTuple):
                        f"{self.dq_atomic!r}")
 
 
+def _passes(check_shapes, *args) -> bool:
+  """Whether a Mosaic kernel's `check_shapes` accepts args (for "auto")."""
+  try:
+    check_shapes(*args)
+  except ValueError:
+    return False
+  return True
+
+
 def _on_hopper() -> bool:
   device = jax.devices()[0]
   return (device.platform == "gpu"
@@ -109,7 +118,7 @@ def resolve_forward_kernel(launch: Launch, q, k, hp: int, block_size: int, *,
   if launch.forward_kernel != "auto":
     return launch.forward_kernel
   mosaic = (_on_hopper() and implementation == "pallas" and not packed and not poison
-            and forward_mosaic.takes(q, k, hp, block_size))
+            and _passes(forward_mosaic.check_shapes, q, k, hp, block_size))
   return "mosaic" if mosaic else "triton"
 
 
@@ -122,7 +131,7 @@ def resolve_dkdv_kernel(launch: Launch, q, k, hp: int, block_size: int, block_q:
     return launch.dkdv_kernel
   mosaic = (_on_hopper() and implementation == "pallas" and not packed and not launch.dq_atomic
             and block_q * hp == backward_mosaic.ROWS
-            and backward_mosaic.takes(q, k, hp, block_size))
+            and _passes(backward_mosaic.check_shapes, q, k, hp, block_size))
   return "mosaic" if mosaic else "triton"
 
 
