@@ -165,3 +165,32 @@ def test_mosaic_dkdv_bad_inputs_are_named():
   with pytest.raises(ValueError, match="needs tiles of 64 rows"):
     sparse_attention(q, k, v, idx, valid, heads_per_program=8, block_q=4,
                      launch=Launch(dkdv_kernel="mosaic"))
+
+
+def test_auto_picks_the_mosaic_kernels_only_where_they_apply(monkeypatch):
+  """Launch's "auto" on a (pretended) Hopper GPU: the Mosaic forward and dK/dV kernels for the
+  shapes they take, the Triton ones for packed documents, dq_atomic, other tiles and dtypes;
+  never Mosaic off Hopper or outside implementation="pallas"."""
+  from pallas_kernels.sparse_attention import op
+  q = jax.ShapeDtypeStruct((1, 256, 32, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  auto = Launch(forward_kernel="auto", dkdv_kernel="auto")
+  picks = lambda launch=auto, q=q, k=k, hp=16, block=64, block_q=4, impl="pallas", packed=False: (
+      op.resolve_forward_kernel(launch, q, k, hp, block, implementation=impl, packed=packed,
+                                poison=False),
+      op.resolve_dkdv_kernel(launch, q, k, hp, block, block_q, implementation=impl,
+                             packed=packed))
+  monkeypatch.setattr(op, "_on_hopper", lambda: False)
+  assert picks() == ("triton", "triton")
+  monkeypatch.setattr(op, "_on_hopper", lambda: True)
+  assert picks() == ("mosaic", "mosaic")
+  assert picks(impl="interpret") == ("triton", "triton")
+  assert picks(packed=True) == ("triton", "triton")
+  assert picks(launch=auto._replace(dq_atomic=True)) == ("mosaic", "triton")
+  assert picks(hp=1, block_q=64) == ("mosaic", "triton")      # dK/dV needs hp >= 2
+  assert picks(hp=8, block_q=4) == ("mosaic", "triton")       # dK/dV needs 64-row tiles
+  assert picks(block=128) == ("mosaic", "triton")             # dK/dV needs blocks of 64
+  f32 = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  assert picks(q=f32, k=jax.ShapeDtypeStruct(k.shape, jnp.float32)) == ("triton", "triton")
+  assert picks(launch=Launch(forward_kernel="triton", dkdv_kernel="triton")) == ("triton",
+                                                                                  "triton")
