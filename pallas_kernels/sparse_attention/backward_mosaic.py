@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sparse_attention.forward import LOG2E
+from pallas_kernels.sparse_attention.forward_mosaic import fill_slots
 
 ROWS = 64                 # query rows of one unit: a wgmma's N
 BLOCK_K = 64              # keys of one work item: a wgmma's M
@@ -161,17 +162,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, items_ref, tiles_re
       plgpu.copy_gmem_to_smem(lse_ref.at[batch, chunk, rows], lse_smem.at[slot], ready)
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, chunk, rows], delta_smem.at[slot], ready)
 
-    for n in range(stages):
-      pl.when(n < units)(functools.partial(load, n, n, False))
-
-    @pl.loop(stages, jnp.maximum(units, stages))
-    def _(n):
-      load(n, lax.rem(n, stages), True)
-
-    # Observe the last releases too, so that every barrier phase is waited for once.
-    @pl.loop(jnp.maximum(units - stages, 0), units)
-    def _(n):
-      plgpu.barrier_wait(unit_free.at[lax.rem(n, stages)])
+    fill_slots(units, stages, load, lambda slot: plgpu.barrier_wait(unit_free.at[slot]))
 
 
 @functools.partial(jax.jit, static_argnames=("heads_per_program", "group", "stages",

@@ -58,6 +58,22 @@ def tile_tokens(heads_per_program: int) -> int:
   return COMPUTE_WARPGROUPS * ROWS // heads_per_program
 
 
+def fill_slots(count, stages: int, load, drain):
+  """A memory warpgroup's loop: load(u, slot, wait_free) for u < count through `stages` slots
+  (the first `stages` loads wait for no release), then drain(slot) for each of the last
+  `stages` releases, so that every barrier phase is waited for once."""
+  for u in range(stages):
+    pl.when(u < count)(functools.partial(load, u, u, False))
+
+  @pl.loop(stages, jnp.maximum(count, stages))
+  def _(u):
+    load(u, lax.rem(u, stages), True)
+
+  @pl.loop(jnp.maximum(count - stages, 0), count)
+  def _(u):
+    drain(lax.rem(u, stages))
+
+
 def _kernel(q_ref, k_ref, v_ref, union_ref, bits_ref, start_ref, o_ref, lse_ref, scoped, *, hp: int,
             group: int, block_k: int, stages: int):
   batch, head_group, tile = (lax.axis_index(a) for a in ("batch", "heads", "tiles"))
@@ -199,18 +215,11 @@ def _kernel(q_ref, k_ref, v_ref, union_ref, bits_ref, start_ref, o_ref, lse_ref,
         plgpu.barrier_wait(v_free.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot], v_ready.at[slot])
 
-    for u in range(stages):
-      pl.when(u < count)(functools.partial(load, u, u, False))
+    def drain(slot):
+      plgpu.barrier_wait(k_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
 
-    @pl.loop(stages, jnp.maximum(count, stages))
-    def _(u):
-      load(u, lax.rem(u, stages), True)
-
-    # Observe the last releases too, so that every barrier phase is waited for once.
-    @pl.loop(jnp.maximum(count - stages, 0), count)
-    def _(u):
-      plgpu.barrier_wait(k_free.at[lax.rem(u, stages)])
-      plgpu.barrier_wait(v_free.at[lax.rem(u, stages)])
+    fill_slots(count, stages, load, drain)
 
 
 def document_starts(segment_ids):
