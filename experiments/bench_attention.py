@@ -368,11 +368,18 @@ def main(argv):
     for r in rows:
       if r["seq_len"] == seq:
         print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+    # After every length, so a run cut short by a device call's time limit keeps its rows.
+    write_outputs(rows, tuning)
+
+
+def write_outputs(rows, tuning):
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "dtype": "bfloat16",
                        "block": _BLOCK.value, "topk": _TOPK.value,
                        "local_blocks": _LOCAL.value},
-            "kernel": "pallas_kernels/sparse_attention (Triton lowering): forward; fwd_bwd adds the dq and dk/dv kernels",
+            "kernel": ("pallas_kernels/sparse_attention: the forward (Mosaic GPU on Hopper, else "
+                       "Triton); fwd_bwd adds the dq (Triton) and dk/dv (Mosaic on Hopper) "
+                       "kernels (Launch says which ran)"),
             "num_warps": _NUM_WARPS.value, "num_stages": _NUM_STAGES.value, "rows": rows,
             "tuning": tuning}
   if _OUT.value:
