@@ -6,12 +6,11 @@ against the sort-free kernel (pallas_kernels/block_topk), on InfLLM-V2's ranking
 Rows = seq_len x 2 KV heads (batch 1), seq_len / 64 blocks each, k = --topk; keys are uniform
 scores with the forced (+inf) and future (-inf) columns of a causal selection (init 1 block,
 --local_blocks local). --decode_rows also times that many rows of the longest length (a decode
-step's batch x KV heads; at that size the wall clock includes the dispatch). --num_warps and
---bits_per_pass (threshold bits per counting pass) take lists: one row per pair. Times are
-medians of --iters calls after two warm-ups (wall clock per jitted call); every row checks the
-kernel's output equals XLA's bit for bit.
+step's batch x KV heads; at that size the wall clock is mostly dispatch: bench_decode's
+profile times the kernel in a step). --num_warps takes a list: one row each. Times are medians
+of --iters calls after two warm-ups (wall clock per jitted call); every row checks the kernel's
+output equals XLA's bit for bit.
 """
-import itertools
 import json
 import os
 
@@ -31,8 +30,6 @@ _ITERS = flags.DEFINE_integer("iters", 10, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "", "Output path stem (.json and .md).")
 _NUM_WARPS = flags.DEFINE_list("num_warps", ["4"], "Warps per kernel program (one row each); "
                                "several values: one row of results each.")
-_BITS = flags.DEFINE_list("bits_per_pass", ["1"], "Threshold bits per counting pass (1, 2, 4, 8); "
-                          "several values: one row of results each (x --num_warps).")
 _DECODE_ROWS = flags.DEFINE_integer("decode_rows", 16, "Also time this many rows (a decode step's "
                                     "batch x KV heads) of the longest length; 0: skip.")
 KV_HEADS, BLOCK = 2, 64
@@ -65,14 +62,14 @@ def main(argv):
   for seq, key in keys:
     xla = jax.jit(lambda k: ref_ops.top_blocks(k, _TOPK.value))
     t_xla = timeit(xla, key)
-    for warps, bits in itertools.product(map(int, _NUM_WARPS.value), map(int, _BITS.value)):
-      kernel = jax.jit(lambda k, w=warps, b=bits: top_blocks(
-          k, _TOPK.value, implementation="pallas", num_warps=w, bits_per_pass=b))
+    for warps in map(int, _NUM_WARPS.value):
+      kernel = jax.jit(lambda k, w=warps: top_blocks(k, _TOPK.value, implementation="pallas",
+                                                     num_warps=w))
       agree = all(bool(jnp.array_equal(a, b)) for a, b in zip(xla(key), kernel(key)))
       t_kernel = timeit(kernel, key)
       n = key.size // key.shape[-1]
       row = {"seq_len": seq, "rows": n, "blocks": key.shape[-1], "topk": _TOPK.value,
-             "num_warps": warps, "bits_per_pass": bits, "xla_ms": t_xla, "kernel_ms": t_kernel,
+             "num_warps": warps, "xla_ms": t_xla, "kernel_ms": t_kernel,
              "speedup": t_xla / t_kernel, "agree": agree, "key_bytes": key.size * 4,
              "kernel_read_gbps": key.size * 4 / t_kernel / 1e6}
       print(json.dumps(row), flush=True)
@@ -84,11 +81,11 @@ def main(argv):
       json.dump(result, f, indent=2)
     with open(_OUT.value + ".md", "w") as f:
       f.write(f"# Top-k block selection ({result['device']}, jax {result['jax']})\n\n"
-              "| seq | rows x blocks | k | warps | bits a pass | XLA top_k + sort ms | kernel ms | "
-              "speedup | keys read GB/s | equal |\n|---|---|---|---|---|---|---|---|---|---|\n")
+              "| seq | rows x blocks | k | warps | XLA top_k + sort ms | kernel ms | speedup | "
+              "keys read GB/s | equal |\n|---|---|---|---|---|---|---|---|---|\n")
       for r in rows:
         f.write(f"| {r['seq_len']} | {r['rows']} x {r['blocks']} | {r['topk']} | "
-                f"{r['num_warps']} | {r['bits_per_pass']} | "
+                f"{r['num_warps']} | "
                 f"{r['xla_ms']:.2f} | {r['kernel_ms']:.2f} | {r['speedup']:.2f}x | "
                 f"{r['kernel_read_gbps']:.0f} | {r['agree']} |\n")
 

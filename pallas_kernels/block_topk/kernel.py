@@ -12,16 +12,16 @@ operations a row (32 counting passes over 2048 keys, two cumsums), 21 G in all, 
 ALUs' ~15 T int32 ops/s. XLA's elementwise ranking keys before it read and write 2 GB more. So
 a few ms against XLA's 26.6. Measured on the H100 (experiments/results/bench_topk.md): 4.22 ms
 against 27.6 for XLA (6.5x) at 128k, 0.56 against 1.72 at 32k. At 128k that is 509 GB/s of keys,
-so the 32 counting passes (compute), not the bytes, set its time. A decode step has few rows
-(batch x KV heads, 16 at batch 8): there each pass's cross-warp reduction (a barrier) sets the
-time, 9.4 us for 16 rows at 128k (experiments/results/infllmv2_targets.md); `bits_per_pass`
-counts 2^bits candidate thresholds a pass (32 / bits passes, 2^bits compares per key each).
+so the 32 counting passes (compute), not the bytes, set its time. Counting 2^b candidate
+thresholds a pass (32 / b passes, fewer barriers) was slower at every size tried on the H100
+(2026-12-07, experiments/results/decode_one_pass.md): at 128k, 6.6 ms for b = 2 and 11.3 for
+b = 4 against 4.0; for a decode step's 16 rows, 20.8 us in-step for b = 4 against 9.4.
 
 Per row:
   1. Keys become int32 whose signed order is the float order (flip the magnitude bits of the
      negatives; -0.0 is first made +0.0 so that equal keys have equal bits).
-  2. need = min(k, #keys > -inf). The need-th largest key T is built from the top bit down,
-     `bits_per_pass` bits per pass over the row (a pass counts every candidate digit).
+  2. need = min(k, #keys > -inf). The need-th largest key T is built bit by bit from the top,
+     one count per bit: 32 counts over the row.
   3. Winners: every key > T, then the lowest-indexed keys == T until there are `need`. This is
      lax.top_k's tie rule.
   4. Winner i goes to output slot (number of winners before i), which is a cumsum; the losers
@@ -46,33 +46,21 @@ def _sortable(x):
   return jnp.where(bits < 0, bits ^ _MAGNITUDE, bits)
 
 
-def _topk_kernel(key_ref, idx_ref, *, topk: int, bits: int):
+def _topk_kernel(key_ref, idx_ref, *, topk: int):
   v = _sortable(key_ref[...])                                       # [width]
   neg_inf = _sortable(jnp.float32(-jnp.inf))
   eligible = v > neg_inf
   need = jnp.minimum(jnp.sum(eligible.astype(jnp.int32)), topk)
 
   # The need-th largest key, built from the top bit down in the unsigned image w = v ^ INT_MIN
-  # (whose unsigned order is the signed order of v), `bits` bits a pass: of the candidates
-  # t | j << shift, keep the largest with at least `need` keys >= it. Counts fall as j grows and
-  # j = 0 (t itself) always passes, so that j is the number of candidates that pass, less one.
-  # One pass counts 2^bits candidates at once: fewer passes (each a reduction across the
-  # program's warps, a barrier) for more compares; rows that are few, as in decode, gain.
-  # (With need = 0 nothing is chosen below, whatever the threshold.)
-  digits = jax.lax.iota(jnp.int32, 1 << bits) if bits > 1 else None
+  # (whose unsigned order is the signed order of v): keep a bit when at least `need` keys are
+  # >= the candidate. (With need = 0 nothing is chosen below, whatever the threshold.)
+  def bit_step(i, t_w):
+    cand_w = t_w | jnp.left_shift(jnp.int32(1), 31 - i)
+    count = jnp.sum((v >= (cand_w ^ _INT_MIN)).astype(jnp.int32))
+    return jnp.where(count >= need, cand_w, t_w)
 
-  def digit_step(i, t_w):
-    shift = 32 - bits * (i + 1)
-    if digits is None:
-      cand_w = t_w | jnp.left_shift(jnp.int32(1), shift)
-      count = jnp.sum((v >= (cand_w ^ _INT_MIN)).astype(jnp.int32))
-      return jnp.where(count >= need, cand_w, t_w)
-    cand = (t_w | jnp.left_shift(digits, shift)) ^ _INT_MIN                   # [2^bits]
-    counts = jnp.sum((v[None, :] >= cand[:, None]).astype(jnp.int32), axis=1)
-    digit = jnp.sum((counts >= need).astype(jnp.int32)) - 1
-    return t_w | jnp.left_shift(digit, shift)
-
-  threshold = jax.lax.fori_loop(0, 32 // bits, digit_step, jnp.int32(0)) ^ _INT_MIN
+  threshold = jax.lax.fori_loop(0, 32, bit_step, jnp.int32(0)) ^ _INT_MIN
   above = (v > threshold) & eligible
   ties = (v == threshold) & eligible
   room = need - jnp.sum(above.astype(jnp.int32))
@@ -89,19 +77,15 @@ def _topk_kernel(key_ref, idx_ref, *, topk: int, bits: int):
   plgpu.store(idx_ref.at[target], jnp.where(chosen, columns, -1))
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "interpret", "num_warps", "bits_per_pass"))
-def topk_indices(key, *, topk: int, interpret: bool = False, num_warps: int = 4,
-                 bits_per_pass: int = 1):
+@functools.partial(jax.jit, static_argnames=("topk", "interpret", "num_warps"))
+def topk_indices(key, *, topk: int, interpret: bool = False, num_warps: int = 4):
   """key float32 [rows, width] (width a power of two >= 16; -inf padding) -> int32 [rows,
   2 * slots] (slots = topk rounded up to a power of two, at least 16): in the first `slots`,
-  each row's min(topk, #keys > -inf) best columns ascending, then -1; the rest is scratch.
-  bits_per_pass (1, 2, 4 or 8): threshold bits found per counting pass over the row."""
-  if bits_per_pass not in (1, 2, 4, 8):
-    raise ValueError(f"topk_indices: bits_per_pass must be 1, 2, 4 or 8, got {bits_per_pass!r}")
+  each row's min(topk, #keys > -inf) best columns ascending, then -1; the rest is scratch."""
   rows, width = key.shape
   slots = 2 * max(16, 1 << (topk - 1).bit_length())
   return pl.pallas_call(
-      functools.partial(_topk_kernel, topk=topk, bits=bits_per_pass),
+      functools.partial(_topk_kernel, topk=topk),
       grid=(rows,),
       in_specs=[pl.BlockSpec((None, width), lambda r: (r, 0))],
       out_specs=pl.BlockSpec((None, slots), lambda r: (r, 0)),

@@ -21,18 +21,13 @@ from sparsejax.ops import infllmv2 as reference
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
 
 
-def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int = 4,
-               bits_per_pass: int = 1):
-  """See the module docstring; key [..., n_blocks] float32 without NaN. bits_per_pass: the
-  kernel's radix (1, 2, 4 or 8). 1, the only one timed on a GPU so far, stays the default; a
-  decode step's few rows are expected to gain from 4 (kernel.py), not yet measured."""
+def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int = 4):
+  """See the module docstring; key [..., n_blocks] float32 without NaN."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"top_blocks: implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
   if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
     raise ValueError(f"top_blocks: topk must be a positive int, got {topk!r}")
-  if bits_per_pass not in (1, 2, 4, 8):
-    raise ValueError(f"top_blocks: bits_per_pass must be 1, 2, 4 or 8, got {bits_per_pass!r}")
   if key.ndim < 1 or key.dtype != jnp.float32:
     raise ValueError(f"top_blocks: key must be a float32 array [..., n_blocks], got "
                      f"{key.dtype} {key.shape}")
@@ -43,8 +38,7 @@ def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int
   flat = jnp.pad(key.reshape(-1, n_blocks), ((0, 0), (0, width - n_blocks)),
                  constant_values=-jnp.inf)
   idx = topk_indices(flat, topk=int(topk), interpret=implementation == "interpret",
-                     num_warps=num_warps, bits_per_pass=bits_per_pass)[:, :topk]
-  idx = idx.reshape(*lead, topk)
+                     num_warps=num_warps)[:, :topk].reshape(*lead, topk)
   return idx, idx >= 0
 
 
