@@ -13,23 +13,29 @@ Why kernels: in XLA a decode step's selection is about a dozen small fusions (lo
 logsumexp reductions, probabilities, group sum, max-pool, eligibility, forced blocks), each a
 launch of a few microseconds over a few MB; at 128k the whole InfLLM-V2 decode step took 0.092
 ms on the H100 where its bytes need 0.020 (experiments/results/kernel_tuning_run.md). Two kernels
-replace them:
+replace them, and read the compressed keys once:
 
-  normaliser  grid (row, KV head, split): the `group` query heads of the row's KV head are the
-              rows of every tile (padded to >= 16 for tl.dot); each split runs an online
-              logsumexp (base 2) over its share of the visible normaliser windows (the coarse
-              ones with approximate_lse, else the compressed ones) and writes partial (m, l).
-  scores      grid (row, KV head, split): merges the partials into each head's logsumexp, then
-              over its share of the visible blocks, tile by tile (block_windows compressed
-              windows = block_windows / ratio blocks, aligned to blocks): probabilities, the
-              sum over the group's heads, the max-pool onto blocks (a block's own windows and
-              the overlap - 1 windows before them, carried across tiles: a split starts one tile
-              early for that carry), and the ranking key. Blocks past the query's own are
-              written -inf by the splits' static shares.
+  logits      grid (row, KV head, split): the `group` query heads of the row's KV head are the
+              rows of every tile (padded to >= 16 for tl.dot); each split takes an equal share
+              of the tiles (block_windows compressed windows = block_windows / ratio blocks)
+              that hold a block <= the query's, stores their base-2 logits (-inf where a window
+              is invisible) to a [rows, windows] scratch in HBM, and writes each head's partial
+              (m, l) over them; with approximate_lse also an online logsumexp over its share of
+              the visible coarse windows.
+  scores      grid (row, KV head, split): merges the partials into each head's logsumexp (the
+              coarse one where the head saw a coarse window, else the exact one), then over the
+              same share, tile by tile from the scratch: probabilities, the sum over the group's
+              heads, the max-pool onto blocks (a block's own windows and the overlap - 1 windows
+              before them, carried across tiles: a share starts one tile early for that carry),
+              and the ranking key. Blocks past the query's own are written -inf by the splits'
+              static shares.
 
-A row whose approximate normaliser saw no coarse window falls back to the exact one, which every
-scores program then computes itself over the row's compressed windows (a loop that is empty
-for other rows: such rows are within ~lse_window tokens of their document's start).
+The scratch is 4 bytes per (query head, window): 8 MB at batch 8, 32 heads, 128k, against the
+33.5 MB of compressed keys that a second pass over them would read again. On the H100 at that
+shape the two kernels take 16.2 + 7.6 us of a decode step, where a normaliser kernel and a
+scores kernel that recomputed the logits took 14.9 + 15.8 (experiments/results/
+decode_one_pass.md). The exact normaliser's partials come free with the stored logits, so
+approximate_lse adds a loop here rather than saving one.
 
 Segment ids (as the model's cache passes them) become three small XLA arrays first: each
 window's segment id (-1 when it straddles two), and per block whether it holds a key of the
@@ -74,13 +80,16 @@ def _tile_logits(q, keys_ref, first, tile, count, scale2):
 
 
 def _online_lse(q, keys_ref, wseg_ref, q_pos, q_seg, lo, hi, *, tile, count, window, stride,
-                scale2):
-  """(m, l) base 2 per query row over the visible windows of tiles [lo, hi)."""
+                scale2, logits_ref=None):
+  """(m, l) base 2 per query row over the visible windows of tiles [lo, hi); with logits_ref,
+  also stores each tile's logits there (-inf where invisible)."""
 
   def body(t, carry):
     m_prev, l_prev = carry
     s = _tile_logits(q, keys_ref, t * tile, tile, count, scale2)
     vis = _visible(t * tile, tile, q_pos, window, stride, count, wseg_ref, q_seg)[None, :]
+    if logits_ref is not None:
+      logits_ref[:, pl.ds(t * tile, tile)] = jnp.where(vis, s, -jnp.inf)
     s = jnp.where(vis, s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
@@ -95,44 +104,71 @@ def _finish_lse(m, l):
   return jnp.where(l > 0, m + jnp.log2(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
-def _normaliser_kernel(pos_ref, q_ref, keys_ref, *refs, tile, count, window, stride, splits,
-                       scale2, segments):
-  wseg_ref = refs[0] if segments else None
-  m_ref, l_ref = refs[-2:]
-  split = pl.program_id(2)
-  q_pos, q_seg = pos_ref[0], pos_ref[1]
-  n = visible_tiles(q_pos, window, stride, count, tile)
+def _block_tiles(q_pos, block_size, tile_blocks):
+  """Tiles of `tile_blocks` blocks that hold a block <= the query's: both kernels' loop bound."""
+  return (q_pos // block_size) // tile_blocks + 1
+
+
+def _share(split, splits, n):
+  """[lo, hi): a split's equal share of n tiles (the same in both kernels)."""
   per = (n + splits - 1) // splits
   lo = jnp.minimum(split * per, n)
-  m, l = _online_lse(q_ref[...], keys_ref, wseg_ref, q_pos, q_seg, lo, jnp.minimum(lo + per, n),
-                     tile=tile, count=count, window=window, stride=stride, scale2=scale2)
-  m_ref[...] = m
-  l_ref[...] = l
+  return lo, jnp.minimum(lo + per, n)
 
 
-def _scores_kernel(pos_ref, q_ref, kc_ref, m_ref, l_ref, *refs, tile, count, window, stride,
-                   ratio, overlap, heads, splits, scale2, segments, approximate,
-                   init_blocks, local_blocks, block_size):
-  out_ref = refs[-1]
-  wseg_ref, doc_ref = (refs[0], refs[1]) if segments else (None, None)
+def _logits_kernel(pos_ref, q_ref, kc_ref, *refs, tile, count, window, stride, splits, scale2,
+                   segments, coarse, block_size, ratio):
+  refs = list(refs)
+  wseg_ref = refs.pop(0) if segments else None
+  if coarse:
+    kc2_ref = refs.pop(0)
+    wseg2_ref = refs.pop(0) if segments else None
+  logits_ref, m_ref, l_ref = refs[:3]
   split = pl.program_id(2)
   q_pos, q_seg = pos_ref[0], pos_ref[1]
   q = q_ref[...]
-  rows = q.shape[0]
-  tile_blocks = tile // ratio
-  kw = dict(tile=tile, count=count, window=window, stride=stride, scale2=scale2)
+  lo, hi = _share(split, splits, _block_tiles(q_pos, block_size, tile // ratio))
+  m, l = _online_lse(q, kc_ref, wseg_ref, q_pos, q_seg, lo, hi, tile=tile, count=count,
+                     window=window, stride=stride, scale2=scale2, logits_ref=logits_ref)
+  m_ref[...] = m
+  l_ref[...] = l
+  if coarse:
+    m2_ref, l2_ref = refs[3:5]
+    window2, stride2 = coarse
+    count2 = kc2_ref.shape[0]
+    lo, hi = _share(split, splits, visible_tiles(q_pos, window2, stride2, count2, tile))
+    m2, l2 = _online_lse(q, kc2_ref, wseg2_ref, q_pos, q_seg, lo, hi, tile=tile, count=count2,
+                         window=window2, stride=stride2, scale2=scale2)
+    m2_ref[...] = m2
+    l2_ref[...] = l2
 
-  # Each head's logsumexp from the normaliser's partials (and the exact fallback, if needed).
-  m_parts, l_parts = m_ref[...], l_ref[...]                          # [splits, rows]
+
+def _merged_lse(m_ref, l_ref):
+  """Each head's base-2 logsumexp from the splits' partials [splits, rows]."""
+  m_parts, l_parts = m_ref[...], l_ref[...]
   m_all = jnp.max(m_parts, axis=0)
-  lse = _finish_lse(m_all, jnp.sum(l_parts * jnp.exp2(m_parts - m_all[None, :]), axis=0))
-  head_ok = jnp.arange(rows) < heads
-  if approximate:
-    need = jnp.max((jnp.isneginf(lse) & head_ok).astype(jnp.int32)) > 0
-    n_exact = jnp.where(need, visible_tiles(q_pos, window, stride, count, tile), 0)
-    exact = _finish_lse(*_online_lse(q, kc_ref, wseg_ref, q_pos, q_seg, 0, n_exact, **kw))
-    lse = jnp.where(jnp.isneginf(lse), exact, lse)
+  return _finish_lse(m_all, jnp.sum(l_parts * jnp.exp2(m_parts - m_all[None, :]), axis=0))
+
+
+def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overlap, heads,
+                   splits, segments, coarse, init_blocks, local_blocks, block_size):
+  refs = list(refs)
+  out_ref = refs.pop()
+  if coarse:
+    m2_ref, l2_ref = refs.pop(0), refs.pop(0)
+  doc_ref = refs.pop(0) if segments else None
+  split = pl.program_id(2)
+  q_pos = pos_ref[0]
+  rows = logits_ref.shape[0]
+  tile_blocks = tile // ratio
+
+  # Each head's normaliser: the coarse one where it saw a window, else the exact one.
+  lse = _merged_lse(m_ref, l_ref)
+  if coarse:
+    approximate = _merged_lse(m2_ref, l2_ref)
+    lse = jnp.where(jnp.isneginf(approximate), lse, approximate)
   lse = jnp.where(jnp.isneginf(lse), 0.0, lse)                     # such rows see nothing
+  head_ok = jnp.arange(rows) < heads
 
   q_block = q_pos // block_size
   block_in_tile = jnp.arange(tile_blocks)
@@ -142,9 +178,8 @@ def _scores_kernel(pos_ref, q_ref, kc_ref, m_ref, l_ref, *refs, tile, count, win
 
   def tile_scores(t):
     """(pooled own-window max [tile_blocks], tail max [tile_blocks]) of tile t."""
-    s = _tile_logits(q, kc_ref, t * tile, tile, count, scale2)
-    vis = _visible(t * tile, tile, q_pos, window, stride, count, wseg_ref, q_seg)
-    probs = jnp.where(vis[None, :] & head_ok[:, None], jnp.exp2(s - lse[:, None]), 0.0)
+    s = logits_ref[:, pl.ds(t * tile, tile)]                         # -inf: invisible
+    probs = jnp.where(head_ok[:, None], jnp.exp2(s - lse[:, None]), 0.0)
     per_block = jnp.sum(probs, axis=0).reshape(tile_blocks, ratio)
     return jnp.max(per_block, axis=1), jnp.max(jnp.where(in_tail, per_block, 0.0), axis=1)
 
@@ -154,12 +189,10 @@ def _scores_kernel(pos_ref, q_ref, kc_ref, m_ref, l_ref, *refs, tile, count, win
       ok &= doc_ref[pl.ds(t * tile_blocks, tile_blocks)] > 0
     return ok
 
-  # The visible tiles (holding a block <= the query's) in equal shares; a share starts one tile
-  # early (when it has one) for the carry of that tile's last block tail.
-  n_tiles = q_block // tile_blocks + 1
-  per = (n_tiles + splits - 1) // splits
-  lo = jnp.minimum(split * per, n_tiles)
-  hi = jnp.minimum(lo + per, n_tiles)
+  # The logits kernel's shares of the visible tiles; a share starts one tile early (when it has
+  # one) for the carry of that tile's last block tail.
+  n_tiles = _block_tiles(q_pos, block_size, tile_blocks)
+  lo, hi = _share(split, splits, n_tiles)
   previous_tail = tile_scores(jnp.maximum(lo - 1, 0))[1]
   carry = jnp.where(lo > 0, jnp.max(jnp.where(last_col, previous_tail, 0.0)), 0.0)
   # Eligible blocks before this share, for the init blocks' rank.
@@ -213,7 +246,7 @@ def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, 
   or None; wseg [b, c] and doc [b, n_doc] int32 (a power of two >= n_out) or None (no segments).
   Returns float32 keys [b, kv_heads, n_out] (n_out a multiple of tile / ratio)."""
   batch, kv_heads, rows, d = qg.shape
-  scale2 = LOG2E / math.sqrt(d)
+  ratio = block_size // stride
   segments = wseg is not None
   approximate = coarse is not None
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -222,34 +255,45 @@ def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, 
   keys_spec = lambda n: pl.BlockSpec((None, n, None, d), lambda b, h, s: (b, 0, h, 0))
   row_spec = lambda n: pl.BlockSpec((None, n), lambda b, h, s: (b, 0))
   part_spec = pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))
-
-  norm_keys, norm_wseg = coarse if approximate else (kc, wseg)
-  norm_window, norm_stride = (lse_window, lse_stride) if approximate else (window, stride)
-  count = norm_keys.shape[1]
-  in_specs, args = [pos_spec, q_spec, keys_spec(count)], [pos, qg, norm_keys]
-  if segments:
-    in_specs.append(row_spec(count))
-    args.append(norm_wseg)
-  part_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32)
-  m, l = pl.pallas_call(
-      functools.partial(_normaliser_kernel, tile=tile, count=count, window=norm_window,
-                        stride=norm_stride, splits=splits, scale2=scale2, segments=segments),
-      grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=[part_spec, part_spec],
-      out_shape=[part_shape, part_shape], compiler_params=params, interpret=interpret,
-      name="infllmv2_decode_normaliser")(*args)
+  # Every block tile's logits, the splits writing their shares: [b, kv_heads, rows, width].
+  width = n_out * ratio
+  logits_spec = pl.BlockSpec((None, None, rows, width), lambda b, h, s: (b, h, 0, 0))
 
   c = kc.shape[1]
-  parts_spec = pl.BlockSpec((None, None, splits, rows), lambda b, h, s: (b, h, 0, 0))
-  in_specs = [pos_spec, q_spec, keys_spec(c), parts_spec, parts_spec]
-  args = [pos, qg, kc, m, l]
+  in_specs, args = [pos_spec, q_spec, keys_spec(c)], [pos, qg, kc]
   if segments:
-    in_specs += [row_spec(c), row_spec(doc.shape[1])]
-    args += [wseg, doc]
+    in_specs.append(row_spec(c))
+    args.append(wseg)
+  if approximate:
+    kc2, wseg2 = coarse
+    in_specs.append(keys_spec(kc2.shape[1]))
+    args.append(kc2)
+    if segments:
+      in_specs.append(row_spec(kc2.shape[1]))
+      args.append(wseg2)
+  part_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32)
+  n_parts = 4 if approximate else 2
+  logits, *parts = pl.pallas_call(
+      functools.partial(_logits_kernel, tile=tile, count=c, window=window, stride=stride,
+                        splits=splits, scale2=LOG2E / math.sqrt(d), segments=segments,
+                        coarse=(lse_window, lse_stride) if approximate else None,
+                        block_size=block_size, ratio=ratio),
+      grid=(batch, kv_heads, splits), in_specs=in_specs,
+      out_specs=[logits_spec] + [part_spec] * n_parts,
+      out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, rows, width), jnp.float32)]
+      + [part_shape] * n_parts,
+      compiler_params=params, interpret=interpret, name="infllmv2_decode_logits")(*args)
+
+  parts_spec = pl.BlockSpec((None, None, splits, rows), lambda b, h, s: (b, h, 0, 0))
+  in_specs = [pos_spec, logits_spec] + [parts_spec] * n_parts
+  args = [pos, logits, *parts]
+  if segments:
+    in_specs.append(row_spec(doc.shape[1]))
+    args.append(doc)
   return pl.pallas_call(
-      functools.partial(_scores_kernel, tile=tile, count=c, window=window, stride=stride,
-                        ratio=block_size // stride, overlap=window // stride, heads=heads,
-                        splits=splits, scale2=scale2, segments=segments,
-                        approximate=approximate, init_blocks=init_blocks,
+      functools.partial(_scores_kernel, tile=tile, ratio=ratio, overlap=window // stride,
+                        heads=heads, splits=splits, segments=segments,
+                        coarse=approximate, init_blocks=init_blocks,
                         local_blocks=local_blocks, block_size=block_size),
       grid=(batch, kv_heads, splits), in_specs=in_specs,
       out_specs=pl.BlockSpec((None, None, n_out), lambda b, h, s: (b, h, 0)),
