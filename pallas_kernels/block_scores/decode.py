@@ -151,10 +151,10 @@ def _merged_lse(m_ref, l_ref):
 
 
 def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overlap, heads,
-                   splits, segments, coarse, init_blocks, local_blocks, block_size):
+                   splits, segments, approximate, init_blocks, local_blocks, block_size):
   refs = list(refs)
   out_ref = refs.pop()
-  if coarse:
+  if approximate:
     m2_ref, l2_ref = refs.pop(0), refs.pop(0)
   doc_ref = refs.pop(0) if segments else None
   split = pl.program_id(2)
@@ -164,9 +164,9 @@ def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overla
 
   # Each head's normaliser: the coarse one where it saw a window, else the exact one.
   lse = _merged_lse(m_ref, l_ref)
-  if coarse:
-    approximate = _merged_lse(m2_ref, l2_ref)
-    lse = jnp.where(jnp.isneginf(approximate), lse, approximate)
+  if approximate:
+    coarse_lse = _merged_lse(m2_ref, l2_ref)
+    lse = jnp.where(jnp.isneginf(coarse_lse), lse, coarse_lse)
   lse = jnp.where(jnp.isneginf(lse), 0.0, lse)                     # such rows see nothing
   head_ok = jnp.arange(rows) < heads
 
@@ -293,7 +293,7 @@ def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, 
   return pl.pallas_call(
       functools.partial(_scores_kernel, tile=tile, ratio=ratio, overlap=window // stride,
                         heads=heads, splits=splits, segments=segments,
-                        coarse=approximate, init_blocks=init_blocks,
+                        approximate=approximate, init_blocks=init_blocks,
                         local_blocks=local_blocks, block_size=block_size),
       grid=(batch, kv_heads, splits), in_specs=in_specs,
       out_specs=pl.BlockSpec((None, None, n_out), lambda b, h, s: (b, h, 0)),
