@@ -8,6 +8,8 @@ take it: every complete event on the device's streams of the trace, grouped by n
 cuBLAS/cuDNN kernels and Pallas kernels keep their names), summed and divided by the repetitions.
 The sum can exceed the call's wall time (kernels on several streams overlap) or fall short of it
 (launch gaps, host work): `busy_fraction` in `summary` is the kernels' sum over the wall time.
+Each row's `idle_us` is the time its stream sat idle just before the kernel began (per call):
+where launch gaps fall, e.g. a kernel whose launch waits on the host.
 """
 import collections
 import glob
@@ -35,23 +37,31 @@ def summarize(events: list[dict], *, reps: int, process_prefix: str = GPU_PROCES
               thread_contains: str = "") -> list[dict]:
   """Complete ('X') events of the processes whose name starts with process_prefix (and threads
   whose name contains thread_contains), grouped by event name: rows of name, us (per call),
-  count (per call) and share (of the rows' total), largest first."""
+  count (per call), share (of the rows' total) and idle_us (per call: the time the event's
+  thread was idle just before it, from the end of that thread's previous event; the first
+  event of each thread adds nothing), largest first."""
   if reps < 1:
     raise ValueError(f"reps must be >= 1, got {reps}")
   processes = {e["pid"]: e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "process_name"}
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  total_us, count = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get("ph") != "X" or not processes.get(e["pid"], "").startswith(process_prefix):
-      continue
-    if thread_contains not in threads.get((e["pid"], e.get("tid")), ""):
-      continue
-    total_us[e["name"]] += float(e.get("dur", 0.0))
+  total_us, count, idle_us = (collections.Counter() for _ in range(3))
+  thread_end = {}  # (pid, tid) -> end of its latest event so far
+  kept = [e for e in events if e.get("ph") == "X"
+          and processes.get(e["pid"], "").startswith(process_prefix)
+          and thread_contains in threads.get((e["pid"], e.get("tid")), "")]
+  for e in sorted(kept, key=lambda e: float(e["ts"])):
+    start, dur = float(e["ts"]), float(e.get("dur", 0.0))
+    thread = (e["pid"], e.get("tid"))
+    if thread in thread_end:
+      idle_us[e["name"]] += max(0.0, start - thread_end[thread])
+    thread_end[thread] = max(thread_end.get(thread, start), start + dur)
+    total_us[e["name"]] += dur
     count[e["name"]] += 1
   grand = sum(total_us.values()) or 1.0
-  return [{"name": name, "us": us / reps, "count": count[name] / reps, "share": us / grand}
+  return [{"name": name, "us": us / reps, "count": count[name] / reps, "share": us / grand,
+           "idle_us": idle_us[name] / reps}
           for name, us in total_us.most_common()]
 
 
@@ -72,6 +82,7 @@ def kernel_times(fn, *args, reps: int = 5, calls_per_run: int = 1,
   kernel_us = sum(r["us"] for r in rows)
   return {"kernels": rows,
           "summary": {"wall_us": wall_us, "kernel_us": kernel_us,
+                      "idle_us": sum(r["idle_us"] for r in rows),
                       "busy_fraction": kernel_us / wall_us if wall_us else 0.0,
                       "kernels_per_call": sum(r["count"] for r in rows)}}
 
@@ -82,14 +93,18 @@ def markdown(profile: dict, title: str, top: int = 25) -> str:
   lines = [f"### {title}", "",
            f"Per call: wall {s['wall_us']:.1f} us (profiled, so slower than the timed rows), "
            f"kernels {s['kernel_us']:.1f} us over {s['kernels_per_call']:.1f} launches "
-           f"(busy {100 * s['busy_fraction']:.0f}%).", "",
-           "| kernel | us per call | launches per call | share |", "|---|---|---|---|"]
+           f"(busy {100 * s['busy_fraction']:.0f}%); streams idle between kernels "
+           f"{s.get('idle_us', float('nan')):.1f} us.", "",
+           "| kernel | us per call | launches per call | share | idle before, us per call |",
+           "|---|---|---|---|---|"]
   for r in profile["kernels"][:top]:
     name = r["name"] if len(r["name"]) <= 80 else r["name"][:77] + "..."
-    lines.append(f"| `{name}` | {r['us']:.1f} | {r['count']:.1f} | {100 * r['share']:.1f}% |")
+    lines.append(f"| `{name}` | {r['us']:.1f} | {r['count']:.1f} | {100 * r['share']:.1f}% | "
+                 f"{r.get('idle_us', float('nan')):.1f} |")
   if len(profile["kernels"]) > top:
     rest = profile["kernels"][top:]
     lines.append(f"| ({len(rest)} more) | {sum(r['us'] for r in rest):.1f} | "
                  f"{sum(r['count'] for r in rest):.1f} | "
-                 f"{100 * sum(r['share'] for r in rest):.1f}% |")
+                 f"{100 * sum(r['share'] for r in rest):.1f}% | "
+                 f"{sum(r.get('idle_us', 0.0) for r in rest):.1f} |")
   return "\n".join(lines) + "\n"
