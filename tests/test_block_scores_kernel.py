@@ -98,6 +98,25 @@ def test_ranking_keys_match_reference(seq, heads, kv_heads, init, local, approx)
   np.testing.assert_array_equal(reference, want)
 
 
+@pytest.mark.parametrize("heads,kv_heads,approx,ranking", [
+    (4, 2, False, False),   # GQA 2, exact normaliser
+    (6, 2, True, True),     # GQA 3 (padded heads), coarse normaliser, ranking keys
+    (16, 1, False, True),   # GQA 16, ranking keys
+])
+def test_tiles_seen_whole_skip_the_mask(heads, kv_heads, approx, ranking):
+  """Tiles of 16 windows (64 tokens) over 300 tokens: most tiles lie wholly before a program's
+  first query and run without the visibility mask; the scores must not change."""
+  cfg = dataclasses.replace(CFG, approximate_lse=approx, init_blocks=1, local_blocks=2, topk=4)
+  q, k = inputs(heads + 7, 2, 300, heads, kv_heads, 16)
+  want = ref_ops.block_scores(q, k, cfg)
+  if ranking:
+    want = ref_ops.selection_keys(want, cfg, q_len=300, kv_len=300)
+  got = block_scores(q, k, cfg, implementation="interpret", ranking_keys=ranking, block_rows=32,
+                     block_windows=16)
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("topk_implementation", ["reference", "interpret"])
 def test_selection_of_one_document_rows(topk_implementation):
   """Without segment ids the selection comes from the kernel's ranking keys."""

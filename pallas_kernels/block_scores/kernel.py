@@ -20,6 +20,13 @@ One program = one KV head x `block_q` query tokens x all `group` query heads of 
 Visibility of window i to a query at position p (as `sparsejax.ops.infllmv2`): its last token
 i*s + l - 1 <= p and its segment id (the id of all its tokens, -1 if it straddles two) equals the
 query's. Invisible windows contribute probability 0, like the reference.
+
+The elementwise work of both passes stays in the matmul's [(token, head) rows, windows] layout
+(each row carries its position, segment and normaliser), and without segment ids the tiles that
+every row of a program sees whole skip the mask. On the H100 that took the 128k scoring from
+30.0 to 25.1 ms: the kernel was bound by instructions and shared-memory layout conversions, not
+by its matmuls or exp2 (experiments/results/scoring_pass2.md, which also measures the pooling's
+one-block shift at ~5 ms).
 """
 import functools
 import math
@@ -34,9 +41,11 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
 
 
-def _visible(last, seg, q_pos, q_seg):
-  """bool [block_q, n]: window (last token, segment) visible to each query token."""
-  return (last[None, :] <= q_pos[:, None]) & (seg[None, :] == q_seg[:, None])
+def _visible(last, seg, row_pos, row_seg):
+  """bool [rows, n]: window (last token, segment id or None) visible to each (token, head) row
+  (its position and segment id, [rows] each)."""
+  vis = last[None, :] <= row_pos[:, None]
+  return vis if seg is None else vis & (seg[None, :] == row_seg[:, None])
 
 
 def visible_tiles(q_pos, window, stride, count, tile):
@@ -46,28 +55,40 @@ def visible_tiles(q_pos, window, stride, count, tile):
   return (n + tile - 1) // tile
 
 
-def _scaled_logits(q2d, keys, shape, scale2):
-  """[block_q, group, n] base-2 scaled logits of the (token, head) rows against `keys`."""
-  return (plgpu.dot(q2d, keys.T) * scale2).reshape(shape)
+def _full_tiles(q_pos, window, stride, count, tile):
+  """Tiles whose every window's last token is <= q_pos: seen whole by a query at q_pos."""
+  n = jnp.minimum(jnp.maximum((q_pos - window + 1) // stride + 1, 0), count)
+  return n // tile
 
 
-def _online_lse(q2d, keys_ref, last_ref, seg_ref, q_pos, q_seg, lo, hi, *, tile, group, scale2):
-  """Base-2 logsumexp per (token, head) over the visible windows of tiles [lo, hi)."""
-  block_q = q_pos.shape[0]
+def _logits(q2d, keys, scale2):
+  """[rows, n] base-2 scaled logits of the (token, head) rows against `keys`."""
+  return plgpu.dot(q2d, keys.T) * scale2
 
-  def body(ti, carry):
+
+def _online_lse(q2d, keys_ref, last_ref, seg_ref, row_pos, row_seg, lo, full, hi, *, tile,
+                scale2):
+  """Base-2 logsumexp per (token, head) row over the visible windows of tiles [lo, hi), of
+  which those below `full` are seen whole by every row (no mask). [rows]."""
+
+  def body(masked, ti, carry):
     m_prev, l_prev = carry
-    rows = pl.ds(ti * tile, tile)
-    s = _scaled_logits(q2d, keys_ref[rows, :], (block_q, group, tile), scale2)
-    vis = _visible(last_ref[rows], seg_ref[rows], q_pos, q_seg)[:, None, :]
-    s = jnp.where(vis, s, MASK_VALUE)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=2))
-    p = jnp.where(vis, jnp.exp2(s - m_next[:, :, None]), 0.0)
-    return m_next, l_prev * jnp.exp2(m_prev - m_next) + jnp.sum(p, axis=2)
+    win = pl.ds(ti * tile, tile)
+    s = _logits(q2d, keys_ref[win, :], scale2)
+    if masked:
+      vis = _visible(last_ref[win], None if seg_ref is None else seg_ref[win], row_pos, row_seg)
+      s = jnp.where(vis, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    p = jnp.exp2(s - m_next[:, None])
+    if masked:  # a row whose windows are all masked so far must add 0, not exp2(0) = 1s
+      p = jnp.where(vis, p, 0.0)
+    return m_next, l_prev * jnp.exp2(m_prev - m_next) + jnp.sum(p, axis=1)
 
-  init = (jnp.full((block_q, group), MASK_VALUE, jnp.float32),
-          jnp.zeros((block_q, group), jnp.float32))
-  m, l = lax.fori_loop(lo, hi, body, init)
+  rows = row_pos.shape[0]
+  carry = (jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
+  full = jnp.maximum(jnp.minimum(full, hi), lo)
+  carry = lax.fori_loop(lo, full, functools.partial(body, False), carry)
+  m, l = lax.fori_loop(full, hi, functools.partial(body, True), carry)
   return jnp.where(l > 0, m + jnp.log2(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
@@ -83,38 +104,52 @@ def _ranking_keys(score, blocks, q_pos, *, block_size, init_blocks, local_blocks
   return jnp.where(forced, jnp.inf, jnp.where(eligible, finite, -jnp.inf))
 
 
-def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, scale: float,
-                         block_q: int, group: int, heads: int, block_windows: int, ratio: int,
-                         overlap: int, window: int, stride: int, approximate: bool,
-                         lse_window: int, lse_stride: int, ranking):
+def _block_scores_kernel(q_ref, kc_ref, last_ref, *rest, scale: float, block_q: int, group: int,
+                         heads: int, block_windows: int, ratio: int, overlap: int, window: int,
+                         stride: int, approximate: bool, lse_window: int, lse_stride: int,
+                         segments: bool, ranking):
+  rest = list(rest)
+  out_ref = rest.pop()
+  row_seg_ref, wseg_ref = (rest.pop(0), rest.pop(0)) if segments else (None, None)
   if approximate:
-    kc2_ref, last2_ref, wseg2_ref, out_ref = rest
-  else:
-    (out_ref,) = rest
+    kc2_ref, last2_ref = rest.pop(0), rest.pop(0)
+    wseg2_ref = rest.pop(0) if segments else None
   qi = pl.program_id(0)
   d = q_ref.shape[-1]
-  q2d = q_ref[...].reshape(block_q * group, d)
-  q_seg = q_seg_ref[...]
-  q_pos = qi * block_q + jnp.arange(block_q)
+  rows = block_q * group
+  q2d = q_ref[...].reshape(rows, d)
+  q0 = qi * block_q                        # the program's first query token
+  q_pos = q0 + jnp.arange(block_q)
+  # Every (token, head) row's position and segment: the elementwise work stays in the
+  # matmul's [rows, windows] layout (no [block_q, group, windows] broadcasts).
+  row_pos = q0 + jnp.arange(rows) // group
+  row_seg = row_seg_ref[...] if segments else None
   scale2 = scale * LOG2E
   tile, tile_blocks = block_windows, block_windows // ratio
   total_tiles = kc_ref.shape[0] // tile
 
-  last_query = qi * block_q + block_q - 1
+  last_query = q0 + block_q - 1
   n_tiles = visible_tiles(last_query, window, stride, kc_ref.shape[0], tile)
-  lse_kw = dict(tile=tile, group=group, scale2=scale2)
+  # With segments any window may belong to another document: every tile is masked.
+  n_full = 0 if segments else _full_tiles(q0, window, stride, kc_ref.shape[0], tile)
+  lse_kw = dict(tile=tile, scale2=scale2)
   if approximate:
-    n2 = visible_tiles(last_query, lse_window, lse_stride, kc2_ref.shape[0], tile)
-    lse = _online_lse(q2d, kc2_ref, last2_ref, wseg2_ref, q_pos, q_seg, 0, n2, **lse_kw)
+    c2 = kc2_ref.shape[0]
+    n2 = visible_tiles(last_query, lse_window, lse_stride, c2, tile)
+    full2 = 0 if segments else _full_tiles(q0, lse_window, lse_stride, c2, tile)
+    lse = _online_lse(q2d, kc2_ref, last2_ref, wseg2_ref, row_pos, row_seg, 0, full2, n2,
+                      **lse_kw)
     # Exact normaliser for rows without a coarse window; the loop is empty for other tiles.
     need = jnp.max(jnp.isneginf(lse).astype(jnp.int32)) > 0
-    exact = _online_lse(q2d, kc_ref, last_ref, wseg_ref, q_pos, q_seg, 0,
+    exact = _online_lse(q2d, kc_ref, last_ref, wseg_ref, row_pos, row_seg, 0, 0,
                         jnp.where(need, n_tiles, 0), **lse_kw)
     lse = jnp.where(jnp.isneginf(lse), exact, lse)
   else:
-    lse = _online_lse(q2d, kc_ref, last_ref, wseg_ref, q_pos, q_seg, 0, n_tiles, **lse_kw)
-  lse = jnp.where(jnp.isneginf(lse), 0.0, lse)[:, :, None]  # such rows see nothing anyway
-  head_ok = (jnp.arange(group) < heads)[None, :, None]       # padded heads add nothing
+    lse = _online_lse(q2d, kc_ref, last_ref, wseg_ref, row_pos, row_seg, 0, n_full, n_tiles,
+                      **lse_kw)
+  lse = jnp.where(jnp.isneginf(lse), 0.0, lse)               # such rows see nothing anyway
+  # Padded heads (zero queries) add nothing: an infinite normaliser makes their exp2 0.
+  lse = jnp.where(jnp.arange(rows) % group < heads, lse, jnp.inf)[:, None]
   in_tail = (jnp.arange(ratio) >= ratio - (overlap - 1))[None, None, :]
   block = jnp.arange(tile_blocks)
   follows = (block[:, None] == block[None, :] + 1)[None]      # [1, j, j']: j' = j - 1
@@ -126,11 +161,13 @@ def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, sc
       return scores
     return _ranking_keys(scores, ti * tile_blocks + block, q_pos, **ranking)
 
-  def score_tile(ti, carry):
-    rows = pl.ds(ti * tile, tile)
-    s = _scaled_logits(q2d, kc_ref[rows, :], (block_q, group, tile), scale2)
-    vis = _visible(last_ref[rows], wseg_ref[rows], q_pos, q_seg)[:, None, :] & head_ok
-    probs = jnp.sum(jnp.where(vis, jnp.exp2(s - lse), 0.0), axis=1)  # [block_q, tile]
+  def score_tile(masked, ti, carry):
+    win = pl.ds(ti * tile, tile)
+    p = jnp.exp2(_logits(q2d, kc_ref[win, :], scale2) - lse)                 # [rows, tile]
+    if masked:
+      vis = _visible(last_ref[win], wseg_ref[win] if segments else None, row_pos, row_seg)
+      p = jnp.where(vis, p, 0.0)
+    probs = jnp.sum(p.reshape(block_q, group, tile), axis=1)                 # [block_q, tile]
     # Probabilities are >= 0 and invisible windows 0, so 0 is the neutral element of every max.
     per_block = probs.reshape(block_q, tile_blocks, ratio)
     pooled = jnp.max(per_block, axis=2)
@@ -142,7 +179,9 @@ def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, sc
 
   # One tile past the causal limit: its first block takes the previous tile's tail.
   scored = jnp.minimum(n_tiles + (overlap > 1), total_tiles)
-  lax.fori_loop(0, scored, score_tile, jnp.zeros((block_q,), jnp.float32))
+  carry = lax.fori_loop(0, n_full, functools.partial(score_tile, False),
+                        jnp.zeros((block_q,), jnp.float32))
+  lax.fori_loop(n_full, scored, functools.partial(score_tile, True), carry)
 
   def zero_tile(ti, carry):
     out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = finish(
@@ -155,14 +194,15 @@ def _block_scores_kernel(q_ref, q_seg_ref, kc_ref, last_ref, wseg_ref, *rest, sc
 @functools.partial(jax.jit, static_argnames=(
     "block_q", "heads", "block_windows", "ratio", "overlap", "window", "stride", "lse_window",
     "lse_stride", "ranking", "interpret", "num_warps", "num_stages"))
-def block_scores_kernel(q, q_seg, kc, last, wseg, coarse, *, block_q: int, heads: int,
+def block_scores_kernel(q, kc, last, coarse, segments, *, block_q: int, heads: int,
                         block_windows: int, ratio: int, overlap: int, window: int, stride: int,
                         lse_window: int, lse_stride: int, ranking=None, interpret: bool = False,
                         num_warps: int = 4, num_stages: int = 2):
   """Padded, laid-out inputs (see op.py): q [b, t, kv_heads * group, d] (group a power of two,
-  `heads` real heads per group), q_seg [b, t]; kc [b, c_pad, kv_heads, d] with last [c_pad] and
-  wseg [b, c_pad]; coarse = (kc2, last2, wseg2) or None. Returns float32
-  [b, t, kv_heads, c_pad / ratio] pooled block scores, or with ranking (a tuple of
+  `heads` real heads per group); kc [b, c_pad, kv_heads, d] with last [c_pad]; coarse = (kc2,
+  last2, wseg2 or None) or None; segments = (q_seg [b, t], wseg [b, c_pad]) or None (one
+  document per row: only the causal mask, and only on the tiles that straddle it). Returns
+  float32 [b, t, kv_heads, c_pad / ratio] pooled block scores, or with ranking (a tuple of
   (name, value) pairs: block_size, init_blocks, local_blocks; one document per row) their
   ranking keys: the scoring pass writes them where XLA would read and rewrite the scores."""
   batch, q_len, all_heads, d = q.shape
@@ -174,20 +214,26 @@ def block_scores_kernel(q, q_seg, kc, last, wseg, coarse, *, block_q: int, heads
       _block_scores_kernel, scale=1.0 / math.sqrt(d), block_q=block_q, group=group, heads=heads,
       block_windows=block_windows, ratio=ratio, overlap=overlap, window=window, stride=stride,
       approximate=approximate, lse_window=lse_window, lse_stride=lse_stride,
-      ranking=None if ranking is None else dict(ranking))
+      segments=segments is not None, ranking=None if ranking is None else dict(ranking))
   keys_spec = lambda n: pl.BlockSpec((None, n, None, d), lambda i, b, h: (b, 0, h, 0))
   vector_spec = lambda n: pl.BlockSpec((n,), lambda i, b, h: (0,))
   row_spec = lambda n: pl.BlockSpec((None, n), lambda i, b, h: (b, 0))
-  in_specs = [
-      pl.BlockSpec((None, block_q, group, d), lambda i, b, h: (b, i, h, 0)),
-      pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
-      keys_spec(c_pad), vector_spec(c_pad), row_spec(c_pad),
-  ]
-  args = [q, q_seg, kc, last, wseg]
+  in_specs = [pl.BlockSpec((None, block_q, group, d), lambda i, b, h: (b, i, h, 0)),
+              keys_spec(c_pad), vector_spec(c_pad)]
+  args = [q, kc, last]
+  if segments is not None:
+    q_seg, wseg = segments
+    # Each (token, head) row's segment id, token-major as the rows of the program's tiles.
+    in_specs += [pl.BlockSpec((None, block_q * group), lambda i, b, h: (b, i)), row_spec(c_pad)]
+    args += [jnp.repeat(q_seg, group, axis=1), wseg]
   if approximate:
-    c2 = coarse[0].shape[1]
-    in_specs += [keys_spec(c2), vector_spec(c2), row_spec(c2)]
-    args += list(coarse)
+    kc2, last2, wseg2 = coarse
+    c2 = kc2.shape[1]
+    in_specs += [keys_spec(c2), vector_spec(c2)]
+    args += [kc2, last2]
+    if segments is not None:
+      in_specs.append(row_spec(c2))
+      args.append(wseg2)
   blocks_padded = c_pad // ratio
   return pl.pallas_call(
       kernel,

@@ -105,14 +105,16 @@ def block_scores(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
     c2 = reference.num_windows(seq, cfg.lse_window, cfg.lse_stride)
     kc2, last2, wseg2 = _windows(k, seg, cfg.lse_window, cfg.lse_stride,
                                  max(1, -(-c2 // block_windows)) * block_windows)
-    coarse = (kc2, jnp.asarray(last2), wseg2)
+    coarse = (kc2, jnp.asarray(last2), None if segment_ids is None else wseg2)
 
   qg = q.reshape(batch, seq, kv_heads, group, d)
   qg = jnp.pad(qg, ((0, 0), (0, seq_pad - seq), (0, 0), (0, group_pad - group), (0, 0)))
-  q_seg = jnp.pad(seg, ((0, 0), (0, seq_pad - seq)), constant_values=-2)
+  segments = None
+  if segment_ids is not None:
+    segments = (jnp.pad(seg, ((0, 0), (0, seq_pad - seq)), constant_values=-2), wseg)
   scores = block_scores_kernel(
-      qg.reshape(batch, seq_pad, kv_heads * group_pad, d), q_seg, kc, jnp.asarray(last), wseg,
-      coarse, block_q=block_q, heads=group, block_windows=block_windows, ratio=ratio,
+      qg.reshape(batch, seq_pad, kv_heads * group_pad, d), kc, jnp.asarray(last), coarse,
+      segments, block_q=block_q, heads=group, block_windows=block_windows, ratio=ratio,
       overlap=overlap, window=cfg.compress_window, stride=cfg.compress_stride,
       lse_window=cfg.lse_window, lse_stride=cfg.lse_stride,
       ranking=(("block_size", cfg.block_size), ("init_blocks", cfg.init_blocks),

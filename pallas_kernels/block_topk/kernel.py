@@ -12,7 +12,9 @@ operations a row (32 counting passes over 2048 keys, two cumsums), 21 G in all, 
 ALUs' ~15 T int32 ops/s. XLA's elementwise ranking keys before it read and write 2 GB more. So
 a few ms against XLA's 26.6. Measured on the H100 (experiments/results/bench_topk.md): 4.22 ms
 against 27.6 for XLA (6.5x) at 128k, 0.56 against 1.72 at 32k. At 128k that is 509 GB/s of keys,
-so the 32 counting passes (compute), not the bytes, set its time. Counting 2^b candidate
+so the 32 counting passes (compute), not the bytes, set its time. Stopping the passes once
+exactly k keys are at or above the threshold took 128k from 4.0 to 3.26 ms (2026-12-07,
+bench_topk_1207d.md); a decode step's 16 rows stayed at ~9.5 us (latency-bound). Counting 2^b candidate
 thresholds a pass (32 / b passes, fewer barriers) was slower at every size tried on the H100
 (2026-12-07, experiments/results/decode_one_pass.md): at 128k, 6.6 ms for b = 2 and 11.3 for
 b = 4 against 4.0; for a decode step's 16 rows, 20.8 us in-step for b = 4 against 9.4.
@@ -21,7 +23,8 @@ Per row:
   1. Keys become int32 whose signed order is the float order (flip the magnitude bits of the
      negatives; -0.0 is first made +0.0 so that equal keys have equal bits).
   2. need = min(k, #keys > -inf). The need-th largest key T is built bit by bit from the top,
-     one count per bit: 32 counts over the row.
+     one count per bit: at most 32 counts over the row, fewer when a prefix of T already has
+     exactly `need` keys at or above it (the loop stops there).
   3. Winners: every key > T, then the lowest-indexed keys == T until there are `need`. This is
      lax.top_k's tie rule.
   4. Winner i goes to output slot (number of winners before i), which is a cumsum; the losers
@@ -54,13 +57,23 @@ def _topk_kernel(key_ref, idx_ref, *, topk: int):
 
   # The need-th largest key, built from the top bit down in the unsigned image w = v ^ INT_MIN
   # (whose unsigned order is the signed order of v): keep a bit when at least `need` keys are
-  # >= the candidate. (With need = 0 nothing is chosen below, whatever the threshold.)
-  def bit_step(i, t_w):
+  # >= the candidate. Stop as soon as exactly `need` keys are >= the threshold so far: they are
+  # the winners, and with that threshold the tie rule below keeps all of them, so the result is
+  # the 32-bit search's. Keys that differ in their top bits stop it early (a decode row of
+  # 2048 scores within ~12-16 bits); only ties at the need-th key run all 32 counts.
+  def not_found(state):
+    i, _, count = state
+    return (i < 32) & (count != need)
+
+  def bit_step(state):
+    i, t_w, count_t = state
     cand_w = t_w | jnp.left_shift(jnp.int32(1), 31 - i)
     count = jnp.sum((v >= (cand_w ^ _INT_MIN)).astype(jnp.int32))
-    return jnp.where(count >= need, cand_w, t_w)
+    keep = count >= need
+    return i + 1, jnp.where(keep, cand_w, t_w), jnp.where(keep, count, count_t)
 
-  threshold = jax.lax.fori_loop(0, 32, bit_step, jnp.int32(0)) ^ _INT_MIN
+  start = (jnp.int32(0), jnp.int32(0), jnp.int32(v.shape[0]))  # every key is >= INT_MIN
+  threshold = jax.lax.while_loop(not_found, bit_step, start)[1] ^ _INT_MIN
   above = (v > threshold) & eligible
   ties = (v == threshold) & eligible
   room = need - jnp.sum(above.astype(jnp.int32))
