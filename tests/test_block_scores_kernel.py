@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.block_scores import block_scores, score_and_select
+from pallas_kernels.block_topk import merge_tail
 from sparsejax.ops import infllmv2 as ref_ops
 
 CFG = ref_ops.InfLLMv2Config(block_size=16, compress_window=8, compress_stride=4, lse_window=16,
@@ -115,6 +116,18 @@ def test_tiles_seen_whole_skip_the_mask(heads, kv_heads, approx, ranking):
                      block_windows=16)
   np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,stride", [(8, 4), (4, 4)])
+def test_unmerged_outputs_merge_to_the_scores(window, stride):
+  """merged=False gives the kernel's (own, tail) maxima; merge_tail of them is the result (no
+  tail when windows do not overlap)."""
+  cfg = dataclasses.replace(CFG, compress_window=window, compress_stride=stride)
+  q, k = inputs(11, 1, 150, 4, 2, 16)
+  own, tail = block_scores(q, k, cfg, implementation="interpret", block_rows=32, merged=False)
+  assert (tail is None) == (window == stride)
+  merged = own if tail is None else merge_tail(own, tail)
+  np.testing.assert_allclose(merged, ref_ops.block_scores(q, k, cfg), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("topk_implementation", ["reference", "interpret"])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_topk import select_blocks, top_blocks
+from pallas_kernels.block_topk import merge_tail, select_blocks, top_blocks
 from sparsejax.ops import infllmv2 as reference
 from sparsejax.ops.infllmv2 import InfLLMv2Config
 
@@ -38,6 +38,30 @@ def test_ties_infinities_and_extreme_magnitudes():
   key[5, :] = -rng.random(40).astype(np.float32)    # all negative
   for topk in (1, 7, 12, 40):
     _check(key, topk)
+
+
+def test_tail_is_merged_as_the_keys_load():
+  """top_blocks(key, tail=): block j's key rises to tail[j - 1] unless it is -inf (+inf stays);
+  the kernel merges as it loads, the reference through merge_tail, with the same result."""
+  rng = np.random.default_rng(3)
+  key = rng.random((4, 3, 37)).astype(np.float32)
+  tail = rng.random((4, 3, 37)).astype(np.float32) * 1.5
+  key[0, :, ::5] = np.inf
+  key[1, :, 20:] = -np.inf
+  tail[2] = key[2]                       # ties between a block and the one after it
+  merged = np.asarray(merge_tail(jnp.asarray(key), jnp.asarray(tail)))
+  np.testing.assert_array_equal(merged[..., 0], key[..., 0])
+  np.testing.assert_array_equal(merged[..., 1:], np.where(
+      key[..., 1:] == -np.inf, -np.inf, np.maximum(key[..., 1:], tail[..., :-1])))
+  for topk in (1, 8, 37):
+    want = reference.top_blocks(jnp.asarray(merged), topk)
+    for implementation in ("interpret", "reference"):
+      got = top_blocks(jnp.asarray(key), topk, implementation=implementation,
+                       tail=jnp.asarray(tail))
+      np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+      np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+  with pytest.raises(ValueError, match="tail must be float32 like key"):
+    top_blocks(jnp.asarray(key), 4, tail=jnp.asarray(tail[..., :-1]))
 
 
 def test_negative_zero_ties_with_positive_zero():

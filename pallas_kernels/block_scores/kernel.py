@@ -2,20 +2,20 @@
 
 One program = one KV head x `block_q` query tokens x all `group` query heads of that KV head
 (the rows of every matmul tile are token-major (token, head) pairs). It never writes the
-[tokens x compressed keys x heads] probabilities to HBM, only the pooled block scores:
+[tokens x compressed keys x heads] probabilities to HBM, only two pooled maxima per block:
 
   pass 1  online logsumexp of the scaled logits q.kc over the compressed windows each row may
           see (exact), or over the coarse windows (approximate_lse); rows that see no coarse
           window fall back to the exact normaliser, in a second loop that only tiles holding
           such rows run (queries within ~lse_window tokens of their document's start).
   pass 2  per tile of `block_windows` compressed windows: probabilities exp(logit - lse),
-          summed over the group's heads, max-pooled onto selection blocks. Block j takes the
-          max over its own windows j*r ... j*r + r - 1 (r = block_size / stride: a reshape-max
-          inside the tile) and over the overlap - 1 windows just before j*r, the tail of block
-          j - 1's windows (overlap - 1 < r is required): a shift by one block inside the tile,
-          with the previous tile's last tail carried in. Every window's probability is computed
-          once, so two blocks that share their best window get bitwise equal scores and the
-          top-k breaks the tie exactly as the reference does.
+          summed over the group's heads, max-pooled onto selection blocks. Block j pools its own
+          windows j*r ... j*r + r - 1 (r = block_size / stride: a reshape-max inside the tile)
+          and the overlap - 1 windows just before j*r, the tail of block j - 1 (overlap - 1 < r
+          is required). The kernel writes both maxima, `own` and `tail`, and the reader takes
+          max(own[j], tail[j - 1]) (pallas_kernels/block_topk.merge_tail). Every window's
+          probability is computed once, so two blocks that share their best window get bitwise
+          equal scores and the top-k breaks the tie exactly as the reference does.
 
 Visibility of window i to a query at position p (as `sparsejax.ops.infllmv2`): its last token
 i*s + l - 1 <= p and its segment id (the id of all its tokens, -1 if it straddles two) equals the
@@ -25,8 +25,8 @@ The elementwise work of both passes stays in the matmul's [(token, head) rows, w
 (each row carries its position, segment and normaliser), and without segment ids the tiles that
 every row of a program sees whole skip the mask. On the H100 that took the 128k scoring from
 30.0 to 25.1 ms: the kernel was bound by instructions and shared-memory layout conversions, not
-by its matmuls or exp2 (experiments/results/scoring_pass2.md, which also measures the pooling's
-one-block shift at ~5 ms).
+by its matmuls or exp2. Leaving the one-block shift of the tails to the reader took it to 21.7
+(experiments/results/scoring_pass2.md).
 """
 import functools
 import math
@@ -109,6 +109,7 @@ def _block_scores_kernel(q_ref, kc_ref, last_ref, *rest, scale: float, block_q: 
                          stride: int, approximate: bool, lse_window: int, lse_stride: int,
                          segments: bool, ranking):
   rest = list(rest)
+  tail_ref = rest.pop() if overlap > 1 else None
   out_ref = rest.pop()
   row_seg_ref, wseg_ref = (rest.pop(0), rest.pop(0)) if segments else (None, None)
   if approximate:
@@ -152,14 +153,18 @@ def _block_scores_kernel(q_ref, kc_ref, last_ref, *rest, scale: float, block_q: 
   lse = jnp.where(jnp.arange(rows) % group < heads, lse, jnp.inf)[:, None]
   in_tail = (jnp.arange(ratio) >= ratio - (overlap - 1))[None, None, :]
   block = jnp.arange(tile_blocks)
-  follows = (block[:, None] == block[None, :] + 1)[None]      # [1, j, j']: j' = j - 1
-  first, final = (block == 0)[None, :], (block == tile_blocks - 1)[None, :]
 
   def finish(ti, scores):
     """What a tile writes: its scores, or with `ranking` their ranking keys."""
     if ranking is None:
       return scores
     return _ranking_keys(scores, ti * tile_blocks + block, q_pos, **ranking)
+
+  def write(ti, pooled, tail):
+    blocks = pl.ds(ti * tile_blocks, tile_blocks)
+    out_ref[:, blocks] = finish(ti, pooled)
+    if tail_ref is not None:
+      tail_ref[:, blocks] = tail
 
   def score_tile(masked, ti, carry):
     win = pl.ds(ti * tile, tile)
@@ -170,25 +175,21 @@ def _block_scores_kernel(q_ref, kc_ref, last_ref, *rest, scale: float, block_q: 
     probs = jnp.sum(p.reshape(block_q, group, tile), axis=1)                 # [block_q, tile]
     # Probabilities are >= 0 and invisible windows 0, so 0 is the neutral element of every max.
     per_block = probs.reshape(block_q, tile_blocks, ratio)
-    pooled = jnp.max(per_block, axis=2)
-    tail = jnp.max(jnp.where(in_tail, per_block, 0.0), axis=2)          # [block_q, tile_blocks]
-    before = jnp.max(jnp.where(follows, tail[:, None, :], 0.0), axis=2)  # tail of block j - 1
-    before = jnp.maximum(before, jnp.where(first, carry[:, None], 0.0))
-    out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = finish(ti, jnp.maximum(pooled, before))
-    return jnp.max(jnp.where(final, tail, 0.0), axis=1)
-
-  # One tile past the causal limit: its first block takes the previous tile's tail.
-  scored = jnp.minimum(n_tiles + (overlap > 1), total_tiles)
-  carry = lax.fori_loop(0, n_full, functools.partial(score_tile, False),
-                        jnp.zeros((block_q,), jnp.float32))
-  lax.fori_loop(n_full, scored, functools.partial(score_tile, True), carry)
-
-  def zero_tile(ti, carry):
-    out_ref[:, pl.ds(ti * tile_blocks, tile_blocks)] = finish(
-        ti, jnp.zeros((block_q, tile_blocks), jnp.float32))
+    tail = None
+    if tail_ref is not None:  # block j's last overlap - 1 windows, which block j + 1 also pools
+      tail = jnp.max(jnp.where(in_tail, per_block, 0.0), axis=2)
+    write(ti, jnp.max(per_block, axis=2), tail)
     return carry
 
-  lax.fori_loop(scored, total_tiles, zero_tile, None)  # (a literal carry does not lower)
+  lax.fori_loop(0, n_full, functools.partial(score_tile, False), None)
+  lax.fori_loop(n_full, n_tiles, functools.partial(score_tile, True), None)
+
+  def zero_tile(ti, carry):
+    zeros = jnp.zeros((block_q, tile_blocks), jnp.float32)
+    write(ti, zeros, zeros)
+    return carry
+
+  lax.fori_loop(n_tiles, total_tiles, zero_tile, None)  # (a literal carry does not lower)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -202,9 +203,12 @@ def block_scores_kernel(q, kc, last, coarse, segments, *, block_q: int, heads: i
   `heads` real heads per group); kc [b, c_pad, kv_heads, d] with last [c_pad]; coarse = (kc2,
   last2, wseg2 or None) or None; segments = (q_seg [b, t], wseg [b, c_pad]) or None (one
   document per row: only the causal mask, and only on the tiles that straddle it). Returns
-  float32 [b, t, kv_heads, c_pad / ratio] pooled block scores, or with ranking (a tuple of
-  (name, value) pairs: block_size, init_blocks, local_blocks; one document per row) their
-  ranking keys: the scoring pass writes them where XLA would read and rewrite the scores."""
+  (own, tail), float32 [b, t, kv_heads, c_pad / ratio] each: own = each block's max over its own
+  windows, or with ranking (a tuple of (name, value) pairs: block_size, init_blocks,
+  local_blocks; one document per row) the ranking keys of that; tail = each block's max over its
+  last overlap - 1 windows (None when overlap is 1). A block's score is max(own[j], tail[j - 1])
+  (`pallas_kernels.block_topk.merge_tail`): the reader takes it, since inside a tile the shift by
+  one block costs more than writing and reading `tail` (experiments/results/scoring_pass2.md)."""
   batch, q_len, all_heads, d = q.shape
   kv_heads = kc.shape[2]
   group = all_heads // kv_heads
@@ -235,13 +239,17 @@ def block_scores_kernel(q, kc, last, coarse, segments, *, block_q: int, heads: i
       in_specs.append(row_spec(c2))
       args.append(wseg2)
   blocks_padded = c_pad // ratio
-  return pl.pallas_call(
+  n_out = 2 if overlap > 1 else 1
+  outs = pl.pallas_call(
       kernel,
       grid=(q_len // block_q, batch, kv_heads),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, block_q, None, blocks_padded), lambda i, b, h: (b, i, h, 0)),
-      out_shape=jax.ShapeDtypeStruct((batch, q_len, kv_heads, blocks_padded), jnp.float32),
+      out_specs=[pl.BlockSpec((None, block_q, None, blocks_padded),
+                              lambda i, b, h: (b, i, h, 0))] * n_out,
+      out_shape=[jax.ShapeDtypeStruct((batch, q_len, kv_heads, blocks_padded), jnp.float32)]
+      * n_out,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="infllmv2_block_scores",
   )(*args)
+  return outs[0], (outs[1] if overlap > 1 else None)

@@ -69,10 +69,12 @@ def _windows(k, seg, window, stride, padded):
 def block_scores(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
                  implementation: str = "pallas", ranking_keys: bool = False,
                  block_rows: int = 128, block_windows: int = 64, num_warps: int = 8,
-                 num_stages: int = 2):
+                 num_stages: int = 2, merged: bool = True):
   """See the module docstring. ranking_keys: return `selection_keys` of the scores instead
   (+inf forced, -inf ineligible; one document per row, so no segment_ids), which the kernel
-  writes in place of the scores. block_rows: (token, head) rows per program (block_q =
+  writes in place of the scores. merged=False: return the kernel's (own, tail) maxima unmerged
+  (tail None when windows do not overlap, or from the reference), for a reader that applies
+  `block_topk.merge_tail` as it loads them (the top-k kernel does). block_rows: (token, head) rows per program (block_q =
   block_rows / group tokens); block_windows: compressed windows per tile. The defaults are the
   fastest of `experiments.bench_attention --tune` on the H100 (64k tokens, groups of 16 heads:
   7.7 ms, against 8.2 at 4 warps; experiments/results/bench_attention_tuned.*)."""
@@ -83,8 +85,20 @@ def block_scores(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
   if implementation == "reference":
     scores = reference.block_scores(q, k, cfg, segment_ids=segment_ids)
     if ranking_keys:
-      return reference.selection_keys(scores, cfg, q_len=q.shape[1], kv_len=k.shape[1])
-    return scores
+      scores = reference.selection_keys(scores, cfg, q_len=q.shape[1], kv_len=k.shape[1])
+    return scores if merged else (scores, None)
+  own, tail = _kernel_outputs(q, k, cfg, segment_ids=segment_ids, implementation=implementation,
+                              ranking_keys=ranking_keys, block_rows=block_rows,
+                              block_windows=block_windows, num_warps=num_warps,
+                              num_stages=num_stages)
+  if not merged:
+    return own, tail
+  return own if tail is None else block_topk.merge_tail(own, tail)
+
+
+def _kernel_outputs(q, k, cfg, *, segment_ids, implementation, ranking_keys, block_rows,
+                    block_windows, num_warps, num_stages):
+  """The kernel's (own, tail) maxima (kernel.py), cut to [batch, seq, kv_heads, n_blocks]."""
   batch, seq, heads, d = q.shape
   kv_heads = k.shape[2]
   group = heads // kv_heads
@@ -112,7 +126,7 @@ def block_scores(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
   segments = None
   if segment_ids is not None:
     segments = (jnp.pad(seg, ((0, 0), (0, seq_pad - seq)), constant_values=-2), wseg)
-  scores = block_scores_kernel(
+  own, tail = block_scores_kernel(
       qg.reshape(batch, seq_pad, kv_heads * group_pad, d), kc, jnp.asarray(last), coarse,
       segments, block_q=block_q, heads=group, block_windows=block_windows, ratio=ratio,
       overlap=overlap, window=cfg.compress_window, stride=cfg.compress_stride,
@@ -120,7 +134,8 @@ def block_scores(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
       ranking=(("block_size", cfg.block_size), ("init_blocks", cfg.init_blocks),
                ("local_blocks", cfg.local_blocks)) if ranking_keys else None,
       interpret=implementation == "interpret", num_warps=num_warps, num_stages=num_stages)
-  return scores[:, :seq, :, :n_blocks]
+  cut = lambda x: None if x is None else x[:, :seq, :, :n_blocks]
+  return cut(own), cut(tail)
 
 
 def score_and_select(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
@@ -133,10 +148,11 @@ def score_and_select(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   if segment_ids is None:
     # One document per row: the scoring kernel writes the ranking keys itself (at 128k XLA's
-    # passes over the 2 GiB of scores took ~3.4 ms; experiments/results/infllmv2_targets.md).
-    key = block_scores(q, k, cfg, implementation=implementation, ranking_keys=True,
-                       **kernel_options)
-    return block_topk.top_blocks(key, cfg.topk, implementation=topk_implementation)
+    # passes over the 2 GiB of scores took ~3.4 ms; experiments/results/infllmv2_targets.md),
+    # and the top-k merges in the tail maxima as it loads them.
+    key, tail = block_scores(q, k, cfg, implementation=implementation, ranking_keys=True,
+                             merged=False, **kernel_options)
+    return block_topk.top_blocks(key, cfg.topk, implementation=topk_implementation, tail=tail)
   scores = block_scores(q, k, cfg, segment_ids=segment_ids, implementation=implementation,
                         **kernel_options)
   return block_topk.select_blocks(scores, cfg, q_len=q.shape[1], kv_len=k.shape[1],

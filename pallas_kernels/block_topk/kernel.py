@@ -49,8 +49,14 @@ def _sortable(x):
   return jnp.where(bits < 0, bits ^ _MAGNITUDE, bits)
 
 
-def _topk_kernel(key_ref, idx_ref, *, topk: int):
-  v = _sortable(key_ref[...])                                       # [width]
+def _topk_kernel(key_ref, *refs, topk: int):
+  *tail_ref, idx_ref = refs
+  key = key_ref[...]                                                # [width]
+  if tail_ref:  # merge_tail: each block also pools the tail windows of the block before it
+    columns = jax.lax.iota(jnp.int32, key.shape[0])
+    prev = plgpu.load(tail_ref[0].at[jnp.maximum(columns - 1, 0)], mask=columns > 0, other=0.0)
+    key = jnp.where(key == -jnp.inf, key, jnp.maximum(key, prev))
+  v = _sortable(key)
   neg_inf = _sortable(jnp.float32(-jnp.inf))
   eligible = v > neg_inf
   need = jnp.minimum(jnp.sum(eligible.astype(jnp.int32)), topk)
@@ -91,19 +97,21 @@ def _topk_kernel(key_ref, idx_ref, *, topk: int):
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "interpret", "num_warps"))
-def topk_indices(key, *, topk: int, interpret: bool = False, num_warps: int = 4):
-  """key float32 [rows, width] (width a power of two >= 16; -inf padding) -> int32 [rows,
-  2 * slots] (slots = topk rounded up to a power of two, at least 16): in the first `slots`,
-  each row's min(topk, #keys > -inf) best columns ascending, then -1; the rest is scratch."""
+def topk_indices(key, tail=None, *, topk: int, interpret: bool = False, num_warps: int = 4):
+  """key float32 [rows, width] (width a power of two >= 16; -inf padding), tail None or like
+  key (op.merge_tail: the keys are merged with it first) -> int32 [rows, 2 * slots] (slots =
+  topk rounded up to a power of two, at least 16): in the first `slots`, each row's
+  min(topk, #keys > -inf) best columns ascending, then -1; the rest is scratch."""
   rows, width = key.shape
   slots = 2 * max(16, 1 << (topk - 1).bit_length())
+  operands = [key] if tail is None else [key, tail]
   return pl.pallas_call(
       functools.partial(_topk_kernel, topk=topk),
       grid=(rows,),
-      in_specs=[pl.BlockSpec((None, width), lambda r: (r, 0))],
+      in_specs=[pl.BlockSpec((None, width), lambda r: (r, 0))] * len(operands),
       out_specs=pl.BlockSpec((None, slots), lambda r: (r, 0)),
       out_shape=jax.ShapeDtypeStruct((rows, slots), jnp.int32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="block_topk",
-  )(key)
+  )(*operands)

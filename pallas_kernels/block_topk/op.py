@@ -21,8 +21,18 @@ from sparsejax.ops import infllmv2 as reference
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
 
 
-def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int = 4):
-  """See the module docstring; key [..., n_blocks] float32 without NaN."""
+def merge_tail(key, tail):
+  """The block keys the scoring kernel leaves to its reader: key[..., j] raised to
+  tail[..., j - 1] wherever it is not -inf (a block also pools the last windows of the block
+  before it; +inf stays, an ineligible -inf stays). key, tail [..., n_blocks] float32."""
+  prev = jnp.pad(tail[..., :-1], [(0, 0)] * (tail.ndim - 1) + [(1, 0)])
+  return jnp.where(key == -jnp.inf, key, jnp.maximum(key, prev))
+
+
+def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int = 4, tail=None):
+  """See the module docstring; key [..., n_blocks] float32 without NaN. tail: None, or the
+  scoring kernel's tail maxima (like key): the keys are `merge_tail(key, tail)`, which the
+  kernel forms as it loads them."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"top_blocks: implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
@@ -31,13 +41,17 @@ def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int
   if key.ndim < 1 or key.dtype != jnp.float32:
     raise ValueError(f"top_blocks: key must be a float32 array [..., n_blocks], got "
                      f"{key.dtype} {key.shape}")
+  if tail is not None and (tail.shape != key.shape or tail.dtype != jnp.float32):
+    raise ValueError(f"top_blocks: tail must be float32 like key {key.shape}, got {tail.dtype} "
+                     f"{tail.shape}")
   if implementation == "reference":
-    return reference.top_blocks(key, topk)
+    return reference.top_blocks(key if tail is None else merge_tail(key, tail), topk)
   *lead, n_blocks = key.shape
   width = max(16, next_power_of_2(n_blocks))
-  flat = jnp.pad(key.reshape(-1, n_blocks), ((0, 0), (0, width - n_blocks)),
-                 constant_values=-jnp.inf)
-  idx = topk_indices(flat, topk=int(topk), interpret=implementation == "interpret",
+  pad = ((0, 0), (0, width - n_blocks))
+  flat = jnp.pad(key.reshape(-1, n_blocks), pad, constant_values=-jnp.inf)
+  flat_tail = None if tail is None else jnp.pad(tail.reshape(-1, n_blocks), pad)
+  idx = topk_indices(flat, flat_tail, topk=int(topk), interpret=implementation == "interpret",
                      num_warps=num_warps)[:, :topk].reshape(*lead, topk)
   return idx, idx >= 0
 
