@@ -263,6 +263,12 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
           p = profiling.kernel_times(program, q, program_layers, reps=3,
                                      calls_per_run=step_reps * len(caches), **where)
           row["profile"][kind] = {"summary": p["summary"], "kernels": p["kernels"][:40]}
+        # Kernel time per step: steadier than the in-step wall time, which moved by +-10 us
+        # between processes running the same code (experiments/results/decode_step_1207d.md).
+        kernel_us = {kind: v["summary"]["kernel_us"] for kind, v in row["profile"].items()}
+        row["step_kernel_us"] = kernel_us
+        if "dense" in kernel_us:
+          row["step_kernel_speedup_vs_cudnn_dense"] = kernel_us["dense"] / kernel_us["sparse"]
       print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
       rows.append(row)
   return rows
@@ -299,6 +305,12 @@ def write_results(rows, out: str, *, quick: bool = False):
     f.write(f"\nIn-step: {rows[0]['step_layers'] if rows else 0} distinct caches x "
             f"{rows[0]['step_reps'] if rows else 0} passes chained in one jitted program, per "
             "call (experiments/bench_decode.py says why).\n")
+    for r in rows:
+      if "step_kernel_speedup_vs_cudnn_dense" in r:
+        k = r["step_kernel_us"]
+        f.write(f"\nKernel time per step, profiled ({r['seq_len']} tokens, {r['config']}): "
+                f"sparsejax {k['sparse']:.1f} us, dense {k['dense']:.1f} us, "
+                f"{r['step_kernel_speedup_vs_cudnn_dense']:.2f}x.\n")
   profiled = [r for r in rows if "profile" in r]
   if profiled:
     with open(out + "_profile.md", "w") as f:

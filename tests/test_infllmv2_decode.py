@@ -359,3 +359,8 @@ def test_benchmark_quick_mode(tmp_path):
     assert summary["wall_us"] > 0 and summary["kernels_per_call"] > 0
   with open(out + "_profile.md") as f:
     assert "sparse" in f.read()
+  kernel_us = rows[0]["step_kernel_us"]
+  assert kernel_us["sparse"] > 0 and rows[0]["step_kernel_speedup_vs_cudnn_dense"] == (
+      kernel_us["dense"] / kernel_us["sparse"])
+  with open(out + ".md") as f:
+    assert "Kernel time per step, profiled" in f.read()
