@@ -48,17 +48,20 @@ def _visible(last, seg, row_pos, row_seg):
   return vis if seg is None else vis & (seg[None, :] == row_seg[:, None])
 
 
+def _windows_ended_by(q_pos, window, stride, count):
+  """How many of `count` windows (`window` tokens every `stride`) end at or before q_pos."""
+  return jnp.minimum(jnp.maximum((q_pos - window + 1) // stride + 1, 0), count)
+
+
 def visible_tiles(q_pos, window, stride, count, tile):
   """Tiles of `tile` windows (of `count`, `window` tokens every `stride`) that hold a window
   whose last token is <= q_pos: the loop bound of a causal pass over the windows."""
-  n = jnp.minimum(jnp.maximum((q_pos - window + 1) // stride + 1, 0), count)
-  return (n + tile - 1) // tile
+  return (_windows_ended_by(q_pos, window, stride, count) + tile - 1) // tile
 
 
 def _full_tiles(q_pos, window, stride, count, tile):
   """Tiles whose every window's last token is <= q_pos: seen whole by a query at q_pos."""
-  n = jnp.minimum(jnp.maximum((q_pos - window + 1) // stride + 1, 0), count)
-  return n // tile
+  return _windows_ended_by(q_pos, window, stride, count) // tile
 
 
 def _logits(q2d, keys, scale2):
