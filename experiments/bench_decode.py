@@ -59,8 +59,6 @@ _NUM_SPLITS = flags.DEFINE_integer("num_splits", 0, "Kernel programs per (row, K
                                    "default_num_splits.")
 _NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps per kernel program.")
 _NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton software-pipelining stages.")
-_BLOCKS_PER_STEP = flags.DEFINE_integer(
-    "blocks_per_step", 1, "sparse_decode: blocks whose K/V loads a program issues together.")
 _SEGMENTS = flags.DEFINE_bool("segments", True, "Pass segment ids as the model does.")
 _TOPK_KERNEL = flags.DEFINE_bool("topk_kernel", True, "Select with the sort-free top-k kernel "
                                  "(pallas_kernels/block_topk), as the layer does; false: XLA's "
@@ -127,7 +125,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 num_warps: int = 4, num_stages: int = 2, segments: bool = True,
                 layers: int = 4, step_reps: int = 4, topk_kernel: bool = True,
                 keys_kernel: bool = True, keys_splits: int | None = None,
-                approximate_lse: bool = False, blocks_per_step: int = 1,
+                approximate_lse: bool = False,
                 profile: bool = False,
                 quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's
@@ -201,8 +199,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                                block_size=cfg.block_size,
                                q_segment_ids=None if seg is None else seg[:, 0],
                                kv_segment_ids=kv_seg, implementation=implementation,
-                               num_splits=splits, num_warps=num_warps, num_stages=num_stages,
-                               blocks_per_step=blocks_per_step)
+                               num_splits=splits, num_warps=num_warps, num_stages=num_stages)
         return out
 
       def step(q, k, v, kc, q_start, seg, kv_seg):
@@ -250,7 +247,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "keys_splits": keys_splits if keys_kernel else None,
              "approximate_lse": approximate_lse,
              "selections_equal_to_xla_keys": agree,
-             "num_splits": splits, "blocks_per_step": blocks_per_step, "segments": segments, "max_abs_err_vs_reference": err,
+             "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
              "implementation": implementation}
       if profile and caches:  # per decode call: the in-step programs' kernels, by name
         where = (dict(process_prefix="/host:CPU", thread_contains="XLAPjRtCpuClient") if quick
@@ -333,7 +330,7 @@ def main(argv):
       num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, layers=_LAYERS.value,
       step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value,
       keys_kernel=_KEYS_KERNEL.value, keys_splits=_KEYS_SPLITS.value or None,
-      approximate_lse=_APPROX.value, blocks_per_step=_BLOCKS_PER_STEP.value,
+      approximate_lse=_APPROX.value,
       profile=_PROFILE.value,
       quick=quick)
   if _OUT.value:

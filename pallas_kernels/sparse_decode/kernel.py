@@ -9,6 +9,11 @@ computed in the kernel, so splits never idle on a row's dead slots); a program r
 softmax (float32, base 2) over its slice and writes a partial (out, lse). The op combines the
 splits (flash-decoding).
 
+Issuing two or four blocks' K/V loads together before their math (an option tried on the H100,
+2026-12-07) left the kernel at 19.1-19.7 us (batch 8, 128k): at 8 splits it runs one 4-warp
+program per SM (6% occupancy, 46% of DRAM peak in ncu), so the program count, not each
+program's chain of loads, limits it (experiments/results/decode_step_1207d.md).
+
 Keys are masked to: the slot's own block (dead slots, index -1, see nothing), the row's filled
 length (keys < length: the token's own causal limit and unwritten slots), and equal segment ids
 when given. A cache whose capacity is not a multiple of the block is never read past its end:
@@ -33,7 +38,7 @@ HEADER = 4  # block indices start here
 
 
 def _decode_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: int,
-                   num_splits: int, capacity: int, segments: bool, blocks_per_step: int):
+                   num_splits: int, capacity: int, segments: bool):
   o_ref, lse_ref = refs[-2:]  # (with poisoned outputs, the aliased input buffers come first)
   kv_seg_ref = refs[0] if segments else None
   split = pl.program_id(2)
@@ -45,9 +50,9 @@ def _decode_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: 
   rows, head_dim = q.shape
   offsets = jnp.arange(block_k)
 
-  def load(u):
-    """Slot u's keys: (K tile, V tile, visible [block_k]); a slot past hi is dead."""
-    block = jnp.where(u < hi, meta_ref[HEADER + jnp.minimum(u, hi - 1)], -1)
+  def body(u, carry):
+    acc, m_prev, l_prev = carry
+    block = meta_ref[HEADER + u]
     first = block * block_k
     start = jnp.minimum(jnp.maximum(first, 0), capacity - block_k)
     keys = pl.ds(start, block_k)
@@ -55,30 +60,20 @@ def _decode_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: 
     visible = (block >= 0) & (pos >= first) & (pos < first + block_k) & (pos < length)
     if segments:
       visible &= kv_seg_ref[keys] == q_seg
-    return k_ref[keys, :], v_ref[keys, :], visible
-
-  def body(step, carry):
-    acc, m_prev, l_prev = carry
-    # Every slot's loads are issued before any of their math: `blocks_per_step` blocks in
-    # flight per program instead of one dependent load after another.
-    tiles = [load(lo + step * blocks_per_step + i) for i in range(blocks_per_step)]
-    logits = [jnp.where(visible[None, :], plgpu.dot(q, k.T) * (scale * LOG2E), MASK_VALUE)
-              for k, _, visible in tiles]                              # [rows, block_k] each
-    m_next = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s in logits], m_prev)
+    logits = plgpu.dot(q, k_ref[keys, :].T) * (scale * LOG2E)      # [rows, block_k]
+    logits = jnp.where(visible[None, :], logits, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     correction = jnp.exp2(m_prev - m_next)
     # where(): a slice whose keys are all masked so far adds nothing (exp2(0) would add 1s).
-    probs = [jnp.where(visible[None, :], jnp.exp2(s - m_next[:, None]), 0.0)
-             for s, (_, _, visible) in zip(logits, tiles)]
-    l_next = l_prev * correction + sum(jnp.sum(p, axis=1) for p in probs)
-    acc = acc * correction[:, None]
-    for p, (_, v, _) in zip(probs, tiles):
-      acc += plgpu.dot(p.astype(v.dtype), v)
+    p = jnp.where(visible[None, :], jnp.exp2(logits - m_next[:, None]), 0.0)
+    l_next = l_prev * correction + jnp.sum(p, axis=1)
+    v = v_ref[keys, :]
+    acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return acc, m_next, l_next
 
   init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
-  steps = lax.div(jnp.maximum(hi - lo, 0) + blocks_per_step - 1, blocks_per_step)
-  acc, m, l = lax.fori_loop(0, steps, body, init)
+  acc, m, l = lax.fori_loop(lo, hi, body, init)
   seen = l > 0
   safe = jnp.where(seen, l, 1.0)
   o_ref[...] = acc / safe[:, None]
@@ -86,24 +81,22 @@ def _decode_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: 
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "num_splits", "interpret", "num_warps",
-                                             "num_stages", "poison", "blocks_per_step"))
+                                             "num_stages", "poison"))
 def sparse_decode_partials(meta, q, k, v, kv_segment_ids, *, block_k: int, num_splits: int,
                            interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
-                           poison: bool = False, blocks_per_step: int = 1):
+                           poison: bool = False):
   """meta [b, kv_heads, width] int32 (END, LENGTH, Q_SEGMENT columns, then block indices, -1 =
   dead); q [b, kv_heads, rows, d] (rows a power of two >= 16, padding rows zero); k, v [b,
   capacity, kv_heads, d] with capacity >= block_k; kv_segment_ids [b, capacity] int32 or None.
   Returns float32 partials (out [b, kv_heads, num_splits, rows, d], lse [b, kv_heads, num_splits,
   rows], natural log, -inf for a split that saw no key). poison=True writes into NaN-filled
-  output buffers (tests: any tile the kernel fails to write stays NaN). blocks_per_step: slots
-  whose K and V loads a program issues together before their math."""
+  output buffers (tests: any tile the kernel fails to write stays NaN)."""
   batch, kv_heads, rows, head_dim = q.shape
   capacity = k.shape[1]
   width = meta.shape[-1]
   segments = kv_segment_ids is not None
   kernel = functools.partial(_decode_kernel, scale=1.0 / math.sqrt(head_dim), block_k=block_k,
-                             num_splits=num_splits, capacity=capacity, segments=segments,
-                             blocks_per_step=blocks_per_step)
+                             num_splits=num_splits, capacity=capacity, segments=segments)
   out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, num_splits, rows, head_dim), jnp.float32),
                jax.ShapeDtypeStruct((batch, kv_heads, num_splits, rows), jnp.float32)]
   out_specs = [

@@ -82,16 +82,12 @@ def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_i
 def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int = 64,
                   q_segment_ids=None, kv_segment_ids=None, implementation: str = "pallas",
                   num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                  blocks_per_step: int = 1, poison_outputs: bool = False):
+                  poison_outputs: bool = False):
   """See the module docstring. num_splits: programs per (row, KV head) (default
-  `default_num_splits`); blocks_per_step: blocks whose loads a program issues together before
-  their math (more bytes in flight per program); poison_outputs: run the kernel on NaN-filled
-  output buffers (a test of full coverage)."""
+  `default_num_splits`); poison_outputs: run the kernel on NaN-filled output buffers (a test of
+  full coverage)."""
   _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
          implementation, num_splits)
-  if not isinstance(blocks_per_step, (int, np.integer)) or blocks_per_step < 1:
-    raise ValueError(f"sparse_decode: blocks_per_step must be a positive int, got "
-                     f"{blocks_per_step!r}")
   lengths = lengths.astype(jnp.int32)
   if implementation == "reference":
     return sparse_decode_reference(q, k, v, block_idx, block_valid, lengths, q_segment_ids,
@@ -126,8 +122,7 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
   out, lse = sparse_decode_partials(meta, qg, k, v, kv_seg, block_k=block_size,
                                     num_splits=int(num_splits),
                                     interpret=implementation == "interpret", num_warps=num_warps,
-                                    num_stages=num_stages, poison=poison_outputs,
-                                    blocks_per_step=int(blocks_per_step))
+                                    num_stages=num_stages, poison=poison_outputs)
   out, lse = combine_splits(out[:, :, :, :group], lse[:, :, :, :group])
   return out.reshape(batch, heads, d).astype(q.dtype), lse.reshape(batch, heads)
 
