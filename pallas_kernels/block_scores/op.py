@@ -1,8 +1,9 @@
 """The public op: InfLLM-V2 block scores (and selection) for self-attention over whole rows.
 
   block_scores(q, k, cfg, segment_ids=None, implementation="pallas" | "interpret" | "reference",
-               ranking_keys=False)
-      -> float32 [batch, seq, kv_heads, ceil(seq / block_size)] (scores, or ranking keys)
+               ranking_keys=False, merged=True)
+      -> float32 [batch, seq, kv_heads, ceil(seq / block_size)] (scores, or ranking keys);
+         merged=False: the kernel's (own, tail) maxima, which block_topk.merge_tail combines
   score_and_select(...) -> (block_idx, block_valid) [batch, seq, kv_heads, topk]
 
 Same contract and result as `sparsejax.ops.infllmv2.block_scores` / `select_blocks` with
