@@ -63,6 +63,9 @@ _SEGMENTS = flags.DEFINE_bool("segments", True, "Pass segment ids as the model d
 _TOPK_KERNEL = flags.DEFINE_bool("topk_kernel", True, "Select with the sort-free top-k kernel "
                                  "(pallas_kernels/block_topk), as the layer does; false: XLA's "
                                  "top_k and sort.")
+_TOPK_WARPS = flags.DEFINE_integer(
+    "topk_num_warps", 4, "Warps per row of the top-k kernel (4: the layer's default, the fastest "
+    "at 128k prefill; a decode step has only batch x KV heads rows).")
 _KEYS_KERNEL = flags.DEFINE_bool(
     "keys_kernel", True, "Compute the selection keys with pallas_kernels/block_scores' decode "
     "kernels, as the layer does by default (attention_options decode_keys_kernel); false: XLA.")
@@ -125,7 +128,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 num_warps: int = 4, num_stages: int = 2, segments: bool = True,
                 layers: int = 4, step_reps: int = 4, topk_kernel: bool = True,
                 keys_kernel: bool = True, keys_splits: int | None = None,
-                approximate_lse: bool = False,
+                approximate_lse: bool = False, topk_num_warps: int = 4,
                 profile: bool = False,
                 quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's
@@ -185,7 +188,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       kc = jax.jit(cache_keys)(k)
       splits = num_splits or default_num_splits(batch, kv_heads, topk)
 
-      top = top_blocks_fn(implementation) if topk_kernel else None
+      top = top_blocks_fn(implementation, topk_num_warps) if topk_kernel else None
       keys_fn = (functools.partial(decode_selection_keys, implementation=implementation,
                                    splits=keys_splits) if keys_kernel else None)
 
@@ -243,7 +246,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "step_sparsejax_ms": t_step_chained, "step_cudnn_dense_ms": t_dense_step,
              "step_speedup_vs_cudnn_dense": t_dense_step / t_step_chained,
              "step_layers": len(caches), "step_reps": step_reps,
-             "topk_kernel": topk_kernel, "keys_kernel": keys_kernel,
+             "topk_kernel": topk_kernel, "topk_num_warps": topk_num_warps,
+             "keys_kernel": keys_kernel,
              "keys_splits": keys_splits if keys_kernel else None,
              "approximate_lse": approximate_lse,
              "selections_equal_to_xla_keys": agree,
@@ -330,7 +334,7 @@ def main(argv):
       num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, layers=_LAYERS.value,
       step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value,
       keys_kernel=_KEYS_KERNEL.value, keys_splits=_KEYS_SPLITS.value or None,
-      approximate_lse=_APPROX.value,
+      approximate_lse=_APPROX.value, topk_num_warps=_TOPK_WARPS.value,
       profile=_PROFILE.value,
       quick=quick)
   if _OUT.value:

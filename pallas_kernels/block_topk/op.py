@@ -64,6 +64,6 @@ def select_blocks(scores, cfg, *, q_len: int, kv_len: int, q_start=None, segment
                                  top_blocks_fn=top_blocks_fn(implementation))
 
 
-def top_blocks_fn(implementation: str):
+def top_blocks_fn(implementation: str, num_warps: int = 4):
   """`top_blocks` at `implementation`, as the reference's `top_blocks_fn` argument."""
-  return functools.partial(top_blocks, implementation=implementation)
+  return functools.partial(top_blocks, implementation=implementation, num_warps=num_warps)
