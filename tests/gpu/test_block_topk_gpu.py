@@ -27,12 +27,17 @@ def test_matches_xla_top_k(rows, n_blocks, topk, levels):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-def test_score_and_select_with_the_kernel():
+@pytest.mark.parametrize("packed", [True, False])
+def test_score_and_select_with_the_kernel(packed):
+  """Packed rows select from XLA's keys; one-document rows from the scoring kernel's own and
+  tail maxima, which the top-k kernel merges as it loads them (merge_tail in jnp for XLA's)."""
   seq, heads, kv_heads = 8192, 32, 2
   keys = jax.random.split(jax.random.key(3), 2)
   q = jax.random.normal(keys[0], (1, seq, heads, 128), jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, seq, kv_heads, 128), jnp.bfloat16)
-  seg = jnp.asarray(np.r_[np.ones(seq // 3), 2 * np.ones(seq - seq // 3)][None], jnp.int32)
+  seg = None
+  if packed:
+    seg = jnp.asarray(np.r_[np.ones(seq // 3), 2 * np.ones(seq - seq // 3)][None], jnp.int32)
   cfg = ref_ops.InfLLMv2Config(init_blocks=1, local_blocks=8, topk=24, dense_len=0)
   select = lambda impl: jax.jit(lambda q, k: score_and_select(
       q, k, cfg, segment_ids=seg, topk_implementation=impl))(q, k)
