@@ -53,17 +53,19 @@ def _check(q, k, cfg, segment_ids, implementation, block_rows, block_windows):
 
 
 def _windows(k, seg, window, stride, padded):
-  """Compressed keys [b, padded, kvh, d], last token [padded] (numpy), segment id [b, padded] (-1 when
-  the window straddles two segments or is padding)."""
+  """Compressed keys [b, padded, kvh, d], last token [padded] (numpy), and with seg [b, t] the
+  segment ids [b, padded] (-1 when the window straddles two segments or is padding), else None."""
   kc = reference.compress_keys(k, window=window, stride=stride)
   c = kc.shape[1]
-  idx = np.arange(c)[:, None] * stride + np.arange(window)[None, :]
-  tokens = seg[:, idx]  # [b, c, window]
-  wseg = jnp.where(jnp.all(tokens == tokens[:, :, :1], axis=-1), tokens[:, :, 0], -1)
   last = np.full((padded,), _NEVER, np.int32)
   last[:c] = np.arange(c) * stride + window - 1
   pad = padded - c
   kc = jnp.pad(kc, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  if seg is None:
+    return kc, last, None
+  idx = np.arange(c)[:, None] * stride + np.arange(window)[None, :]
+  tokens = seg[:, idx]  # [b, c, window]
+  wseg = jnp.where(jnp.all(tokens == tokens[:, :, :1], axis=-1), tokens[:, :, 0], -1)
   return kc, last, jnp.pad(wseg, ((0, 0), (0, pad)), constant_values=-1)
 
 
@@ -75,8 +77,8 @@ def block_scores(q, k, cfg: reference.InfLLMv2Config, *, segment_ids=None,
   (+inf forced, -inf ineligible; one document per row, so no segment_ids), which the kernel
   writes in place of the scores. merged=False: return the kernel's (own, tail) maxima unmerged
   (tail None when windows do not overlap, or from the reference), for a reader that applies
-  `block_topk.merge_tail` as it loads them (the top-k kernel does). block_rows: (token, head) rows per program (block_q =
-  block_rows / group tokens); block_windows: compressed windows per tile. The defaults are the
+  `block_topk.merge_tail` as it loads them (the top-k kernel does). block_rows: (token, head)
+  rows per program (block_q = block_rows / group tokens); block_windows: compressed windows per tile. The defaults are the
   fastest of `experiments.bench_attention --tune` on the H100 (64k tokens, groups of 16 heads:
   7.7 ms, against 8.2 at 4 warps; experiments/results/bench_attention_tuned.*)."""
   _check(q, k, cfg, segment_ids, implementation, block_rows, block_windows)
@@ -109,7 +111,7 @@ def _kernel_outputs(q, k, cfg, *, segment_ids, implementation, ranking_keys, blo
   ratio = cfg.block_size // cfg.compress_stride
   overlap = cfg.compress_window // cfg.compress_stride
   n_blocks = -(-seq // cfg.block_size)
-  seg = jnp.ones((batch, seq), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
 
   c = reference.num_windows(seq, cfg.compress_window, cfg.compress_stride)
   tiles = max(1, -(-c // block_windows), -(-n_blocks * ratio // block_windows))
@@ -120,12 +122,12 @@ def _kernel_outputs(q, k, cfg, *, segment_ids, implementation, ranking_keys, blo
     c2 = reference.num_windows(seq, cfg.lse_window, cfg.lse_stride)
     kc2, last2, wseg2 = _windows(k, seg, cfg.lse_window, cfg.lse_stride,
                                  max(1, -(-c2 // block_windows)) * block_windows)
-    coarse = (kc2, jnp.asarray(last2), None if segment_ids is None else wseg2)
+    coarse = (kc2, jnp.asarray(last2), wseg2)
 
   qg = q.reshape(batch, seq, kv_heads, group, d)
   qg = jnp.pad(qg, ((0, 0), (0, seq_pad - seq), (0, 0), (0, group_pad - group), (0, 0)))
   segments = None
-  if segment_ids is not None:
+  if seg is not None:
     segments = (jnp.pad(seg, ((0, 0), (0, seq_pad - seq)), constant_values=-2), wseg)
   own, tail = block_scores_kernel(
       qg.reshape(batch, seq_pad, kv_heads * group_pad, d), kc, jnp.asarray(last), coarse,
