@@ -29,10 +29,19 @@ def merge_tail(key, tail):
   return jnp.where(key == -jnp.inf, key, jnp.maximum(key, prev))
 
 
-def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int = 4, tail=None):
+def default_num_warps(rows: int) -> int:
+  """Warps per row of the top-k kernel. Measured on the H100 (2026-12-07): 4 is the fastest at
+  prefill sizes (256k rows at 128k; experiments/results/bench_topk.md); a decode step's 16 rows
+  run one latency-bound program each and took 9.8 us at 4 warps, 8.3 at 8 or 16, 14.1 at 2
+  (experiments/results/decode_sweep_1207e.md)."""
+  return 8 if rows <= 1024 else 4
+
+
+def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int | None = None,
+               tail=None):
   """See the module docstring; key [..., n_blocks] float32 without NaN. tail: None, or the
   scoring kernel's tail maxima (like key): the keys are `merge_tail(key, tail)`, which the
-  kernel forms as it loads them."""
+  kernel forms as it loads them. num_warps: per row (default `default_num_warps`)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"top_blocks: implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
@@ -51,6 +60,8 @@ def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int
   pad = ((0, 0), (0, width - n_blocks))
   flat = jnp.pad(key.reshape(-1, n_blocks), pad, constant_values=-jnp.inf)
   flat_tail = None if tail is None else jnp.pad(tail.reshape(-1, n_blocks), pad)
+  if num_warps is None:
+    num_warps = default_num_warps(flat.shape[0])
   idx = topk_indices(flat, flat_tail, topk=int(topk), interpret=implementation == "interpret",
                      num_warps=num_warps)[:, :topk].reshape(*lead, topk)
   return idx, idx >= 0
@@ -64,6 +75,6 @@ def select_blocks(scores, cfg, *, q_len: int, kv_len: int, q_start=None, segment
                                  top_blocks_fn=top_blocks_fn(implementation))
 
 
-def top_blocks_fn(implementation: str, num_warps: int = 4):
+def top_blocks_fn(implementation: str, num_warps: int | None = None):
   """`top_blocks` at `implementation`, as the reference's `top_blocks_fn` argument."""
   return functools.partial(top_blocks, implementation=implementation, num_warps=num_warps)
