@@ -26,10 +26,13 @@ Timed (median of --iters after two warm-up calls; inputs are jit arguments):
                   3.35 TB/s (H100 SXM HBM3 peak)
 The `step_*` columns time the same calls the way a model's decode step runs them: `--layers`
 distinct caches (as many layers), each call's query depending on the previous call's output,
-`--layers` x `--step_reps` calls chained in ONE jitted program, the time divided by the calls.
-Host dispatch (paid once per program) and a cache staying in L2 between calls (the layers'
-caches together exceed the H100's 50 MB L2) both drop out; the wall-clock columns above pay a
-dispatch per call, which at a few hundred microseconds is not small.
+`--layers` x `--step_reps` calls chained in ONE jitted program, `--step_programs` programs
+dispatched back to back per sample, the time divided by the calls. Host dispatch (paid once per
+program, and hidden behind the previous program's run from the second on) and a cache staying
+in L2 between calls (the layers' caches together exceed the H100's 50 MB L2) both drop out; the
+wall-clock columns above pay a dispatch per call, which at a few hundred microseconds is not
+small. (Until 2026-12-07 each sample was one program: its ~0.5 ms dispatch, spread over 16
+calls, added ~30 us to every in-step call, sparse and dense alike.)
   step_sparsejax_ms, step_cudnn_dense_ms, step_speedup_vs_cudnn_dense
 Each row also records the kernel's max abs error against its jnp reference (not timed).
 `--quick` runs a tiny CPU smoke version (the kernel in interpret mode) in seconds.
@@ -58,14 +61,15 @@ _ITERS = flags.DEFINE_integer("iters", 20, "Timed repetitions (median).")
 _NUM_SPLITS = flags.DEFINE_integer("num_splits", 0, "Kernel programs per (row, KV head); 0 = "
                                    "default_num_splits.")
 _NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps per kernel program.")
-_NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton software-pipelining stages.")
+_NUM_STAGES = flags.DEFINE_integer("num_stages", 3, "Triton software-pipelining stages of "
+                                   "sparse_decode (3: its default).")
 _SEGMENTS = flags.DEFINE_bool("segments", True, "Pass segment ids as the model does.")
 _TOPK_KERNEL = flags.DEFINE_bool("topk_kernel", True, "Select with the sort-free top-k kernel "
                                  "(pallas_kernels/block_topk), as the layer does; false: XLA's "
                                  "top_k and sort.")
 _TOPK_WARPS = flags.DEFINE_integer(
-    "topk_num_warps", 4, "Warps per row of the top-k kernel (4: the layer's default, the fastest "
-    "at 128k prefill; a decode step has only batch x KV heads rows).")
+    "topk_num_warps", 0, "Warps per row of the top-k kernel (0: block_topk's default_num_warps, "
+    "as the layer runs it; 8 for a decode step's batch x KV heads rows).")
 _KEYS_KERNEL = flags.DEFINE_bool(
     "keys_kernel", True, "Compute the selection keys with pallas_kernels/block_scores' decode "
     "kernels, as the layer does by default (attention_options decode_keys_kernel); false: XLA.")
@@ -79,6 +83,9 @@ _APPROX = flags.DEFINE_bool(
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny CPU smoke run (interpret mode).")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Distinct caches in the in-step timing (0: skip it).")
 _STEP_REPS = flags.DEFINE_integer("step_reps", 4, "Passes over the layers in the in-step timing.")
+_STEP_PROGRAMS = flags.DEFINE_integer(
+    "step_programs", 4, "In-step programs dispatched back to back per timed sample (1: each "
+    "pays the host's dispatch, ~0.5 ms at 128k, spread over its calls).")
 _OUT = flags.DEFINE_string("out", "", "Output path stem (.json and .md).")
 _PROFILE = flags.DEFINE_bool("profile", False, "Also trace the in-step programs (sparse and dense) "
                              "and write per-kernel device times to <out>_profile.md and the rows.")
@@ -91,23 +98,30 @@ QUICK_CONFIGS = {"shipped": (1, 2, 6), "issue": (1, 2, 4)}
 
 def chained(call, reps: int):
   """One jitted program running call(q, layer_args) over every layer's arguments `reps` times,
-  each call's q nudged by the previous call's output (a dependence XLA cannot drop), so the
-  calls run one after another as a model's layers do. call(q, *layer) -> any pytree."""
+  each call's q nudged by the previous call's whole output (a dependence XLA cannot drop; q's
+  values do not change), so the calls run one after another as a model's layers do.
+  call(q, *layer) -> any pytree; its first leaf is the output."""
 
   @jax.jit
   def program(q, layers):
     for _ in range(reps):
       for layer in layers:
-        first = jax.tree.leaves(call(q, *layer))[0].reshape(-1)[0].astype(jnp.float32)
-        q = q + (first * 1e-30).astype(q.dtype)
+        out = jax.tree.leaves(call(q, *layer))[0]
+        # The whole output feeds the next call, as a model's next layer reads all of it (with
+        # one element, XLA computed an XLA split combine for that element alone).
+        out = out.reshape(q.shape) if out.size == q.size else out.reshape(-1)[0]
+        q = q + (out.astype(jnp.float32) * 1e-30).astype(q.dtype)
     return q
 
   return program
 
 
-def step_time(call, q, layers, *, reps: int, iters: int) -> float:
-  """ms per call of `call` inside a chained program (see `chained`)."""
-  return timeit(chained(call, reps), q, layers, iters=iters) / (reps * len(layers))
+def step_time(call, q, layers, *, reps: int, iters: int, programs: int = 1) -> float:
+  """ms per call of `call` inside a chained program (see `chained`), `programs` of them
+  dispatched back to back per timed sample: from 2 on, the host's dispatch of one program
+  overlaps the device's run of the one before, as in a model's decode loop."""
+  return timeit(chained(call, reps), q, layers, iters=iters, reps=programs) / (
+      reps * len(layers))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -118,6 +132,49 @@ def _random_inputs(key, q_shape, kv_shape, dtype):
           jax.random.normal(keys[2], kv_shape, dtype))
 
 
+def compressed_cache_keys(k, cfg):
+  """The cache's compressed keys: (kc, the coarse kc or None), as the model keeps them."""
+  fine = compress_keys(k, window=cfg.compress_window, stride=cfg.compress_stride)
+  coarse = (compress_keys(k, window=cfg.lse_window, stride=cfg.lse_stride)
+            if cfg.approximate_lse else None)
+  return fine, coarse
+
+
+def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: int = 4,
+                 num_stages: int = 3, topk_kernel: bool = True, topk_num_warps: int | None = None,
+                 keys_kernel: bool = True, keys_splits: int | None = None,
+                 keys_num_warps: int = 4, keys_num_stages: int = 2, keys_windows: int = 64):
+  """The decode attention as the InfLLM-V2 layer runs it, in its parts: (select(q, kc, q_start,
+  seg, kv_seg) -> (idx, valid), attend(q, k, v, idx, valid, q_start, seg, kv_seg) -> out,
+  step(q, k, v, kc, q_start, seg, kv_seg) -> out), kc = `compressed_cache_keys(k, cfg)`; the
+  keyword arguments are the kernels' launch knobs (experiments/decode_sweep.py sweeps them)."""
+  top = top_blocks_fn(implementation, topk_num_warps) if topk_kernel else None
+  keys_fn = (functools.partial(decode_selection_keys, implementation=implementation,
+                               splits=keys_splits, num_warps=keys_num_warps,
+                               num_stages=keys_num_stages, block_windows=keys_windows)
+             if keys_kernel else None)
+
+  def select(q, kc, q_start, seg, kv_seg):
+    return select_decode_blocks(q, kc[0], cfg, kv_len=seq, q_start=q_start, kc_coarse=kc[1],
+                                segment_ids=seg, kv_segment_ids=kv_seg, top_blocks_fn=top,
+                                selection_keys_fn=keys_fn)
+
+  def attend(q, k, v, idx, valid, q_start, seg, kv_seg):
+    del valid  # its dead slots hold -1, which is all the kernel needs (as the layer passes it)
+    out, _ = sparse_decode(q[:, 0], k, v, idx[:, 0], None, q_start + 1,
+                           block_size=cfg.block_size,
+                           q_segment_ids=None if seg is None else seg[:, 0],
+                           kv_segment_ids=kv_seg, implementation=implementation,
+                           num_splits=splits, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+  def step(q, k, v, kc, q_start, seg, kv_seg):
+    idx, valid = select(q, kc, q_start, seg, kv_seg)
+    return attend(q, k, v, idx, valid, q_start, seg, kv_seg)
+
+  return select, attend, step
+
+
 def _dense_decode(implementation):
   return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
                                                               implementation=implementation))
@@ -125,10 +182,11 @@ def _dense_decode(implementation):
 
 def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 configs=("shipped", "issue"), iters: int = 20, num_splits: int | None = None,
-                num_warps: int = 4, num_stages: int = 2, segments: bool = True,
-                layers: int = 4, step_reps: int = 4, topk_kernel: bool = True,
+                num_warps: int = 4, num_stages: int = 3, segments: bool = True,
+                layers: int = 4, step_reps: int = 4, step_programs: int = 4,
+                topk_kernel: bool = True,
                 keys_kernel: bool = True, keys_splits: int | None = None,
-                approximate_lse: bool = False, topk_num_warps: int = 4,
+                approximate_lse: bool = False, topk_num_warps: int | None = None,
                 profile: bool = False,
                 quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection; returns rows in bench_attention.json's
@@ -171,44 +229,22 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
     if caches and dense_impl:
       dense_call = lambda q, k, v, impl=dense_impl: jax.nn.dot_product_attention(
           q, k, v, implementation=impl)
-      t_dense_step = step_time(dense_call, q, caches, reps=step_reps, iters=iters)
+      t_dense_step = step_time(dense_call, q, caches, reps=step_reps, iters=iters,
+                                 programs=step_programs)
 
     for name in configs:
       init_blocks, local_blocks, topk = table[name]
       cfg = InfLLMv2Config(init_blocks=init_blocks, local_blocks=local_blocks, topk=topk,
                            approximate_lse=approximate_lse, **geometry)
 
-      def cache_keys(k, cfg=cfg):
-        """The cache's compressed keys: (kc, the coarse kc or None), as the model keeps them."""
-        fine = compress_keys(k, window=cfg.compress_window, stride=cfg.compress_stride)
-        coarse = (compress_keys(k, window=cfg.lse_window, stride=cfg.lse_stride)
-                  if cfg.approximate_lse else None)
-        return fine, coarse
-
+      cache_keys = functools.partial(compressed_cache_keys, cfg=cfg)
       kc = jax.jit(cache_keys)(k)
       splits = num_splits or default_num_splits(batch, kv_heads, topk)
 
-      top = top_blocks_fn(implementation, topk_num_warps) if topk_kernel else None
-      keys_fn = (functools.partial(decode_selection_keys, implementation=implementation,
-                                   splits=keys_splits) if keys_kernel else None)
-
-      def select(q, kc, q_start, seg, kv_seg, cfg=cfg, top=top, keys_fn=keys_fn):
-        return select_decode_blocks(q, kc[0], cfg, kv_len=seq, q_start=q_start,
-                                    kc_coarse=kc[1], segment_ids=seg, kv_segment_ids=kv_seg,
-                                    top_blocks_fn=top, selection_keys_fn=keys_fn)
-
-      def attend(q, k, v, idx, valid, q_start, seg, kv_seg, cfg=cfg, splits=splits):
-        out, _ = sparse_decode(q[:, 0], k, v, idx[:, 0], valid[:, 0], q_start + 1,
-                               block_size=cfg.block_size,
-                               q_segment_ids=None if seg is None else seg[:, 0],
-                               kv_segment_ids=kv_seg, implementation=implementation,
-                               num_splits=splits, num_warps=num_warps, num_stages=num_stages)
-        return out
-
-      def step(q, k, v, kc, q_start, seg, kv_seg):
-        idx, valid = select(q, kc, q_start, seg, kv_seg)
-        return attend(q, k, v, idx, valid, q_start, seg, kv_seg)
-
+      select, attend, step = decode_calls(
+          cfg, seq, implementation=implementation, splits=splits, num_warps=num_warps,
+          num_stages=num_stages, topk_kernel=topk_kernel, topk_num_warps=topk_num_warps,
+          keys_kernel=keys_kernel, keys_splits=keys_splits)
       select_jit, attend_jit, step_jit = jax.jit(select), jax.jit(attend), jax.jit(step)
       idx, valid = select_jit(q, kc, q_start, seg, kv_seg)
       t_select = timeit(select_jit, q, kc, q_start, seg, kv_seg, iters=iters)
@@ -219,7 +255,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       if caches:
         layer_args = [(k_, v_, jax.jit(cache_keys)(k_), q_start, seg, kv_seg)
                       for k_, v_ in caches]
-        t_step_chained = step_time(step, q, layer_args, reps=step_reps, iters=iters)
+        t_step_chained = step_time(step, q, layer_args, reps=step_reps, iters=iters,
+                                 programs=step_programs)
 
       got = attend_jit(q, k, v, idx, valid, q_start, seg, kv_seg)
       want, _ = jax.jit(lambda q, k, v, idx, valid, lengths: sparse_decode_reference(
@@ -230,7 +267,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       if keys_kernel:  # the kernels' keys against XLA's: the share of identical selections
         xla_idx, _ = jax.jit(lambda q, kc, q_start, seg, kv_seg: select_decode_blocks(
             q, kc[0], cfg, kv_len=seq, q_start=q_start, kc_coarse=kc[1], segment_ids=seg,
-            kv_segment_ids=kv_seg, top_blocks_fn=top))(q, kc, q_start, seg, kv_seg)
+            kv_segment_ids=kv_seg, top_blocks_fn=top_blocks_fn(implementation, topk_num_warps)))(
+                q, kc, q_start, seg, kv_seg)
         agree = float(jnp.mean(jnp.all(xla_idx == idx, axis=-1)))
       selected = int(jnp.sum(valid))  # (row, KV head, block) triples actually attended
       kv_bytes = selected * cfg.block_size * dim * itemsize * 2
@@ -246,6 +284,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "step_sparsejax_ms": t_step_chained, "step_cudnn_dense_ms": t_dense_step,
              "step_speedup_vs_cudnn_dense": t_dense_step / t_step_chained,
              "step_layers": len(caches), "step_reps": step_reps,
+             "step_programs": step_programs,
              "topk_kernel": topk_kernel, "topk_num_warps": topk_num_warps,
              "keys_kernel": keys_kernel,
              "keys_splits": keys_splits if keys_kernel else None,
@@ -282,8 +321,9 @@ def write_results(rows, out: str, *, quick: bool = False):
                         "block": 16} if quick else
                        {"heads": 32, "kv_heads": 2, "head_dim": 128, "dtype": "bfloat16",
                         "block": 64, "compress": [32, 16], "dense_len": 8192}),
-            "kernel": "pallas_kernels/sparse_decode (Triton lowering) + jnp combine; selection "
-                      "in XLA from the cached compressed keys",
+            "kernel": "pallas_kernels/sparse_decode (Triton lowering, splits combined in the "
+                      "kernel); selection by pallas_kernels/block_scores' decode kernels and "
+                      "block_topk from the cached compressed keys",
             "floor": f"bytes read at {HBM_BYTES_PER_S / 1e12} TB/s",
             "rows": rows}
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -332,9 +372,10 @@ def main(argv):
       configs=_CONFIGS.value, iters=1 if quick else _ITERS.value,
       num_splits=_NUM_SPLITS.value or None, num_warps=_NUM_WARPS.value,
       num_stages=_NUM_STAGES.value, segments=_SEGMENTS.value, layers=_LAYERS.value,
-      step_reps=_STEP_REPS.value, topk_kernel=_TOPK_KERNEL.value,
+      step_reps=_STEP_REPS.value, step_programs=_STEP_PROGRAMS.value,
+      topk_kernel=_TOPK_KERNEL.value,
       keys_kernel=_KEYS_KERNEL.value, keys_splits=_KEYS_SPLITS.value or None,
-      approximate_lse=_APPROX.value, topk_num_warps=_TOPK_WARPS.value,
+      approximate_lse=_APPROX.value, topk_num_warps=_TOPK_WARPS.value or None,
       profile=_PROFILE.value,
       quick=quick)
   if _OUT.value:

@@ -171,20 +171,27 @@ def test_decode_and_kernel_equal_infllmv2_attention(heads, kv_heads, dim, capaci
     np.testing.assert_allclose(out, want[:, 0], rtol=2e-5, atol=2e-5)
 
 
-def test_kernel_with_dead_slots_anywhere():
+@pytest.mark.parametrize("num_splits", [3, 11])
+def test_kernel_with_dead_slots_anywhere(num_splits):
   """Slots need not be valid-first; a (row, KV head) with no live slot gets zeros, lse -inf;
-  against the kernel's own gather reference (out and lse)."""
+  against the kernel's own gather reference (out and lse). 11 splits: more than the slots
+  (empty splits)."""
   q, k, v, q_start, _, _ = _decode_inputs(4, 2, 16, 75, False, seed=1)
   idx = jnp.array([[[0, 4, 2, 3], [1, 2, 3, 4]], [[0, 1, -1, 3], [2, 0, 1, 3]]], jnp.int32)
   valid = jnp.array([[[1, 0, 1, 1], [0, 0, 0, 0]], [[1, 0, 1, 1], [1, 1, 0, 1]]], bool)
   args = (q[:, 0], k, v, idx, valid, q_start + 1)
-  got, got_lse = sparse_decode(*args, block_size=16, implementation="interpret", num_splits=3,
-                               poison_outputs=True)
+  got, got_lse = sparse_decode(*args, block_size=16, implementation="interpret",
+                               num_splits=num_splits, poison_outputs=True)
   ref, ref_lse = sparse_decode(*args, block_size=16, implementation="reference")
   np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(got_lse, ref_lse, rtol=2e-5, atol=2e-5)
   np.testing.assert_array_equal(got[0, 2:], 0.0)  # heads 2, 3 read KV head 1: no live slot
   assert np.isneginf(np.asarray(got_lse[0, 2:])).all()
+  # Without block_valid, a negative index alone marks a dead slot: the same results.
+  no_valid = sparse_decode(q[:, 0], k, v, jnp.where(valid, idx, -1), None, q_start + 1,
+                           block_size=16, implementation="interpret", num_splits=num_splits)
+  np.testing.assert_array_equal(no_valid[0], got)
+  np.testing.assert_array_equal(no_valid[1], got_lse)
 
 
 def test_kernel_on_a_cache_shorter_than_a_block():
@@ -360,3 +367,30 @@ def test_benchmark_quick_mode(tmp_path):
       kernel_us["dense"] / kernel_us["sparse"])
   with open(out + ".md") as f:
     assert "Kernel time per step, profiled" in f.read()
+
+
+def test_decode_sweep_smoke(tmp_path):
+  """experiments/decode_sweep.py in interpret mode: every variant runs the same step (equal
+  outputs up to the split combine's rounding) and lands in the JSON and the table; a knob it
+  does not know is an error that names the flag."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  from tests.test_experiments import ROOT, run
+  out = str(tmp_path / "sweep")
+  run("experiments.decode_sweep", "--implementation=interpret", "--seq_len=1024", "--batch=2",
+      "--layers=1", "--step_reps=1", "--iters=1", "--variants=base;splits=3,topk_warps=8",
+      f"--out={out}")
+  with open(out + ".json") as f:
+    rows = json.load(f)["rows"]
+  assert [r["variant"] for r in rows] == ["base", "splits=3,topk_warps=8"]
+  assert rows[1]["knobs"] == {"splits": 3, "topk_num_warps": 8}
+  assert rows[1]["max_abs_diff_vs_first"] < 1e-2 and rows[0]["in_step_us"] > 0
+  with open(out + ".md") as f:
+    assert f.read().count("\n| ") == 3  # header row + 2 variants
+  bad = subprocess.run([sys.executable, "-m", "experiments.decode_sweep", "--variants=blocks=2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert bad.returncode != 0 and "--variants: 'blocks=2'" in bad.stderr

@@ -6,13 +6,16 @@ that share it: they are the rows of every tile (padded to >= 16 rows, since tl.d
 >= 16), so each selected block of K and V is loaded once for the whole group. The row's live
 block slots [0, end) are cut into `num_splits` contiguous slices (ceil(end / num_splits) each,
 computed in the kernel, so splits never idle on a row's dead slots); a program runs an online
-softmax (float32, base 2) over its slice and writes a partial (out, lse). The op combines the
-splits (flash-decoding).
+softmax (float32, base 2) over its slice and writes a partial (out, lse). The split of a (row, KV
+head) that finishes last, found by an atomic counter, merges the partials into the result
+(flash-decoding's combine without a second kernel: the XLA combine cost two or three launches a
+step, which grew with the splits).
 
-Issuing two or four blocks' K/V loads together before their math (an option tried on the H100,
-2026-12-07) left the kernel at 19.1-19.7 us (batch 8, 128k): at 8 splits it runs one 4-warp
-program per SM (6% occupancy, 46% of DRAM peak in ncu), so the program count, not each
-program's chain of loads, limits it (experiments/results/decode_step_1207d.md).
+At 8 splits (batch 8, 2 KV heads: one 4-warp program per SM, 6% occupancy, 46% of DRAM peak
+in ncu) the program's chain of loads sets the time: three software-pipelining stages took the
+kernel from 21.0 to 17.0 us on the H100 (batch 8, 128k; experiments/results/
+decode_sweep_1207e.md), where issuing two or four blocks' loads together before their math,
+or 8 warps, changed nothing (decode_step_1207d.md).
 
 Keys are masked to: the slot's own block (dead slots, index -1, see nothing), the row's filled
 length (keys < length: the token's own causal limit and unwritten slots), and equal segment ids
@@ -31,18 +34,21 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
 
-# Columns of the per-(row, KV head) index: one small int32 array per program (as in
-# sparse_attention/index.py), padded to a power of two.
-END, LENGTH, Q_SEGMENT = 0, 1, 2
-HEADER = 4  # block indices start here
 
 
-def _decode_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: int,
-                   num_splits: int, capacity: int, segments: bool):
-  o_ref, lse_ref = refs[-2:]  # (with poisoned outputs, the aliased input buffers come first)
-  kv_seg_ref = refs[0] if segments else None
-  split = pl.program_id(2)
-  end, length, q_seg = meta_ref[END], meta_ref[LENGTH], meta_ref[Q_SEGMENT]
+def _decode_kernel(idx_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: int,
+                   num_splits: int, capacity: int, segments: bool, interpret: bool):
+  # The outputs come last: the splits' partials, the result, and the (aliased) arrival counter.
+  o_part_ref, lse_part_ref, o_ref, lse_ref, count_ref = refs[-5:]
+  if segments:
+    q_seg_ref, kv_seg_ref = refs[:2]
+  b, split = pl.program_id(0), pl.program_id(2)
+  row = b * pl.num_programs(1) + pl.program_id(1)
+  length = lengths_ref[b]
+  q_seg = q_seg_ref[b] if segments else None
+  # One past the last live slot: the splits share the live slots, never a dead tail.
+  slots = idx_ref[...]
+  end = jnp.max(jnp.where(slots >= 0, jnp.arange(1, slots.shape[0] + 1), 0))
   per_split = lax.div(end + num_splits - 1, num_splits)
   lo = split * per_split
   hi = jnp.minimum(lo + per_split, end)
@@ -52,7 +58,7 @@ def _decode_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: 
 
   def body(u, carry):
     acc, m_prev, l_prev = carry
-    block = meta_ref[HEADER + u]
+    block = idx_ref[u]
     first = block * block_k
     start = jnp.minimum(jnp.maximum(first, 0), capacity - block_k)
     keys = pl.ds(start, block_k)
@@ -76,49 +82,101 @@ def _decode_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: 
   acc, m, l = lax.fori_loop(lo, hi, body, init)
   seen = l > 0
   safe = jnp.where(seen, l, 1.0)
-  o_ref[...] = acc / safe[:, None]
-  lse_ref[...] = jnp.where(seen, (m + jnp.log2(safe)) / LOG2E, -jnp.inf)
+  o_part_ref[pl.ds(split * rows, rows), :] = acc / safe[:, None]
+  lse_part_ref[pl.ds(split * rows, rows)] = jnp.where(seen, (m + jnp.log2(safe)) / LOG2E,
+                                                      -jnp.inf)
+  # Flash-decoding's combine, by the split that finishes last: every thread's partial stores
+  # come before the barrier, the counter's atomic add is acquire-release at GPU scope, and the
+  # last split reads the others' partials with volatile loads (from L2, never a stale L1 line;
+  # Pallas' cache_modifier=".cg" does not lower in jax 0.11.2: a KeyError in its lookup).
+  if not interpret:
+    plgpu.debug_barrier()
+  arrived = plgpu.atomic_add(count_ref, row, jnp.ones((), jnp.int32))
+
+  @pl.when(arrived == num_splits - 1)
+  def _combine():
+    _combine_splits(o_part_ref, lse_part_ref, o_ref, lse_ref, num_splits=num_splits, rows=rows)
+
+
+def _combine_splits(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits: int, rows: int):
+  """Merges the splits' partial softmaxes (out [splits * rows, d], natural-log lse [splits *
+  rows], split-major) into o_ref [rows, d] and lse_ref [rows]. Unrolled over the splits, every
+  load independent of the others: the combine sits on the kernel's critical path (the last
+  program's tail), so it costs about one L2 round trip and a few FMAs per element. (A first
+  version merged chunks of splits with one float32 [rows, 8 * rows] x [8 * rows, d] dot each: it
+  added ~6 us at 8 splits and more with more splits.)"""
+  part = lambda ref, s: plgpu.load(ref.at[pl.ds(s * rows, rows)], volatile=True)
+  lse = [part(lse_part_ref, s) for s in range(num_splits)]
+  m = functools.reduce(jnp.maximum, lse)
+  m = jnp.where(m == -jnp.inf, 0.0, m)
+  acc, total = 0.0, 0.0
+  for s in range(num_splits):
+    weight = jnp.where(lse[s] == -jnp.inf, 0.0, jnp.exp(lse[s] - m))
+    total = total + weight
+    acc = acc + weight[:, None] * part(o_part_ref, s)
+  seen = total > 0
+  safe = jnp.where(seen, total, 1.0)
+  o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, jnp.log(safe) + m, -jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "num_splits", "interpret", "num_warps",
                                              "num_stages", "poison"))
-def sparse_decode_partials(meta, q, k, v, kv_segment_ids, *, block_k: int, num_splits: int,
-                           interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
-                           poison: bool = False):
-  """meta [b, kv_heads, width] int32 (END, LENGTH, Q_SEGMENT columns, then block indices, -1 =
-  dead); q [b, kv_heads, rows, d] (rows a power of two >= 16, padding rows zero); k, v [b,
-  capacity, kv_heads, d] with capacity >= block_k; kv_segment_ids [b, capacity] int32 or None.
-  Returns float32 partials (out [b, kv_heads, num_splits, rows, d], lse [b, kv_heads, num_splits,
-  rows], natural log, -inf for a split that saw no key). poison=True writes into NaN-filled
-  output buffers (tests: any tile the kernel fails to write stays NaN)."""
+def sparse_decode_kernel(idx, lengths, q_segment_ids, q, k, v, kv_segment_ids, *, block_k: int,
+                         num_splits: int, interpret: bool = False, num_warps: int = 4,
+                         num_stages: int = 2, poison: bool = False):
+  """idx [b, kv_heads, slots] int32 (the blocks to attend, -1 = dead; slots a power of two);
+  lengths [b] int32 (keys [0, length) are filled); q [b, kv_heads, rows, d] (rows a power of two
+  >= 16, padding rows zero); k, v [b, capacity, kv_heads, d] with capacity >= block_k;
+  q_segment_ids [b] and kv_segment_ids [b, capacity] int32, or both None. Returns (out [b,
+  kv_heads, rows, d] in q.dtype, lse [b, kv_heads, rows] float32, natural log, -inf for a row
+  that saw no key), the splits already combined. poison=True writes into NaN-filled output
+  buffers (tests: any tile the kernel fails to write stays NaN)."""
   batch, kv_heads, rows, head_dim = q.shape
   capacity = k.shape[1]
-  width = meta.shape[-1]
+  slots = idx.shape[-1]
   segments = kv_segment_ids is not None
   kernel = functools.partial(_decode_kernel, scale=1.0 / math.sqrt(head_dim), block_k=block_k,
-                             num_splits=num_splits, capacity=capacity, segments=segments)
-  out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, num_splits, rows, head_dim), jnp.float32),
-               jax.ShapeDtypeStruct((batch, kv_heads, num_splits, rows), jnp.float32)]
+                             num_splits=num_splits, capacity=capacity, segments=segments,
+                             interpret=interpret)
+  parts = num_splits * rows
+  out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, parts, head_dim), jnp.float32),
+               jax.ShapeDtypeStruct((batch, kv_heads, parts), jnp.float32),
+               jax.ShapeDtypeStruct((batch, kv_heads, rows, head_dim), q.dtype),
+               jax.ShapeDtypeStruct((batch, kv_heads, rows), jnp.float32),
+               jax.ShapeDtypeStruct((batch * kv_heads,), jnp.int32)]
+  # Every split of a (row, KV head) sees its whole partial and result blocks: each writes its
+  # own partial; only the last to arrive reads them all and writes the result.
   out_specs = [
-      pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-      pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+      pl.BlockSpec((None, None, parts, head_dim), lambda b, h, s: (b, h, 0, 0)),
+      pl.BlockSpec((None, None, parts), lambda b, h, s: (b, h, 0)),
+      pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+      pl.BlockSpec((None, None, rows), lambda b, h, s: (b, h, 0)),
+      pl.BlockSpec((batch * kv_heads,), lambda b, h, s: (0,)),
   ]
+  per_row = pl.BlockSpec((batch,), lambda b, h, s: (0,))
   in_specs = [
-      pl.BlockSpec((None, None, width), lambda b, h, s: (b, h, 0)),
+      pl.BlockSpec((None, None, slots), lambda b, h, s: (b, h, 0)),
+      per_row,
       pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
       pl.BlockSpec((None, capacity, None, head_dim), lambda b, h, s: (b, 0, h, 0)),
       pl.BlockSpec((None, capacity, None, head_dim), lambda b, h, s: (b, 0, h, 0)),
   ]
-  args = [meta, q, k, v]
+  args = [idx, lengths, q, k, v]
   if segments:
-    in_specs.append(pl.BlockSpec((None, capacity), lambda b, h, s: (b, 0)))
-    args.append(kv_segment_ids)
-  aliases = {}
+    in_specs += [per_row, pl.BlockSpec((None, capacity), lambda b, h, s: (b, 0))]
+    args += [q_segment_ids, kv_segment_ids]
+  # The arrival counter starts at zero on every call; results optionally start as NaN.
+  aliased = {4: jnp.zeros((batch * kv_heads,), jnp.int32)}
   if poison:
-    in_specs += out_specs
-    aliases = {len(args): 0, len(args) + 1: 1}
-    args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
-  return pl.pallas_call(
+    aliased.update({i: jnp.full(out_shape[i].shape, jnp.nan, out_shape[i].dtype)
+                    for i in (2, 3)})
+  aliases = {}
+  for output, init in sorted(aliased.items()):
+    aliases[len(args)] = output
+    in_specs.append(out_specs[output])
+    args.append(init)
+  _, _, out, lse, _ = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, num_splits),
       in_specs=in_specs,
@@ -129,3 +187,4 @@ def sparse_decode_partials(meta, q, k, v, kv_segment_ids, *, block_k: int, num_s
       interpret=interpret,
       name="sparse_decode",
   )(*args)
+  return out, lse

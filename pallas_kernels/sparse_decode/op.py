@@ -7,7 +7,9 @@
 q [b, heads, d]: each row's query token; k, v [b, capacity, kv_heads, d]: the cache (heads %
 kv_heads == 0; query head n reads KV head n // (heads // kv_heads)); block_idx / block_valid
 [b, kv_heads, slots]: the distinct key blocks (of `block_size` tokens) each row and KV head may
-see, e.g. InfLLM-V2's selection (`sparsejax.ops.infllmv2.select_decode_blocks`); lengths [b]:
+see, e.g. InfLLM-V2's selection (`sparsejax.ops.infllmv2.select_decode_blocks`); block_valid
+may be None when every dead slot's index is negative (as select_decode_blocks returns them):
+one XLA op less before the kernel; lengths [b]:
 keys [0, lengths[b]) are filled, later slots are never read into the result (the query at
 position lengths - 1 sees itself and everything before it). Optional segment ids (q_segment_ids
 [b], kv_segment_ids [b, capacity]) restrict every row to keys of its query's segment. A query
@@ -16,14 +18,14 @@ Forward only: decoding needs no gradient.
 
 The kernel visits a row's slots up to its last valid one (valid slots first, as selections come,
 costs nothing for the dead tail) and splits them over `num_splits` programs per (row, KV head);
-a jnp combine merges the partial softmaxes.
+the last split of each (row, KV head) to finish merges the partial softmaxes.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.sparse_attention.index import next_power_of_2
-from pallas_kernels.sparse_decode.kernel import (END, HEADER, LENGTH, Q_SEGMENT,
-                                                 sparse_decode_partials)
+from pallas_kernels.sparse_decode.kernel import sparse_decode_kernel
 from pallas_kernels.sparse_decode.reference import sparse_decode_reference
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
@@ -57,11 +59,13 @@ def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_i
       or block_size & (block_size - 1)):
     raise ValueError(f"{fn}: block_size must be a power of two >= 16, got {block_size!r}")
   want = (q.shape[0], k.shape[2])
+  if block_valid is None:
+    block_valid = jax.ShapeDtypeStruct(block_idx.shape, jnp.bool_)  # for the checks below
   if block_idx.ndim != 3 or block_idx.shape[:2] != want or block_valid.shape != block_idx.shape:
     raise ValueError(f"{fn}: block_idx and block_valid must be [batch, kv_heads, slots] = "
                      f"{want + ('slots',)}, got {block_idx.shape} and {block_valid.shape}")
   if not jnp.issubdtype(block_idx.dtype, jnp.integer) or block_valid.dtype != jnp.bool_:
-    raise ValueError(f"{fn}: block_idx must be integer and block_valid bool, got "
+    raise ValueError(f"{fn}: block_idx must be integer and block_valid bool or None, got "
                      f"{block_idx.dtype} and {block_valid.dtype}")
   if (jnp.shape(lengths) != (q.shape[0],)
       or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer)):
@@ -81,7 +85,7 @@ def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_i
 
 def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int = 64,
                   q_segment_ids=None, kv_segment_ids=None, implementation: str = "pallas",
-                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                   poison_outputs: bool = False):
   """See the module docstring. num_splits: programs per (row, KV head) (default
   `default_num_splits`); poison_outputs: run the kernel on NaN-filled output buffers (a test of
@@ -104,36 +108,22 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
       kv_segment_ids = jnp.pad(kv_segment_ids, ((0, 0), (0, block_size - capacity)))
     lengths = jnp.minimum(lengths, capacity)
 
-  live = block_valid & (block_idx >= 0)
-  idx = jnp.where(live, block_idx, -1).astype(jnp.int32)
-  # END: one past the last live slot, so the kernel skips a dead tail without a compaction sort.
-  end = jnp.max(jnp.where(live, jnp.arange(1, slots + 1), 0), axis=-1).astype(jnp.int32)
-  q_seg = jnp.zeros((batch,), jnp.int32) if q_segment_ids is None else q_segment_ids
-  header = jnp.zeros((batch, kv_heads, HEADER), jnp.int32)
-  header = header.at[..., END].set(end).at[..., LENGTH].set(lengths[:, None])
-  header = header.at[..., Q_SEGMENT].set(q_seg.astype(jnp.int32)[:, None])
-  width = next_power_of_2(HEADER + slots)
-  meta = jnp.concatenate([header, idx], axis=-1)
-  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, width - HEADER - slots)), constant_values=-1)
+  # Dead slots as -1 (the selections' own convention), padded to a power of two of slots.
+  idx = block_idx.astype(jnp.int32)
+  if block_valid is not None:
+    idx = jnp.where(block_valid, idx, -1)
+  width = next_power_of_2(slots)
+  if width != slots:
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, width - slots)), constant_values=-1)
+  q_seg = None if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
 
   rows = max(16, next_power_of_2(group))  # tl.dot needs M >= 16: pad the group's rows
   qg = jnp.pad(q.reshape(batch, kv_heads, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
   kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-  out, lse = sparse_decode_partials(meta, qg, k, v, kv_seg, block_k=block_size,
-                                    num_splits=int(num_splits),
-                                    interpret=implementation == "interpret", num_warps=num_warps,
-                                    num_stages=num_stages, poison=poison_outputs)
-  out, lse = combine_splits(out[:, :, :, :group], lse[:, :, :, :group])
-  return out.reshape(batch, heads, d).astype(q.dtype), lse.reshape(batch, heads)
+  out, lse = sparse_decode_kernel(idx, lengths, q_seg, qg, k, v, kv_seg, block_k=block_size,
+                                  num_splits=int(num_splits),
+                                  interpret=implementation == "interpret", num_warps=num_warps,
+                                  num_stages=num_stages, poison=poison_outputs)
+  return (out[:, :, :group].reshape(batch, heads, d),
+          lse[:, :, :group].reshape(batch, heads))
 
-
-def combine_splits(out, lse):
-  """Merges partial softmaxes over axis 2: out [b, kvh, splits, g, d], lse [b, kvh, splits, g]
-  (natural log, -inf = empty) -> (out [b, kvh, g, d] float32, lse [b, kvh, g])."""
-  m = jnp.max(lse, axis=2, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  w = jnp.exp(lse - m)                                         # 0 for empty splits
-  total = jnp.sum(w, axis=2)
-  safe = jnp.where(total > 0, total, 1.0)
-  merged = jnp.sum(w[..., None] * out, axis=2) / safe[..., None]
-  return merged, jnp.where(total > 0, jnp.log(safe) + m[:, :, 0], -jnp.inf)

@@ -12,7 +12,8 @@ def sparse_decode_reference(q, k, v, block_idx, block_valid, lengths, q_segment_
   capacity, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
   pos = block_idx[..., None] * block_size + jnp.arange(block_size)  # [b, kvh, W, B]
-  visible = (block_valid & (block_idx >= 0))[..., None] & (pos < lengths[:, None, None, None])
+  live = block_idx >= 0 if block_valid is None else block_valid & (block_idx >= 0)
+  visible = live[..., None] & (pos < lengths[:, None, None, None])
   visible &= pos < capacity
   pos = jnp.clip(pos, 0, capacity - 1).reshape(batch, kv_heads, -1)  # [b, kvh, W*B]
   visible = visible.reshape(pos.shape)

@@ -1,0 +1,128 @@
+"""The decode step's launch knobs on the GPU, one process: each variant's kernel time per call
+(profiled) and in-step time, at one cache length and selection.
+
+  python -m experiments.decode_sweep --seq_len=131072 --batch=8 \
+      --variants="base;splits=16;splits=16,warps=8;topk_warps=1" --out=$OUT/decode_sweep
+
+A variant is `;`-separated in --variants: comma-separated knob=value pairs over the base (the
+layer's defaults). Knobs: splits, warps, stages (sparse_decode's programs per row and KV head,
+Triton warps, pipelining stages), topk_warps (block_topk's warps per row), keys_splits,
+keys_warps, keys_stages, keys_windows (the decode-key kernels'; keys_windows: compressed
+windows per tile, `block_windows`). Every variant runs the same inputs as
+experiments/bench_decode's in-step rows (`--layers` caches x `--step_reps` passes chained in one
+program); kernel time comes from a profiler trace (experiments/profiling.py), which the
+in-step wall time of bench_decode follows within its process-to-process noise
+(experiments/results/decode_step_1207d.md). --batch, --layers, --step_reps, --iters and --out
+are bench_decode's flags. The output of every variant is checked against the
+base's (same selection, so equal up to the combine's rounding).
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from experiments import bench_decode, profiling
+from experiments.bench_decode import (CONFIGS, _random_inputs, chained, compressed_cache_keys,
+                                      decode_calls, step_time)
+from pallas_kernels.sparse_decode import default_num_splits
+from sparsejax.ops.infllmv2 import InfLLMv2Config
+
+_SEQ = flags.DEFINE_integer("seq_len", 131072, "Cache length.")
+_CONFIG = flags.DEFINE_enum("config", "issue", sorted(CONFIGS), "Selection (bench_decode's).")
+_VARIANTS = flags.DEFINE_string("variants", "base", "`;`-separated variants (module docstring).")
+_IMPLEMENTATION = flags.DEFINE_enum("implementation", "pallas", ["pallas", "interpret"],
+                                    "interpret: a CPU smoke run of the script (tiny --seq_len).")
+_DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "Write the first variant's compiled in-step "
+                              "program (XLA's fusion names, as the profile shows them) to "
+                              "<out>_hlo.txt.")
+
+_KNOBS = {"splits": "splits", "warps": "num_warps", "stages": "num_stages",
+          "topk_warps": "topk_num_warps", "keys_splits": "keys_splits",
+          "keys_warps": "keys_num_warps", "keys_stages": "keys_num_stages",
+          "keys_windows": "keys_windows"}
+
+
+def parse_variant(text: str) -> dict:
+  """'splits=16,warps=8' -> {'splits': 16, 'num_warps': 8}; 'base' -> {}."""
+  knobs = {}
+  for pair in filter(None, text.strip().split(",")):
+    if pair.strip() == "base":
+      continue
+    name, _, value = pair.partition("=")
+    if name.strip() not in _KNOBS or not value.strip().isdigit():
+      raise ValueError(f"--variants: {pair!r} is not knob=int with knob one of {sorted(_KNOBS)}")
+    knobs[_KNOBS[name.strip()]] = int(value)
+  return knobs
+
+
+def main(argv):
+  del argv
+  seq, batch = _SEQ.value, bench_decode._BATCH.value
+  heads, kv_heads, dim, dtype = 32, 2, 128, jnp.bfloat16
+  init_blocks, local_blocks, topk = CONFIGS[_CONFIG.value]
+  cfg = InfLLMv2Config(init_blocks=init_blocks, local_blocks=local_blocks, topk=topk,
+                       block_size=64, compress_window=32, compress_stride=16, dense_len=8192)
+  variants = [(text.strip(), parse_variant(text)) for text in _VARIANTS.value.split(";")]
+  q, _, _ = _random_inputs(jax.random.key(seq), (batch, 1, heads, dim),
+                           (batch, seq, kv_heads, dim), dtype)
+  q_start = jnp.full((batch,), seq - 1, jnp.int32)
+  seg, kv_seg = jnp.ones((batch, 1), jnp.int32), jnp.ones((batch, seq), jnp.int32)
+  layers = []
+  for i in range(bench_decode._LAYERS.value):
+    k, v = _random_inputs(jax.random.key(seq + 1 + i), (batch, 1, heads, dim),
+                          (batch, seq, kv_heads, dim), dtype)[1:]
+    kc = jax.jit(lambda k: compressed_cache_keys(k, cfg))(k)
+    layers.append((k, v, kc, q_start, seg, kv_seg))
+
+  rows, reference_out = [], None
+  out_stem = bench_decode._OUT.value
+  for text, knobs in variants:
+    knobs = {"splits": default_num_splits(batch, kv_heads, topk), **knobs}
+    _, _, step = decode_calls(cfg, seq, implementation=_IMPLEMENTATION.value, **knobs)
+    out = jax.jit(step)(q, *layers[0])
+    if reference_out is None:
+      reference_out = out
+    diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference_out.astype(jnp.float32))))
+    reps = bench_decode._STEP_REPS.value
+    program = chained(step, reps)
+    if _DUMP_HLO.value and not rows and out_stem:
+      with open(out_stem + "_hlo.txt", "w") as f:
+        f.write(program.lower(q, layers).compile().as_text())
+    profile = profiling.kernel_times(program, q, layers, reps=3,
+                                     calls_per_run=reps * len(layers))
+    in_step = step_time(step, q, layers, reps=reps, iters=bench_decode._ITERS.value, programs=4)
+    # The same with each program paying its host dispatch (bench_decode's in-step rows until
+    # 2026-12-07).
+    in_step_1 = step_time(step, q, layers, reps=reps, iters=bench_decode._ITERS.value)
+    row = {"variant": text, "knobs": knobs, "kernel_us": profile["summary"]["kernel_us"],
+           "launches": profile["summary"]["kernels_per_call"], "in_step_us": in_step * 1e3,
+           "in_step_us_one_program_a_sample": in_step_1 * 1e3,
+           "max_abs_diff_vs_first": diff,
+           "kernels": {r["name"]: r["us"] for r in profile["kernels"][:12]}}
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+
+  if out_stem:
+    os.makedirs(os.path.dirname(out_stem) or ".", exist_ok=True)
+    with open(out_stem + ".json", "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "seq_len": seq,
+                 "batch": batch, "config": _CONFIG.value, "rows": rows}, f, indent=2)
+    named = ["sparse_decode", "infllmv2_decode_logits", "infllmv2_decode_scores", "block_topk"]
+    with open(out_stem + ".md", "w") as f:
+      f.write(f"# Decode step launch sweep ({jax.devices()[0].device_kind}, jax {jax.__version__}"
+              f"; {seq} tokens, batch {batch}, {_CONFIG.value})\n\n"
+              "Per decode call; kernel times from a profiler trace of the in-step program.\n\n"
+              "| variant | kernels us | launches | in-step us | " + " | ".join(named)
+              + " | other kernels us | max diff vs first |\n" + "|---" * (len(named) + 6) + "|\n")
+      for r in rows:
+        parts = [r["kernels"].get(n, float("nan")) for n in named]
+        other = r["kernel_us"] - sum(p for p in parts if p == p)
+        f.write(f"| {r['variant']} | {r['kernel_us']:.1f} | {r['launches']:.1f} | "
+                f"{r['in_step_us']:.1f} | " + " | ".join(f"{p:.1f}" for p in parts)
+                + f" | {other:.1f} | {r['max_abs_diff_vs_first']:.2g} |\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
