@@ -16,6 +16,11 @@ Passes:
              trained model; i.i.d. random queries would make every token of a query block pick
              different blocks and the per-query-block unions (what the kernel visits) explode.
   fwd_bwd    the same plus the backward kernels (selection has no gradient).
+  decode     `--decode_batch` rows of one query token against a full cache of seq_len: selection
+             from the cached compressed keys, top-k, the sparse decode kernel, timed in-step as a
+             model's decode step runs (4 layers' caches x 4 passes in one program, 4 programs a
+             sample) against cuDNN dense decode timed the same way (experiments/bench_decode.py
+             says more; `decode_timing.attention_row` maps its row here).
 
 `--tune` first sweeps, at `--tune_seq_len`, the scoring kernel's tunables (`--tune_score_grid`,
 timing the scoring alone) and each attention kernel's Triton launch (`--tune_launch_grid`: the
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import profiling, timing
+from experiments import decode_timing, profiling, timing
 
 from pallas_kernels.block_scores import block_scores, score_and_select
 from pallas_kernels.sparse_attention import Launch, sparse_attention
@@ -57,7 +62,10 @@ _LAUNCH = flags.DEFINE_string(
     "launch", "", "num_warps x num_stages of the sparse attention kernels in the fwd/fwd_bwd rows, "
     "and the dk/dv kernel's query tiles per program, e.g. 'forward=4x3,dq=4x2,dkdv_chunk=512'; "
     "those left out keep the op's defaults (`Launch`).")
-_PASSES = flags.DEFINE_list("passes", ["attn_only", "fwd", "fwd_bwd"], "Which rows to measure.")
+_PASSES = flags.DEFINE_list("passes", ["attn_only", "fwd", "fwd_bwd", "decode"],
+                            "Which rows to measure.")
+_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 8, "Rows of the decode pass (one query "
+                                     "token each, a full cache of seq_len).")
 _APPROX = flags.DEFINE_bool("approximate_lse", True, "Stage-1 normaliser over the coarse keys.")
 _ATTN_BLOCK_Q = flags.DEFINE_integer(
     "attn_block_q", None, "Query tokens per program of the sparse attention kernels (fwd/fwd_bwd): "
@@ -365,6 +373,11 @@ def main(argv):
                         fwd_bwd_given_selection_ms=timeit(given, q, k, v, idx, valid, w)))
         if _PROFILE.value:
           rows[-1]["profile"] = profiling.kernel_times(grad(full), q, k, v, w, reps=2)
+    if "decode" in _PASSES.value:
+      decode = decode_timing.decode_rows(
+          [seq], batch=_DECODE_BATCH.value, configs=("issue",), iters=_ITERS.value,
+          selections={"issue": (1, _LOCAL.value, _TOPK.value)}, profile=_PROFILE.value)
+      rows += [decode_timing.attention_row(r) for r in decode]
     for r in rows:
       if r["seq_len"] == seq:
         print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
@@ -392,6 +405,13 @@ def write_outputs(rows, tuning):
               "cuDNN dense ms | floor (cuDNN window) ms | speedup vs dense | vs floor | "
               "TFLOP/s | mean union blocks |\n|---|---|---|---|---|---|---|---|---|---|\n")
       for r in rows:
+        if r["pass"] == "decode":
+          f.write(f"| {r['seq_len']} | decode, batch {r['batch']}, in-step | "
+                  f"{r['sparsejax_ms']:.4f} | per call: selection {r['selection_ms']:.3f} / "
+                  f"attention {r['attention_ms']:.3f} (each with its dispatch) | "
+                  f"{r['cudnn_dense_ms']:.4f} | {r['floor_ms']:.4f} (bytes at 3.35 TB/s) | "
+                  f"{r['speedup_vs_cudnn_dense']:.2f}x | {r['ratio_to_floor']:.2f}x | - | - |\n")
+          continue
         if "selection_ms" in r:
           attention = r.get("fwd_bwd_given_selection_ms", r["attention_given_selection_ms"])
           parts = (f"{r['scores_ms']:.2f} / {r['selection_ms'] - r['scores_ms']:.2f} / "
@@ -409,7 +429,11 @@ def write_outputs(rows, tuning):
                 "Per-kernel device time of the rows' calls from a jax.profiler trace "
                 "(experiments/profiling.py).\n\n")
         for r in profiled:
-          f.write(profiling.markdown(r["profile"], f"{r['seq_len']} tokens, {r['pass']}") + "\n")
+          # A decode row holds two profiles (its in-step programs, sparse and dense).
+          parts = r["profile"].items() if r["pass"] == "decode" else [("", r["profile"])]
+          for kind, p in parts:
+            title = f"{r['seq_len']} tokens, {r['pass']}" + (f", {kind}" if kind else "")
+            f.write(profiling.markdown(p, title) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ windows per tile, `block_windows`). Every variant runs the same inputs as
 experiments/bench_decode's in-step rows (`--layers` caches x `--step_reps` passes chained in one
 program); kernel time comes from a profiler trace (experiments/profiling.py), which the
 in-step wall time of bench_decode follows within its process-to-process noise
-(experiments/results/decode_step_1207d.md). --batch, --layers, --step_reps, --iters and --out
-are bench_decode's flags. The output of every variant is checked against the
+(experiments/results/decode_step_1207d.md). The output of every variant is checked against the
 base's (same selection, so equal up to the combine's rounding).
 """
 import json
@@ -23,13 +22,18 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments import bench_decode, profiling
-from experiments.bench_decode import (CONFIGS, _random_inputs, chained, compressed_cache_keys,
-                                      decode_calls, step_time)
+from experiments import profiling
+from experiments.decode_timing import (CONFIGS, chained, compressed_cache_keys, decode_calls,
+                                       random_inputs, step_time)
 from pallas_kernels.sparse_decode import default_num_splits
 from sparsejax.ops.infllmv2 import InfLLMv2Config
 
 _SEQ = flags.DEFINE_integer("seq_len", 131072, "Cache length.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Rows (one query token each).")
+_LAYERS = flags.DEFINE_integer("layers", 4, "Distinct caches chained in the in-step program.")
+_STEP_REPS = flags.DEFINE_integer("step_reps", 4, "Passes over the layers in the program.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed samples of the in-step time (median).")
+_OUT = flags.DEFINE_string("out", "", "Output path stem (.json and .md).")
 _CONFIG = flags.DEFINE_enum("config", "issue", sorted(CONFIGS), "Selection (bench_decode's).")
 _VARIANTS = flags.DEFINE_string("variants", "base", "`;`-separated variants (module docstring).")
 _IMPLEMENTATION = flags.DEFINE_enum("implementation", "pallas", ["pallas", "interpret"],
@@ -59,25 +63,25 @@ def parse_variant(text: str) -> dict:
 
 def main(argv):
   del argv
-  seq, batch = _SEQ.value, bench_decode._BATCH.value
+  seq, batch = _SEQ.value, _BATCH.value
   heads, kv_heads, dim, dtype = 32, 2, 128, jnp.bfloat16
   init_blocks, local_blocks, topk = CONFIGS[_CONFIG.value]
   cfg = InfLLMv2Config(init_blocks=init_blocks, local_blocks=local_blocks, topk=topk,
                        block_size=64, compress_window=32, compress_stride=16, dense_len=8192)
   variants = [(text.strip(), parse_variant(text)) for text in _VARIANTS.value.split(";")]
-  q, _, _ = _random_inputs(jax.random.key(seq), (batch, 1, heads, dim),
+  q, _, _ = random_inputs(jax.random.key(seq), (batch, 1, heads, dim),
                            (batch, seq, kv_heads, dim), dtype)
   q_start = jnp.full((batch,), seq - 1, jnp.int32)
   seg, kv_seg = jnp.ones((batch, 1), jnp.int32), jnp.ones((batch, seq), jnp.int32)
   layers = []
-  for i in range(bench_decode._LAYERS.value):
-    k, v = _random_inputs(jax.random.key(seq + 1 + i), (batch, 1, heads, dim),
+  for i in range(_LAYERS.value):
+    k, v = random_inputs(jax.random.key(seq + 1 + i), (batch, 1, heads, dim),
                           (batch, seq, kv_heads, dim), dtype)[1:]
     kc = jax.jit(lambda k: compressed_cache_keys(k, cfg))(k)
     layers.append((k, v, kc, q_start, seg, kv_seg))
 
   rows, reference_out = [], None
-  out_stem = bench_decode._OUT.value
+  out_stem = _OUT.value
   for text, knobs in variants:
     knobs = {"splits": default_num_splits(batch, kv_heads, topk), **knobs}
     _, _, step = decode_calls(cfg, seq, implementation=_IMPLEMENTATION.value, **knobs)
@@ -85,17 +89,17 @@ def main(argv):
     if reference_out is None:
       reference_out = out
     diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference_out.astype(jnp.float32))))
-    reps = bench_decode._STEP_REPS.value
+    reps = _STEP_REPS.value
     program = chained(step, reps)
     if _DUMP_HLO.value and not rows and out_stem:
       with open(out_stem + "_hlo.txt", "w") as f:
         f.write(program.lower(q, layers).compile().as_text())
     profile = profiling.kernel_times(program, q, layers, reps=3,
                                      calls_per_run=reps * len(layers))
-    in_step = step_time(step, q, layers, reps=reps, iters=bench_decode._ITERS.value, programs=4)
+    in_step = step_time(step, q, layers, reps=reps, iters=_ITERS.value, programs=4)
     # The same with each program paying its host dispatch (bench_decode's in-step rows until
     # 2026-12-07).
-    in_step_1 = step_time(step, q, layers, reps=reps, iters=bench_decode._ITERS.value)
+    in_step_1 = step_time(step, q, layers, reps=reps, iters=_ITERS.value)
     row = {"variant": text, "knobs": knobs, "kernel_us": profile["summary"]["kernel_us"],
            "launches": profile["summary"]["kernels_per_call"], "in_step_us": in_step * 1e3,
            "in_step_us_one_program_a_sample": in_step_1 * 1e3,

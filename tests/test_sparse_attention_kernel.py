@@ -267,6 +267,41 @@ def test_bench_attention_option_parsing():
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_bench_attention_writes_decode_rows(tmp_path):
+  """bench_attention.json / .md with a decode row (decode_timing.attention_row's schema, in-step
+  times as the row's own) beside a forward row, and the decode row's two profiles in
+  _profile.md (a subprocess: the binary defines flags)."""
+  out = str(tmp_path / "bench")
+  code = f"""if True:
+    import json
+    from absl import flags
+    from experiments import bench_attention as b, decode_timing
+    flags.FLAGS(["bench", "--out={out}"])
+    profile = {{"summary": {{"wall_us": 2.0, "kernel_us": 1.0, "idle_us": 0.5,
+                             "busy_fraction": 0.5, "kernels_per_call": 1.0}},
+                "kernels": [{{"name": "k", "us": 1.0, "count": 1.0, "share": 1.0,
+                              "idle_us": 0.5}}]}}
+    decode = {{"pass": "decode", "seq_len": 4096, "batch": 8, "config": "issue"}}
+    decode.update(sparsejax_ms=0.2, cudnn_dense_ms=0.9,
+                  step_sparsejax_ms=0.05, step_cudnn_dense_ms=0.4, floor_ms=0.02,
+                  step_speedup_vs_cudnn_dense=8.0, speedup_vs_cudnn_dense=4.5,
+                  selection_ms=0.1, attention_ms=0.1, profile=dict(sparse=profile, dense=profile))
+    fwd = b.row(4096, "fwd", 2.0, 4.0, 1.0, 1e12, scores_ms=1.0, selection_ms=1.5,
+                attention_given_selection_ms=0.5, mean_union_blocks=80.0, profile=profile)
+    b.write_outputs([fwd, decode_timing.attention_row(decode)], [])
+    rows = json.load(open("{out}.json"))["rows"]
+    assert rows[1]["pass"] == "decode" and rows[1]["sparsejax_ms"] == 0.05
+    assert rows[1]["cudnn_dense_ms"] == 0.4 and rows[1]["speedup_vs_cudnn_dense"] == 8.0
+    assert rows[1]["call_sparsejax_ms"] == 0.2 and rows[1]["ratio_to_floor"] == 2.5
+    md = open("{out}.md").read()
+    assert "| 4096 | decode, batch 8, in-step | 0.0500 |" in md and "8.00x" in md
+    assert "| 4096 | fwd | 2.00 |" in md
+    prof = open("{out}_profile.md").read()
+    assert "4096 tokens, decode, sparse" in prof and "4096 tokens, decode, dense" in prof
+    """
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("block_q", [1, 3, 4])
 def test_query_block_unions_match_sets(block_q):
   """Random selections with repeats, dead slots and out-of-range ids: each tile's union is the
