@@ -35,7 +35,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
 
 
-
 def _decode_kernel(idx_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: int,
                    num_splits: int, capacity: int, segments: bool, interpret: bool):
   # The outputs come last: the splits' partials, the result, and the (aliased) arrival counter.
@@ -124,7 +123,7 @@ def _combine_splits(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits: int
                                              "num_stages", "poison"))
 def sparse_decode_kernel(idx, lengths, q_segment_ids, q, k, v, kv_segment_ids, *, block_k: int,
                          num_splits: int, interpret: bool = False, num_warps: int = 4,
-                         num_stages: int = 2, poison: bool = False):
+                         num_stages: int = 3, poison: bool = False):
   """idx [b, kv_heads, slots] int32 (the blocks to attend, -1 = dead; slots a power of two);
   lengths [b] int32 (keys [0, length) are filled); q [b, kv_heads, rows, d] (rows a power of two
   >= 16, padding rows zero); k, v [b, capacity, kv_heads, d] with capacity >= block_k;
