@@ -25,3 +25,14 @@ def test_pretrain_then_generate(tmp_path):
   out = run("experiments.generate", f"--workdir={workdir}", "--prompt=def ", "--prompt=x = ",
             "--max_new_tokens=8")
   assert "checkpoint step 12" in out and out.count("-" * 60) == 2
+
+
+def test_tile_unions_smoke():
+  """experiments/tile_unions.py at 2560 tokens: a tile's union is at least as large as its
+  tokens' own selections, for the kernel's consecutive tiles and the regrouped ones."""
+  import json
+  out = run("experiments.tile_unions", "--seq_len=2560")
+  result = json.loads(out.strip().splitlines()[-1])
+  one = result["one_token"]["mean"]
+  assert 0 < one <= 64
+  assert result["consecutive"]["mean"] >= one and result["regrouped"]["mean"] >= one
