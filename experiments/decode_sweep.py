@@ -23,8 +23,9 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import profiling
-from experiments.decode_timing import (CONFIGS, chained, compressed_cache_keys, decode_calls,
-                                       random_inputs, step_time)
+from experiments.decode_timing import (CONFIGS, GEOMETRY, SHAPES, chained,
+                                       compressed_cache_keys, decode_calls, step_inputs,
+                                       step_time)
 from pallas_kernels.sparse_decode import default_num_splits
 from sparsejax.ops.infllmv2 import InfLLMv2Config
 
@@ -64,21 +65,13 @@ def parse_variant(text: str) -> dict:
 def main(argv):
   del argv
   seq, batch = _SEQ.value, _BATCH.value
-  heads, kv_heads, dim, dtype = 32, 2, 128, jnp.bfloat16
+  kv_heads = SHAPES[1]
   init_blocks, local_blocks, topk = CONFIGS[_CONFIG.value]
-  cfg = InfLLMv2Config(init_blocks=init_blocks, local_blocks=local_blocks, topk=topk,
-                       block_size=64, compress_window=32, compress_stride=16, dense_len=8192)
+  cfg = InfLLMv2Config(init_blocks=init_blocks, local_blocks=local_blocks, topk=topk, **GEOMETRY)
   variants = [(text.strip(), parse_variant(text)) for text in _VARIANTS.value.split(";")]
-  q, _, _ = random_inputs(jax.random.key(seq), (batch, 1, heads, dim),
-                           (batch, seq, kv_heads, dim), dtype)
-  q_start = jnp.full((batch,), seq - 1, jnp.int32)
-  seg, kv_seg = jnp.ones((batch, 1), jnp.int32), jnp.ones((batch, seq), jnp.int32)
-  layers = []
-  for i in range(_LAYERS.value):
-    k, v = random_inputs(jax.random.key(seq + 1 + i), (batch, 1, heads, dim),
-                          (batch, seq, kv_heads, dim), dtype)[1:]
-    kc = jax.jit(lambda k: compressed_cache_keys(k, cfg))(k)
-    layers.append((k, v, kc, q_start, seg, kv_seg))
+  q, q_start, seg, kv_seg, caches = step_inputs(seq, batch, _LAYERS.value)
+  cache_keys = jax.jit(lambda k: compressed_cache_keys(k, cfg))
+  layers = [(k, v, cache_keys(k), q_start, seg, kv_seg) for k, v in caches]
 
   rows, reference_out = [], None
   out_stem = _OUT.value

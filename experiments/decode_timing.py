@@ -22,6 +22,12 @@ HBM_BYTES_PER_S = 3.35e12
 # (init_blocks, local_blocks, topk): topk counts every block, the forced ones included.
 CONFIGS = {"shipped": (1, 32, 96), "issue": (1, 32, 64)}
 QUICK_CONFIGS = {"shipped": (1, 2, 6), "issue": (1, 2, 4)}
+# (heads, kv_heads, head_dim, dtype) and InfLLMv2Config geometry: the GPU rows, --quick's CPU rows.
+SHAPES = (32, 2, 128, jnp.bfloat16)
+GEOMETRY = dict(block_size=64, compress_window=32, compress_stride=16, dense_len=8192)
+QUICK_SHAPES = (4, 2, 16, jnp.float32)
+QUICK_GEOMETRY = dict(block_size=16, compress_window=8, compress_stride=4, dense_len=64,
+                      lse_window=32, lse_stride=16)
 
 
 def chained(call, reps: int):
@@ -58,6 +64,21 @@ def random_inputs(key, q_shape, kv_shape, dtype):
   keys = jax.random.split(key, 3)
   return (jax.random.normal(keys[0], q_shape, dtype), jax.random.normal(keys[1], kv_shape, dtype),
           jax.random.normal(keys[2], kv_shape, dtype))
+
+
+def step_inputs(seq: int, batch: int, layers: int, shapes=SHAPES, segments: bool = True):
+  """One decode step's inputs at cache length seq: (q, q_start, seg, kv_seg, caches), every
+  row's cache full; caches = `layers` distinct (k, v) pairs (at least one: the first is the one
+  the per-call timings use)."""
+  heads, kv_heads, dim, dtype = shapes
+  q_shape, kv_shape = (batch, 1, heads, dim), (batch, seq, kv_heads, dim)
+  q, k, v = random_inputs(jax.random.key(seq), q_shape, kv_shape, dtype)
+  caches = [(k, v)] + [random_inputs(jax.random.key(seq + 1 + i), q_shape, kv_shape, dtype)[1:]
+                       for i in range(layers - 1)]
+  q_start = jnp.full((batch,), seq - 1, jnp.int32)
+  seg = jnp.ones((batch, 1), jnp.int32) if segments else None
+  kv_seg = jnp.ones((batch, seq), jnp.int32) if segments else None
+  return q, q_start, seg, kv_seg, caches
 
 
 def compressed_cache_keys(k, cfg):
@@ -121,14 +142,12 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
   when given: name -> (init_blocks, local_blocks, topk)); returns bench_decode's rows
   (`attention_row` turns one into bench_attention.json's decode row)."""
   if quick:
-    heads, kv_heads, dim, dtype = 4, 2, 16, jnp.float32
-    geometry = dict(block_size=16, compress_window=8, compress_stride=4, dense_len=64,
-                    lse_window=32, lse_stride=16)
+    shapes, geometry = QUICK_SHAPES, QUICK_GEOMETRY
     table, implementation, dense_impls = QUICK_CONFIGS, "interpret", ("xla",)
   else:
-    heads, kv_heads, dim, dtype = 32, 2, 128, jnp.bfloat16
-    geometry = dict(block_size=64, compress_window=32, compress_stride=16, dense_len=8192)
+    shapes, geometry = SHAPES, GEOMETRY
     table, implementation, dense_impls = CONFIGS, "pallas", ("cudnn", "xla")
+  heads, kv_heads, dim, dtype = shapes
   table = selections or table
   unknown = sorted(set(configs) - set(table))
   if unknown:
@@ -136,16 +155,10 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
   itemsize = jnp.dtype(dtype).itemsize
   rows = []
   for seq in map(int, seq_lens):
-    q, k, v = random_inputs(jax.random.key(seq), (batch, 1, heads, dim),
-                             (batch, seq, kv_heads, dim), dtype)
-    q_start = jnp.full((batch,), seq - 1, jnp.int32)  # every row's cache is full
-    seg = jnp.ones((batch, 1), jnp.int32) if segments else None
-    kv_seg = jnp.ones((batch, seq), jnp.int32) if segments else None
-
-    # The in-step timing's other layers: fresh caches of the same shape (layer 0 is k, v).
-    extra = [random_inputs(jax.random.key(seq + 1 + i), (batch, 1, heads, dim),
-                            (batch, seq, kv_heads, dim), dtype)[1:] for i in range(layers - 1)]
-    caches = [(k, v)] + extra if layers else []
+    # The in-step timing's layers: distinct caches of the same shape (layer 0 is k, v).
+    q, q_start, seg, kv_seg, caches = step_inputs(seq, batch, max(layers, 1), shapes, segments)
+    k, v = caches[0]
+    caches = caches if layers else []
 
     dense_impl, t_dense, t_dense_step = None, float("nan"), float("nan")
     for impl in dense_impls:
