@@ -49,13 +49,12 @@ def _sortable(x):
   return jnp.where(bits < 0, bits ^ _MAGNITUDE, bits)
 
 
-def _topk_kernel(key_ref, *refs, topk: int):
-  *tail_ref, idx_ref = refs
-  key = key_ref[...]                                                # [width]
-  if tail_ref:  # merge_tail: each block also pools the tail windows of the block before it
-    columns = jax.lax.iota(jnp.int32, key.shape[0])
-    prev = plgpu.load(tail_ref[0].at[jnp.maximum(columns - 1, 0)], mask=columns > 0, other=0.0)
-    key = jnp.where(key == -jnp.inf, key, jnp.maximum(key, prev))
+def select_row(key, topk: int, slots: int):
+  """One row's top-k as a scatter: (target, value) int32 [width] such that storing value at
+  target into a row of 2 * slots (slots >= topk, a power of two, <= width) leaves in [0, slots)
+  the min(topk, #keys > -inf) best columns ascending, then -1; it writes only -1 to [slots,
+  2 * slots), all of it when width >= 2 * slots. key float32 [width] without NaN (steps 1-4 of
+  the module docstring)."""
   v = _sortable(key)
   neg_inf = _sortable(jnp.float32(-jnp.inf))
   eligible = v > neg_inf
@@ -85,32 +84,52 @@ def _topk_kernel(key_ref, *refs, topk: int):
   room = need - jnp.sum(above.astype(jnp.int32))
   chosen = above | (ties & (jnp.cumsum(ties.astype(jnp.int32)) <= room))
   # A stable partition: chosen columns to slots 0.. need - 1 in index order, the others (as -1)
-  # after them, each column to its own slot. Targets past the kept slots land in a scratch half
-  # of the output row that the op drops: lanes may collide there, never in the kept half. (No
-  # masked store: interpret mode's masked scatter lets a masked lane rewrite a shared address.)
+  # after them, each column to its own slot (width >= slots: they cover [need, slots)). Targets
+  # past the kept slots fold into the second half of the row: lanes may collide there, never in
+  # the kept half, and every lane that lands there writes -1. (No masked store: interpret
+  # mode's masked scatter lets a masked lane rewrite a shared address.)
   before = jnp.cumsum(chosen.astype(jnp.int32)) - chosen.astype(jnp.int32)
   columns = jax.lax.iota(jnp.int32, v.shape[0])
   target = jnp.where(chosen, before, need + columns - before)
-  slots = idx_ref.shape[0] // 2
   target = jnp.where(target < slots, target, slots + (target & (slots - 1)))
-  plgpu.store(idx_ref.at[target], jnp.where(chosen, columns, -1))
+  return target, jnp.where(chosen, columns, -1)
+
+
+def _topk_kernel(key_ref, *refs, topk: int):
+  *tail_ref, idx_ref = refs
+  key = key_ref[...]                                                # [width]
+  if tail_ref:  # merge_tail: each block also pools the tail windows of the block before it
+    columns = jax.lax.iota(jnp.int32, key.shape[0])
+    prev = plgpu.load(tail_ref[0].at[jnp.maximum(columns - 1, 0)], mask=columns > 0, other=0.0)
+    key = jnp.where(key == -jnp.inf, key, jnp.maximum(key, prev))
+  target, value = select_row(key, topk, idx_ref.shape[0] // 2)
+  plgpu.store(idx_ref.at[target], value)
+
+
+def index_slots(topk: int) -> int:
+  """The kept half of a top-k row: topk rounded up to a power of two, at least 16."""
+  return max(16, 1 << (topk - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "interpret", "num_warps"))
 def topk_indices(key, tail=None, *, topk: int, interpret: bool = False, num_warps: int = 4):
   """key float32 [rows, width] (width a power of two >= 16; -inf padding), tail None or like
   key (op.merge_tail: the keys are merged with it first) -> int32 [rows, 2 * slots] (slots =
-  topk rounded up to a power of two, at least 16): in the first `slots`, each row's
-  min(topk, #keys > -inf) best columns ascending, then -1; the rest is scratch."""
+  `index_slots(topk)`): in the first `slots`, each row's min(topk, #keys > -inf) best columns
+  ascending, then -1; the rest is scratch."""
   rows, width = key.shape
-  slots = 2 * max(16, 1 << (topk - 1).bit_length())
+  slots = index_slots(topk)
+  if width < slots:  # select_row's losers must cover the kept slots: pad with losers
+    pad = ((0, 0), (0, slots - width))
+    key = jnp.pad(key, pad, constant_values=-jnp.inf)
+    tail = None if tail is None else jnp.pad(tail, pad)
   operands = [key] if tail is None else [key, tail]
   return pl.pallas_call(
       functools.partial(_topk_kernel, topk=topk),
       grid=(rows,),
-      in_specs=[pl.BlockSpec((None, width), lambda r: (r, 0))] * len(operands),
-      out_specs=pl.BlockSpec((None, slots), lambda r: (r, 0)),
-      out_shape=jax.ShapeDtypeStruct((rows, slots), jnp.int32),
+      in_specs=[pl.BlockSpec((None, key.shape[1]), lambda r: (r, 0))] * len(operands),
+      out_specs=pl.BlockSpec((None, 2 * slots), lambda r: (r, 0)),
+      out_shape=jax.ShapeDtypeStruct((rows, 2 * slots), jnp.int32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="block_topk",
