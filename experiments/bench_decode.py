@@ -63,6 +63,10 @@ _KEYS_KERNEL = flags.DEFINE_bool(
 _KEYS_SPLITS = flags.DEFINE_integer(
     "keys_splits", 0, "With --keys_kernel: programs per (row, KV head) of the decode-key kernels, "
     "a power of two; 0 = their default_splits (about 512 programs in all).")
+_FUSED_SELECT = flags.DEFINE_bool(
+    "fused_select", True, "With both --keys_kernel and --topk_kernel: the top-k runs in the "
+    "decode scores kernel's last split (block_scores.select_decode_blocks), as the layer does; "
+    "false: the separate top-k kernel.")
 _APPROX = flags.DEFINE_bool(
     "approximate_lse", False, "Normalise the selection scores over the coarse compressed keys "
     "(InfLLMv2Config.approximate_lse, as bench_attention's prefill rows do by default; the cache "
@@ -89,7 +93,7 @@ def main(argv):
       topk_kernel=_TOPK_KERNEL.value,
       keys_kernel=_KEYS_KERNEL.value, keys_splits=_KEYS_SPLITS.value or None,
       approximate_lse=_APPROX.value, topk_num_warps=_TOPK_WARPS.value or None,
-      profile=_PROFILE.value,
+      fused_select=_FUSED_SELECT.value, profile=_PROFILE.value,
       quick=quick)
   if _OUT.value:
     write_results(rows, _OUT.value, quick=quick)

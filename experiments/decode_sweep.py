@@ -8,7 +8,9 @@ A variant is `;`-separated in --variants: comma-separated knob=value pairs over 
 layer's defaults). Knobs: splits, warps, stages (sparse_decode's programs per row and KV head,
 Triton warps, pipelining stages), topk_warps (block_topk's warps per row), keys_splits,
 keys_warps, keys_stages, keys_windows (the decode-key kernels'; keys_windows: compressed
-windows per tile, `block_windows`). Every variant runs the same inputs as
+windows per tile, `block_windows`), fused (1: the top-k in the decode scores kernel, as the
+layer runs it; 0: the separate top-k kernel), scores_warps (the fused scores kernel's warps).
+Every variant runs the same inputs as
 experiments/bench_decode's in-step rows (`--layers` caches x `--step_reps` passes chained in one
 program); kernel time comes from a profiler trace (experiments/profiling.py), which the
 in-step wall time of bench_decode follows within its process-to-process noise
@@ -46,7 +48,8 @@ _DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "Write the first variant's comp
 _KNOBS = {"splits": "splits", "warps": "num_warps", "stages": "num_stages",
           "topk_warps": "topk_num_warps", "keys_splits": "keys_splits",
           "keys_warps": "keys_num_warps", "keys_stages": "keys_num_stages",
-          "keys_windows": "keys_windows"}
+          "keys_windows": "keys_windows", "fused": "fused_select",
+          "scores_warps": "scores_num_warps"}
 
 
 def parse_variant(text: str) -> dict:

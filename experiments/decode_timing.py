@@ -13,6 +13,7 @@ from experiments import profiling
 from experiments.timing import timeit
 
 from pallas_kernels.block_scores import decode_selection_keys
+from pallas_kernels.block_scores import select_decode_blocks as select_decode_blocks_kernels
 from pallas_kernels.block_topk import top_blocks_fn
 from pallas_kernels.sparse_decode import default_num_splits, sparse_decode
 from pallas_kernels.sparse_decode import sparse_decode_reference
@@ -92,21 +93,29 @@ def compressed_cache_keys(k, cfg):
 def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: int = 4,
                  num_stages: int = 3, topk_kernel: bool = True, topk_num_warps: int | None = None,
                  keys_kernel: bool = True, keys_splits: int | None = None,
-                 keys_num_warps: int = 4, keys_num_stages: int = 2, keys_windows: int = 64):
+                 keys_num_warps: int = 4, keys_num_stages: int = 2, keys_windows: int = 64,
+                 fused_select: bool = True, scores_num_warps: int | None = None):
   """The decode attention as the InfLLM-V2 layer runs it, in its parts: (select(q, kc, q_start,
   seg, kv_seg) -> (idx, valid), attend(q, k, v, idx, valid, q_start, seg, kv_seg) -> out,
   step(q, k, v, kc, q_start, seg, kv_seg) -> out), kc = `compressed_cache_keys(k, cfg)`; the
-  keyword arguments are the kernels' launch knobs (experiments/decode_sweep.py sweeps them)."""
+  keyword arguments are the kernels' launch knobs (experiments/decode_sweep.py sweeps them).
+  fused_select: with both kernels on, the top-k runs in the scores kernel (the layer's way);
+  topk_num_warps then does nothing, and scores_num_warps sets the scores kernel's warps."""
   top = top_blocks_fn(implementation, topk_num_warps) if topk_kernel else None
-  keys_fn = (functools.partial(decode_selection_keys, implementation=implementation,
-                               splits=keys_splits, num_warps=keys_num_warps,
-                               num_stages=keys_num_stages, block_windows=keys_windows)
-             if keys_kernel else None)
+  knobs = dict(implementation=implementation, splits=keys_splits, num_warps=keys_num_warps,
+               num_stages=keys_num_stages, block_windows=keys_windows)
+  keys_fn = functools.partial(decode_selection_keys, **knobs) if keys_kernel else None
+  fused = (functools.partial(select_decode_blocks_kernels, **knobs,
+                             scores_num_warps=scores_num_warps)
+           if keys_kernel and topk_kernel and fused_select else None)
 
   def select(q, kc, q_start, seg, kv_seg):
-    return select_decode_blocks(q, kc[0], cfg, kv_len=seq, q_start=q_start, kc_coarse=kc[1],
-                                segment_ids=seg, kv_segment_ids=kv_seg, top_blocks_fn=top,
-                                selection_keys_fn=keys_fn)
+    kw = dict(kv_len=seq, q_start=q_start, kc_coarse=kc[1], segment_ids=seg,
+              kv_segment_ids=kv_seg)
+    if fused:
+      return fused(q, kc[0], cfg, **kw)
+    return select_decode_blocks(q, kc[0], cfg, top_blocks_fn=top, selection_keys_fn=keys_fn,
+                                **kw)
 
   def attend(q, k, v, idx, valid, q_start, seg, kv_seg):
     del valid  # its dead slots hold -1, which is all the kernel needs (as the layer passes it)
@@ -136,7 +145,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 topk_kernel: bool = True,
                 keys_kernel: bool = True, keys_splits: int | None = None,
                 approximate_lse: bool = False, topk_num_warps: int | None = None,
-                profile: bool = False, selections: dict | None = None,
+                fused_select: bool = True, profile: bool = False, selections: dict | None = None,
                 quick: bool = False) -> list[dict]:
   """Times decode at each cache length and selection (a name of `CONFIGS`, or of `selections`
   when given: name -> (init_blocks, local_blocks, topk)); returns bench_decode's rows
@@ -186,7 +195,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       select, attend, step = decode_calls(
           cfg, seq, implementation=implementation, splits=splits, num_warps=num_warps,
           num_stages=num_stages, topk_kernel=topk_kernel, topk_num_warps=topk_num_warps,
-          keys_kernel=keys_kernel, keys_splits=keys_splits)
+          keys_kernel=keys_kernel, keys_splits=keys_splits, fused_select=fused_select)
       select_jit, attend_jit, step_jit = jax.jit(select), jax.jit(attend), jax.jit(step)
       idx, valid = select_jit(q, kc, q_start, seg, kv_seg)
       t_select = timeit(select_jit, q, kc, q_start, seg, kv_seg, iters=iters)
@@ -211,7 +220,10 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
             q, kc[0], cfg, kv_len=seq, q_start=q_start, kc_coarse=kc[1], segment_ids=seg,
             kv_segment_ids=kv_seg, top_blocks_fn=top_blocks_fn(implementation, topk_num_warps)))(
                 q, kc, q_start, seg, kv_seg)
-        agree = float(jnp.mean(jnp.all(xla_idx == idx, axis=-1)))
+        # (the fused selection's rows carry extra -1 columns)
+        width = xla_idx.shape[-1]
+        agree = float(jnp.mean(jnp.all(xla_idx == idx[..., :width], axis=-1)
+                               & jnp.all(idx[..., width:] == -1, axis=-1)))
       selected = int(jnp.sum(valid))  # (row, KV head, block) triples actually attended
       kv_bytes = selected * cfg.block_size * dim * itemsize * 2
       kc_bytes = sum(x.size for x in kc if x is not None) * itemsize
@@ -228,7 +240,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "step_layers": len(caches), "step_reps": step_reps,
              "step_programs": step_programs,
              "topk_kernel": topk_kernel, "topk_num_warps": topk_num_warps,
-             "keys_kernel": keys_kernel,
+             "keys_kernel": keys_kernel, "fused_select": fused_select,
              "keys_splits": keys_splits if keys_kernel else None,
              "approximate_lse": approximate_lse,
              "selections_equal_to_xla_keys": agree,

@@ -163,7 +163,8 @@ def test_bad_inputs_are_named():
 # ---------------------------------------------------------------------------------------------
 # Decode: selection keys of one query token per row from the cached compressed keys.
 
-from pallas_kernels.block_scores.decode import decode_selection_keys, default_splits  # noqa: E402
+from pallas_kernels.block_scores.decode import (decode_selection_keys, default_splits,  # noqa: E402
+                                                select_decode_blocks)
 
 DECODE_CASES = [  # batch, kv_len, heads, kv_heads, packed, approximate_lse, splits, block_windows
     (3, 200, 4, 2, False, False, None, 16),  # ragged cache: 12.5 blocks
@@ -224,6 +225,36 @@ def test_decode_keys_match_reference(batch, kv_len, heads, kv_heads, is_packed, 
   for a, b in zip(ref_ops.top_blocks(jnp.asarray(got), cfg.topk),
                   ref_ops.top_blocks(jnp.asarray(want), cfg.topk)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("batch,kv_len,heads,kv_heads,is_packed,approx,splits,block_windows",
+                         DECODE_CASES)
+def test_decode_selection_in_the_scores_kernel_matches_reference(
+    batch, kv_len, heads, kv_heads, is_packed, approx, splits, block_windows):
+  """select_decode_blocks with the top-k in the scores kernel's last split: the reference's
+  blocks (the dense fallback below dense_len included), then -1 columns, in outputs that start
+  as garbage (interpret mode: INT_MIN)."""
+  # dense_len between the rows' positions: rows 0 (and 1) select, a row 2 (q_start 5) is dense;
+  # at 150 the dense rows need more slots (10) than topk.
+  for dense_len in (20, 150):
+    cfg = dataclasses.replace(CFG, approximate_lse=approx, local_blocks=2, init_blocks=2, topk=6,
+                              dense_len=dense_len)
+    q, kc, kc2, q_start, seg, kv_seg = _decode_inputs(kv_len, batch, kv_len, heads, kv_heads,
+                                                      is_packed, cfg)
+    kw = dict(kv_len=kv_len, q_start=q_start, kc_coarse=kc2 if approx else None,
+              segment_ids=seg, kv_segment_ids=kv_seg)
+    want_idx, want_valid = ref_ops.select_decode_blocks(q, kc, cfg, **kw)
+    got_idx, got_valid = select_decode_blocks(q, kc, cfg, implementation="interpret",
+                                              splits=splits, block_windows=block_windows, **kw)
+    width = want_idx.shape[-1]
+    assert got_idx.shape[:3] == want_idx.shape[:3] and got_idx.shape[-1] >= width
+    np.testing.assert_array_equal(np.asarray(got_idx[..., width:]), -1)
+    np.testing.assert_array_equal(np.asarray(got_idx[..., :width]), np.asarray(want_idx))
+    np.testing.assert_array_equal(np.asarray(got_valid[..., :width]), np.asarray(want_valid))
+    counts = np.asarray(want_valid).sum(-1)
+    assert counts.max() >= cfg.topk                               # some rows selected
+    if batch > 2:                                                 # the dense row's few blocks
+      assert counts.min() < cfg.topk
 
 
 def test_decode_keys_bad_inputs_are_named():

@@ -288,8 +288,10 @@ def test_generation_with_cached_compressed_keys_equals_reference_path():
   xla_keys = with_params_of(model, sparse_model_config(kernel="interpret",
                                                        decode_keys_kernel=False))
   assert generate(xla_keys, prompts, max_new_tokens=14) == want  # the Pallas kernel, XLA's keys
+  keys = with_params_of(model, sparse_model_config(kernel="interpret", topk_kernel=False))
+  assert generate(keys, prompts, max_new_tokens=14) == want  # + the selection-key kernels
   kernel = with_params_of(model, sparse_model_config(kernel="interpret"))
-  assert generate(kernel, prompts, max_new_tokens=14) == want  # + the selection-key kernels
+  assert generate(kernel, prompts, max_new_tokens=14) == want  # + the top-k in the scores kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,12 +383,13 @@ def test_decode_sweep_smoke(tmp_path):
   from tests.test_experiments import ROOT, run
   out = str(tmp_path / "sweep")
   run("experiments.decode_sweep", "--implementation=interpret", "--seq_len=1024", "--batch=2",
-      "--layers=1", "--step_reps=1", "--iters=1", "--variants=base;splits=3,topk_warps=8",
+      "--layers=1", "--step_reps=1", "--iters=1", "--variants=base;splits=3,fused=0,topk_warps=8",
       f"--out={out}")
   with open(out + ".json") as f:
     rows = json.load(f)["rows"]
-  assert [r["variant"] for r in rows] == ["base", "splits=3,topk_warps=8"]
-  assert rows[1]["knobs"] == {"splits": 3, "topk_num_warps": 8}
+  # The second variant selects with the separate top-k kernel: the same blocks.
+  assert [r["variant"] for r in rows] == ["base", "splits=3,fused=0,topk_warps=8"]
+  assert rows[1]["knobs"] == {"splits": 3, "fused_select": 0, "topk_num_warps": 8}
   assert rows[1]["max_abs_diff_vs_first"] < 1e-2 and rows[0]["in_step_us"] > 0
   with open(out + ".md") as f:
     assert f.read().count("\n| ") == 3  # header row + 2 variants

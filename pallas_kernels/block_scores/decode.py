@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_scores.kernel import visible_tiles
+from pallas_kernels.block_topk.kernel import select_row
 from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
 from pallas_kernels.sparse_attention.index import next_power_of_2
 from sparsejax.ops import infllmv2 as reference
@@ -151,9 +152,14 @@ def _merged_lse(m_ref, l_ref):
 
 
 def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overlap, heads,
-                   splits, segments, approximate, init_blocks, local_blocks, block_size):
+                   splits, segments, approximate, init_blocks, local_blocks, block_size, select,
+                   interpret):
   refs = list(refs)
+  if select:  # inputs ..., the arrival counter (aliased); outputs keys, indices, the counter
+    count_ref, idx_ref = refs.pop(), refs.pop()
   out_ref = refs.pop()
+  if select:
+    refs.pop()
   if approximate:
     m2_ref, l2_ref = refs.pop(0), refs.pop(0)
   doc_ref = refs.pop(0) if segments else None
@@ -234,17 +240,52 @@ def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overla
 
   lax.fori_loop(first, jnp.minimum((split + 1) * static, total), fill, 0)
 
+  if select:
+    # The split of a (row, KV head) that finishes last selects its blocks from the keys all the
+    # splits wrote (sparse_decode's combine pattern: every thread's stores come before the
+    # barrier, the counter's atomic add is acquire-release at GPU scope, the keys are read back
+    # with volatile loads): one top-k launch and its wait fewer per decode step.
+    if not interpret:
+      plgpu.debug_barrier()
+    row = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
+    arrived = plgpu.atomic_add(count_ref, row, jnp.ones((), jnp.int32))
+    pl.when(arrived == splits - 1)(functools.partial(
+        _select_blocks, out_ref, idx_ref, q_pos, block_size=block_size, select=select))
+
+
+def _select_blocks(keys_ref, idx_ref, q_pos, *, block_size, select):
+  """One row's decode selection into idx_ref [2 * slots]: below dense_len every block up to the
+  query's, else the top-k of the keys (select_row); then -1 (select_decode_blocks' rule)."""
+  topk, slots, dense_len = select
+  dense = q_pos + 1 < dense_len
+
+  @pl.when(dense)
+  def _dense():
+    columns = jnp.arange(2 * slots)
+    idx_ref[...] = jnp.where(columns < (q_pos + block_size) // block_size, columns, -1)
+
+  @pl.when(jnp.logical_not(dense))
+  def _top():
+    key = plgpu.load(keys_ref.at[pl.ds(0, keys_ref.shape[0])], volatile=True)
+    target, value = select_row(key, topk, slots)
+    plgpu.store(idx_ref.at[target], value)
+
 
 @functools.partial(jax.jit, static_argnames=(
     "heads", "tile", "splits", "window", "stride", "lse_window", "lse_stride", "block_size",
-    "init_blocks", "local_blocks", "n_out", "interpret", "num_warps", "num_stages"))
+    "init_blocks", "local_blocks", "n_out", "select", "interpret", "num_warps", "num_stages",
+    "scores_num_warps"))
 def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, window, stride,
                         lse_window, lse_stride, block_size, init_blocks, local_blocks, n_out,
-                        interpret=False, num_warps=4, num_stages=2):
+                        select=None, interpret=False, num_warps=4, num_stages=2,
+                        scores_num_warps=None):
   """pos [b, 2] int32 (query position, query segment); qg [b, kv_heads, rows, d] (rows >= 16,
   `heads` real); kc [b, c, kv_heads, d]; coarse (kc2 [b, c2, kv_heads, d], wseg2 [b, c2] or None)
   or None; wseg [b, c] and doc [b, n_doc] int32 (a power of two >= n_out) or None (no segments).
-  Returns float32 keys [b, kv_heads, n_out] (n_out a multiple of tile / ratio)."""
+  Returns float32 keys [b, kv_heads, n_out] (n_out a multiple of tile / ratio); with select =
+  (topk, slots, dense_len) (slots a power of two, 2 * slots <= n_out) the scores kernel also
+  selects, and it returns (keys, int32 block indices [b, kv_heads, 2 * slots]).
+  scores_num_warps: the scores kernel's (default num_warps)."""
   batch, kv_heads, rows, d = qg.shape
   ratio = block_size // stride
   segments = wseg is not None
@@ -290,15 +331,31 @@ def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, 
   if segments:
     in_specs.append(row_spec(doc.shape[1]))
     args.append(doc)
-  return pl.pallas_call(
+  out_specs = [pl.BlockSpec((None, None, n_out), lambda b, h, s: (b, h, 0))]
+  out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, n_out), jnp.float32)]
+  aliases = {}
+  if select:
+    slots = select[1]
+    count_spec = pl.BlockSpec((batch * kv_heads,), lambda b, h, s: (0,))
+    out_specs += [pl.BlockSpec((None, None, 2 * slots), lambda b, h, s: (b, h, 0)), count_spec]
+    out_shape += [jax.ShapeDtypeStruct((batch, kv_heads, 2 * slots), jnp.int32),
+                  jax.ShapeDtypeStruct((batch * kv_heads,), jnp.int32)]
+    # The arrival counter starts at zero on every call.
+    aliases = {len(args): 2}
+    in_specs.append(count_spec)
+    args.append(jnp.zeros((batch * kv_heads,), jnp.int32))
+  keys, *selected = pl.pallas_call(
       functools.partial(_scores_kernel, tile=tile, ratio=ratio, overlap=window // stride,
                         heads=heads, splits=splits, segments=segments,
                         approximate=approximate, init_blocks=init_blocks,
-                        local_blocks=local_blocks, block_size=block_size),
-      grid=(batch, kv_heads, splits), in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, n_out), lambda b, h, s: (b, h, 0)),
-      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, n_out), jnp.float32),
-      compiler_params=params, interpret=interpret, name="infllmv2_decode_scores")(*args)
+                        local_blocks=local_blocks, block_size=block_size, select=select,
+                        interpret=interpret),
+      grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=scores_num_warps or num_warps,
+                                           num_stages=num_stages),
+      interpret=interpret, name="infllmv2_decode_scores")(*args)
+  return (keys, selected[0]) if select else keys
 
 
 def _window_segments(kv_seg, count, window, stride):
@@ -318,16 +375,12 @@ def default_splits(batch: int, kv_heads: int, tiles: int) -> int:
   return 1 << (most.bit_length() - 1)
 
 
-def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, q_start,
-                          kc_coarse=None, segment_ids=None, kv_segment_ids=None,
-                          implementation: str = "pallas", block_windows: int = 64,
-                          splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
-  """See the module docstring. q [b, 1, heads, d]; kc / kc_coarse as `compressed_block_scores`
-  takes them (num_windows(kv_len, ...) windows); q_start [b]; segment_ids [b, 1] with
-  kv_segment_ids [b, kv_len], or neither. block_windows: compressed windows per tile (a power
-  of two, a multiple of block_size / compress_stride); splits: programs per (row, KV head), a
-  power of two (default `default_splits`)."""
-  fn = "decode_selection_keys"
+def _kernel_inputs(fn, q, kc, cfg, *, kv_len, q_start, kc_coarse, segment_ids, kv_segment_ids,
+                   implementation, block_windows, splits, min_out=0):
+  """Checks the op's arguments. Returns (args, options, kw): the kernels' positional arguments
+  and their keyword arguments but `select` and the launch knobs (both None for
+  implementation="reference"), and the reference op's keyword arguments. min_out: the least
+  width of the kernels' keys (n_out)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{fn}: implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
@@ -340,7 +393,7 @@ def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, 
   kw = dict(kv_len=kv_len, q_start=q_start, kc_coarse=kc_coarse, segment_ids=segment_ids,
             kv_segment_ids=kv_segment_ids)
   if implementation == "reference":
-    return reference.decode_selection_keys(q, kc, cfg, **kw)
+    return None, None, kw
   # The reference's own checks (shapes of kc, kc_coarse, segments), on abstract values only.
   jax.eval_shape(lambda q, kc: reference.decode_selection_keys(q, kc, cfg, **kw), q, kc)
   ratio = cfg.block_size // cfg.compress_stride
@@ -362,7 +415,7 @@ def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, 
   qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
   n_blocks = -(-kv_len // cfg.block_size)
   tile_blocks = block_windows // ratio
-  n_out = max(next_power_of_2(n_blocks), tile_blocks)
+  n_out = max(next_power_of_2(n_blocks), tile_blocks, min_out)
   tiles = n_out // tile_blocks
   splits = default_splits(b, kv_heads, tiles) if splits is None else splits
   if (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1
@@ -388,10 +441,55 @@ def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, 
     doc = jnp.any(same_doc.reshape(b, n_blocks, cfg.block_size), axis=-1)
     doc = jnp.pad(doc.astype(jnp.int32), ((0, 0), (0, n_out - n_blocks)))
   pos = jnp.stack([q_start, q_seg], axis=-1)
-  keys = decode_keys_kernels(
-      pos, qg, kc, coarse, wseg, doc, heads=group, tile=block_windows, splits=int(splits),
-      window=cfg.compress_window, stride=cfg.compress_stride, lse_window=cfg.lse_window,
-      lse_stride=cfg.lse_stride, block_size=cfg.block_size, init_blocks=cfg.init_blocks,
-      local_blocks=cfg.local_blocks, n_out=n_out, interpret=implementation == "interpret",
-      num_warps=num_warps, num_stages=num_stages)
+  options = dict(heads=group, tile=block_windows, splits=int(splits),
+                 window=cfg.compress_window, stride=cfg.compress_stride,
+                 lse_window=cfg.lse_window, lse_stride=cfg.lse_stride,
+                 block_size=cfg.block_size, init_blocks=cfg.init_blocks,
+                 local_blocks=cfg.local_blocks, n_out=n_out,
+                 interpret=implementation == "interpret")
+  return (pos, qg, kc, coarse, wseg, doc), options, kw
+
+
+def decode_selection_keys(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, q_start,
+                          kc_coarse=None, segment_ids=None, kv_segment_ids=None,
+                          implementation: str = "pallas", block_windows: int = 64,
+                          splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
+  """See the module docstring. q [b, 1, heads, d]; kc / kc_coarse as `compressed_block_scores`
+  takes them (num_windows(kv_len, ...) windows); q_start [b]; segment_ids [b, 1] with
+  kv_segment_ids [b, kv_len], or neither. block_windows: compressed windows per tile (a power
+  of two, a multiple of block_size / compress_stride); splits: programs per (row, KV head), a
+  power of two (default `default_splits`)."""
+  args, options, kw = _kernel_inputs(
+      "decode_selection_keys", q, kc, cfg, kv_len=kv_len, q_start=q_start, kc_coarse=kc_coarse,
+      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, implementation=implementation,
+      block_windows=block_windows, splits=splits)
+  if args is None:
+    return reference.decode_selection_keys(q, kc, cfg, **kw)
+  keys = decode_keys_kernels(*args, **options, num_warps=num_warps, num_stages=num_stages)
   return keys[:, None]
+
+
+def select_decode_blocks(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, q_start,
+                         kc_coarse=None, segment_ids=None, kv_segment_ids=None,
+                         implementation: str = "pallas", block_windows: int = 64,
+                         splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                         scores_num_warps: int | None = None):
+  """`sparsejax.ops.infllmv2.select_decode_blocks` (the semantics) from the two decode kernels,
+  the scores kernel selecting too (its last split per row, `_select_blocks`): (block_idx int32,
+  block_valid bool) [b, 1, kv_heads, width], width >= decode_width(cfg, kv_len): the
+  reference's slots, then -1 (width is twice a power of two, so that no XLA op cuts the
+  kernel's rows). Arguments as `decode_selection_keys`; scores_num_warps: the scores kernel's
+  warps (default num_warps)."""
+  width = reference.decode_width(cfg, kv_len)
+  slots = max(16, next_power_of_2(width))
+  args, options, kw = _kernel_inputs(
+      "select_decode_blocks", q, kc, cfg, kv_len=kv_len, q_start=q_start, kc_coarse=kc_coarse,
+      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, implementation=implementation,
+      block_windows=block_windows, splits=splits, min_out=2 * slots)
+  if args is None:
+    return reference.select_decode_blocks(q, kc, cfg, **kw)
+  _, idx = decode_keys_kernels(*args, **options, select=(cfg.topk, slots, cfg.dense_len),
+                               num_warps=num_warps, num_stages=num_stages,
+                               scores_num_warps=scores_num_warps)
+  idx = idx[:, None]
+  return idx, idx >= 0

@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 
 from pallas_kernels.block_scores import decode_selection_keys, score_and_select
+from pallas_kernels.block_scores import select_decode_blocks as select_decode_blocks_kernels
 from pallas_kernels.block_topk import top_blocks_fn
 from pallas_kernels.sparse_attention import sparse_attention as sparse_attention_kernel
 from pallas_kernels.sparse_decode import sparse_decode
@@ -46,7 +47,8 @@ from sparsejax.ops.infllmv2 import (InfLLMv2Config, infllmv2_attention, infllmv2
 # decode step's selection keys with pallas_kernels/block_scores' two decode kernels instead of a
 # dozen XLA fusions; the same blocks. On the H100 at batch 8 (4 programs per SM) a decode step
 # took 0.069 ms against XLA's 0.093 at 32k and 0.090 against 0.100 at 128k
-# (experiments/results/kernel_dkdv_run.md).
+# (experiments/results/kernel_dkdv_run.md). With "topk_kernel" too, the second of them also
+# runs the top-k (one launch fewer).
 LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program", "topk_kernel", "block_q",
                  "decode_keys_kernel")
 MAX_HEADS_PER_PROGRAM = 16
@@ -98,6 +100,11 @@ class InfLLMv2Attention(GroupedQueryAttention):
                        f"{decode_keys!r}")
     self.decode_keys_fn = (functools.partial(decode_selection_keys, implementation=self.kernel)
                            if decode_keys and self.kernel != "reference" else None)
+    # Both kernels on: the decode scores kernel runs the top-k too (block_scores'
+    # select_decode_blocks), one launch and one XLA op fewer a step.
+    self.decode_select_fn = (
+        functools.partial(select_decode_blocks_kernels, implementation=self.kernel)
+        if self.decode_keys_fn is not None and topk_kernel else None)
     # Query tokens per attention tile (None: the kernel's default, 64 / heads_per_program).
     self.block_q = options.get("block_q")
     if self.block_q is not None and (not isinstance(self.block_q, int)
@@ -161,10 +168,13 @@ class InfLLMv2Attention(GroupedQueryAttention):
               kv_segment_ids=kv_segment_ids)
     if kernel == "reference":
       return infllmv2_decode(q, k, v, cache.kc, s, **kw)
-    block_idx, _ = select_decode_blocks(
-        q, cache.kc, s, kv_len=k.shape[1], top_blocks_fn=top_blocks_fn(self.topk_implementation),
-        selection_keys_fn=self.decode_keys_fn,
-        **kw)
+    if self.decode_select_fn is not None:
+      block_idx, _ = self.decode_select_fn(q, cache.kc, s, kv_len=k.shape[1], **kw)
+    else:
+      block_idx, _ = select_decode_blocks(
+          q, cache.kc, s, kv_len=k.shape[1],
+          top_blocks_fn=top_blocks_fn(self.topk_implementation),
+          selection_keys_fn=self.decode_keys_fn, **kw)
     # No validity mask: select_decode_blocks leaves -1 in every dead slot, which is all the
     # kernel needs (and one XLA op less a step).
     out, _ = sparse_decode(q[:, 0], k, v, block_idx[:, 0], None, q_start + 1,

@@ -43,8 +43,10 @@ def test_pallas_matches_reference(seq, heads, kv_heads, packed, approx):
     (32768, 8, 32, 2, True, False), (32768, 4, 32, 2, False, True),
     (131072, 8, 32, 2, True, False), (20000, 3, 8, 4, True, True)])
 def test_decode_keys_match_reference(capacity, batch, heads, kv_heads, packed, approx):
-  """The decode selection-key kernels (bf16 cache) against the jnp keys, at the layer's shapes."""
-  from pallas_kernels.block_scores import decode_selection_keys
+  """The decode selection-key kernels (bf16 cache) against the jnp keys, at the layer's shapes;
+  and the selection with the top-k in the scores kernel against the reference's top-k of those
+  same keys (exact), with row 0 below dense_len (the dense fallback)."""
+  from pallas_kernels.block_scores import decode_selection_keys, select_decode_blocks
   keys = jax.random.split(jax.random.key(capacity + heads), 2)
   q = jax.random.normal(keys[0], (batch, 1, heads, 128), jnp.bfloat16)
   k = jax.random.normal(keys[1], (batch, capacity, kv_heads, 128), jnp.bfloat16)
@@ -52,7 +54,9 @@ def test_decode_keys_match_reference(capacity, batch, heads, kv_heads, packed, a
                                approximate_lse=approx)
   kc = ref_ops.compress_keys(k, window=cfg.compress_window, stride=cfg.compress_stride)
   kc2 = ref_ops.compress_keys(k, window=cfg.lse_window, stride=cfg.lse_stride) if approx else None
-  q_start = jnp.asarray(np.linspace(capacity // 2, capacity - 1, batch).astype(np.int32))
+  q_start = np.linspace(capacity // 2, capacity - 1, batch).astype(np.int32)
+  q_start[0] = 5000
+  q_start = jnp.asarray(q_start)
   seg = kv_seg = None
   if packed:  # each row's document starts at a different token
     starts = np.linspace(0, capacity // 3, batch).astype(np.int64)
@@ -63,6 +67,13 @@ def test_decode_keys_match_reference(capacity, batch, heads, kv_heads, packed, a
   want = jax.jit(lambda q, kc: decode_selection_keys(q, kc, cfg, implementation="reference",
                                                       **kw))(q, kc)
   got = jax.jit(lambda q, kc: decode_selection_keys(q, kc, cfg, **kw))(q, kc)
+  idx, valid = jax.jit(lambda q, kc: select_decode_blocks(q, kc, cfg, **kw))(q, kc)
+  want_idx, want_valid = ref_ops.select_decode_blocks(
+      q, kc, cfg, selection_keys_fn=lambda *args, **kwargs: got, **kw)
+  width = want_idx.shape[-1]
+  np.testing.assert_array_equal(np.asarray(idx[..., :width]), np.asarray(want_idx))
+  np.testing.assert_array_equal(np.asarray(valid[..., :width]), np.asarray(want_valid))
+  assert np.all(np.asarray(idx[..., width:]) == -1)
   n = want.shape[-1]
   got, want = np.asarray(got[..., :n]), np.asarray(want)
   np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
