@@ -32,7 +32,10 @@ program, and hidden behind the previous program's run from the second on) and a 
 in L2 between calls (the layers' caches together exceed the H100's 50 MB L2) both drop out; the
 wall-clock columns above pay a dispatch per call, which at a few hundred microseconds is not
 small. (Until 2026-12-07 each sample was one program: its ~0.5 ms dispatch, spread over 16
-calls, added ~30 us to every in-step call, sparse and dense alike.)
+calls, added ~30 us to every in-step call, sparse and dense alike.) The positions and segment
+ids are passed once for all the layers, as a model's layers share its cache's: XLA computes the
+selection's segment arrays once a program, as in the model (until 2026-12-07 every call paid
+them).
   step_sparsejax_ms, step_cudnn_dense_ms, step_speedup_vs_cudnn_dense
 Each row also records the kernel's max abs error against its jnp reference (not timed).
 `--quick` runs a tiny CPU smoke version (the kernel in interpret mode) in seconds.

@@ -75,14 +75,15 @@ def main(argv):
   variants = [(text.strip(), parse_variant(text)) for text in _VARIANTS.value.split(";")]
   q, q_start, seg, kv_seg, caches = step_inputs(seq, batch, _LAYERS.value)
   cache_keys = jax.jit(lambda k: compressed_cache_keys(k, cfg))
-  layers = [(k, v, cache_keys(k), q_start, seg, kv_seg) for k, v in caches]
+  layers = [(k, v, cache_keys(k)) for k, v in caches]
+  shared = (q_start, seg, kv_seg)  # every layer's, passed once (decode_timing.chained)
 
   rows, reference_out = [], None
   out_stem = _OUT.value
   for text, knobs in variants:
     knobs = {"splits": default_num_splits(batch, kv_heads, topk), **knobs}
     _, _, step = decode_calls(cfg, seq, implementation=_IMPLEMENTATION.value, **knobs)
-    out = jax.jit(step)(q, *layers[0])
+    out = jax.jit(step)(q, *layers[0], *shared)
     if reference_out is None:
       reference_out = out
     diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference_out.astype(jnp.float32))))
@@ -90,13 +91,13 @@ def main(argv):
     program = chained(step, reps)
     if _DUMP_HLO.value and not rows and out_stem:
       with open(out_stem + "_hlo.txt", "w") as f:
-        f.write(program.lower(q, layers).compile().as_text())
-    profile = profiling.kernel_times(program, q, layers, reps=3,
+        f.write(program.lower(q, layers, shared).compile().as_text())
+    profile = profiling.kernel_times(program, q, layers, shared, reps=3,
                                      calls_per_run=reps * len(layers))
-    in_step = step_time(step, q, layers, reps=reps, iters=_ITERS.value, programs=4)
+    in_step = step_time(step, q, layers, shared, reps=reps, iters=_ITERS.value, programs=4)
     # The same with each program paying its host dispatch (bench_decode's in-step rows until
     # 2026-12-07).
-    in_step_1 = step_time(step, q, layers, reps=reps, iters=_ITERS.value)
+    in_step_1 = step_time(step, q, layers, shared, reps=reps, iters=_ITERS.value)
     row = {"variant": text, "knobs": knobs, "kernel_us": profile["summary"]["kernel_us"],
            "launches": profile["summary"]["kernels_per_call"], "in_step_us": in_step * 1e3,
            "in_step_us_one_program_a_sample": in_step_1 * 1e3,

@@ -32,16 +32,19 @@ QUICK_GEOMETRY = dict(block_size=16, compress_window=8, compress_stride=4, dense
 
 
 def chained(call, reps: int):
-  """One jitted program running call(q, layer_args) over every layer's arguments `reps` times,
-  each call's q nudged by the previous call's whole output (a dependence XLA cannot drop; q's
-  values do not change), so the calls run one after another as a model's layers do.
-  call(q, *layer) -> any pytree; its first leaf is the output."""
+  """One jitted program(q, layers, shared=()) running call(q, *layer, *shared) over every
+  layer's arguments `reps` times, each call's q nudged by the previous call's whole output (a
+  dependence XLA cannot drop; q's values do not change), so the calls run one after another as
+  a model's layers do. `shared` are the arguments every layer takes alike, passed once (as a
+  model's layers share its cache's positions and segment ids): XLA then computes what depends
+  on them alone once a program, as it does in the model (as separate arguments of each layer,
+  that work ran once a call). call(...) -> any pytree; its first leaf is the output."""
 
   @jax.jit
-  def program(q, layers):
+  def program(q, layers, shared=()):
     for _ in range(reps):
       for layer in layers:
-        out = jax.tree.leaves(call(q, *layer))[0]
+        out = jax.tree.leaves(call(q, *layer, *shared))[0]
         # The whole output feeds the next call, as a model's next layer reads all of it (with
         # one element, XLA computed an XLA split combine for that element alone).
         out = out.reshape(q.shape) if out.size == q.size else out.reshape(-1)[0]
@@ -51,11 +54,11 @@ def chained(call, reps: int):
   return program
 
 
-def step_time(call, q, layers, *, reps: int, iters: int, programs: int = 1) -> float:
+def step_time(call, q, layers, shared=(), *, reps: int, iters: int, programs: int = 1) -> float:
   """ms per call of `call` inside a chained program (see `chained`), `programs` of them
   dispatched back to back per timed sample: from 2 on, the host's dispatch of one program
   overlaps the device's run of the one before, as in a model's decode loop."""
-  return timeit(chained(call, reps), q, layers, iters=iters, reps=programs) / (
+  return timeit(chained(call, reps), q, layers, shared, iters=iters, reps=programs) / (
       reps * len(layers))
 
 
@@ -206,10 +209,10 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
 
       t_step_chained = float("nan")
       if caches:
-        layer_args = [(k_, v_, jax.jit(cache_keys)(k_), q_start, seg, kv_seg)
-                      for k_, v_ in caches]
-        t_step_chained = step_time(step, q, layer_args, reps=step_reps, iters=iters,
-                                 programs=step_programs)
+        layer_args = [(k_, v_, jax.jit(cache_keys)(k_)) for k_, v_ in caches]
+        shared = (q_start, seg, kv_seg)
+        t_step_chained = step_time(step, q, layer_args, shared, reps=step_reps, iters=iters,
+                                   programs=step_programs)
 
       got = attend_jit(q, k, v, idx, valid, q_start, seg, kv_seg)
       want, _ = jax.jit(lambda q, k, v, idx, valid, lengths: sparse_decode_reference(
@@ -251,12 +254,12 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       if profile and caches:  # per decode call: the in-step programs' kernels, by name
         where = (dict(process_prefix="/host:CPU", thread_contains="XLAPjRtCpuClient") if quick
                  else {})
-        runs = dict(sparse=(chained(step, step_reps), layer_args))
+        runs = dict(sparse=(chained(step, step_reps), layer_args, shared))
         if dense_impl:
-          runs["dense"] = (chained(dense_call, step_reps), caches)
+          runs["dense"] = (chained(dense_call, step_reps), caches, ())
         row["profile"] = {}
-        for kind, (program, program_layers) in runs.items():
-          p = profiling.kernel_times(program, q, program_layers, reps=3,
+        for kind, (program, program_layers, program_shared) in runs.items():
+          p = profiling.kernel_times(program, q, program_layers, program_shared, reps=3,
                                      calls_per_run=step_reps * len(caches), **where)
           row["profile"][kind] = {"summary": p["summary"], "kernels": p["kernels"][:40]}
         # Kernel time per step: steadier than the in-step wall time, which moved by +-10 us
