@@ -97,21 +97,19 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
                  num_stages: int = 3, topk_kernel: bool = True, topk_num_warps: int | None = None,
                  keys_kernel: bool = True, keys_splits: int | None = None,
                  keys_num_warps: int = 4, keys_num_stages: int = 2, keys_windows: int = 64,
-                 fused_select: bool = True, scores_num_warps: int | None = None,
-                 select_bits: int = 1):
+                 fused_select: bool = True, scores_num_warps: int | None = None):
   """The decode attention as the InfLLM-V2 layer runs it, in its parts: (select(q, kc, q_start,
   seg, kv_seg) -> (idx, valid), attend(q, k, v, idx, valid, q_start, seg, kv_seg) -> out,
   step(q, k, v, kc, q_start, seg, kv_seg) -> out), kc = `compressed_cache_keys(k, cfg)`; the
   keyword arguments are the kernels' launch knobs (experiments/decode_sweep.py sweeps them).
   fused_select: with both kernels on, the top-k runs in the scores kernel (the layer's way);
-  topk_num_warps then does nothing, and scores_num_warps / select_bits set the scores
-  kernel's warps and its top-k's bits a pass."""
+  topk_num_warps then does nothing, and scores_num_warps sets the scores kernel's warps."""
   top = top_blocks_fn(implementation, topk_num_warps) if topk_kernel else None
   knobs = dict(implementation=implementation, splits=keys_splits, num_warps=keys_num_warps,
                num_stages=keys_num_stages, block_windows=keys_windows)
   keys_fn = functools.partial(decode_selection_keys, **knobs) if keys_kernel else None
   fused = (functools.partial(select_decode_blocks_kernels, **knobs,
-                             scores_num_warps=scores_num_warps, select_bits=select_bits)
+                             scores_num_warps=scores_num_warps)
            if keys_kernel and topk_kernel and fused_select else None)
 
   def select(q, kc, q_start, seg, kv_seg):

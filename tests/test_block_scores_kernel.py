@@ -245,8 +245,7 @@ def test_decode_selection_in_the_scores_kernel_matches_reference(
               segment_ids=seg, kv_segment_ids=kv_seg)
     want_idx, want_valid = ref_ops.select_decode_blocks(q, kc, cfg, **kw)
     got_idx, got_valid = select_decode_blocks(q, kc, cfg, implementation="interpret",
-                                              splits=splits, block_windows=block_windows,
-                                              select_bits=(1, 2, 4)[heads % 3], **kw)
+                                              splits=splits, block_windows=block_windows, **kw)
     width = want_idx.shape[-1]
     assert got_idx.shape[:3] == want_idx.shape[:3] and got_idx.shape[-1] >= width
     np.testing.assert_array_equal(np.asarray(got_idx[..., width:]), -1)

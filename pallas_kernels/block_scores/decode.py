@@ -256,7 +256,7 @@ def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overla
 def _select_blocks(keys_ref, idx_ref, q_pos, *, block_size, select):
   """One row's decode selection into idx_ref [2 * slots]: below dense_len every block up to the
   query's, else the top-k of the keys (select_row); then -1 (select_decode_blocks' rule)."""
-  topk, slots, dense_len, bits = select
+  topk, slots, dense_len = select
   dense = q_pos + 1 < dense_len
 
   @pl.when(dense)
@@ -267,7 +267,7 @@ def _select_blocks(keys_ref, idx_ref, q_pos, *, block_size, select):
   @pl.when(jnp.logical_not(dense))
   def _top():
     key = plgpu.load(keys_ref.at[pl.ds(0, keys_ref.shape[0])], volatile=True)
-    target, value = select_row(key, topk, slots, bits)
+    target, value = select_row(key, topk, slots)
     plgpu.store(idx_ref.at[target], value)
 
 
@@ -283,8 +283,7 @@ def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, 
   `heads` real); kc [b, c, kv_heads, d]; coarse (kc2 [b, c2, kv_heads, d], wseg2 [b, c2] or None)
   or None; wseg [b, c] and doc [b, n_doc] int32 (a power of two >= n_out) or None (no segments).
   Returns float32 keys [b, kv_heads, n_out] (n_out a multiple of tile / ratio); with select =
-  (topk, slots, dense_len, bits) (slots a power of two, 2 * slots <= n_out; bits: select_row's)
-  the scores kernel also
+  (topk, slots, dense_len) (slots a power of two, 2 * slots <= n_out) the scores kernel also
   selects, and it returns (keys, int32 block indices [b, kv_heads, 2 * slots]).
   scores_num_warps: the scores kernel's (default num_warps)."""
   batch, kv_heads, rows, d = qg.shape
@@ -474,14 +473,13 @@ def select_decode_blocks(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, q
                          kc_coarse=None, segment_ids=None, kv_segment_ids=None,
                          implementation: str = "pallas", block_windows: int = 64,
                          splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                         scores_num_warps: int | None = None, select_bits: int = 1):
+                         scores_num_warps: int | None = None):
   """`sparsejax.ops.infllmv2.select_decode_blocks` (the semantics) from the two decode kernels,
   the scores kernel selecting too (its last split per row, `_select_blocks`): (block_idx int32,
   block_valid bool) [b, 1, kv_heads, width], width >= decode_width(cfg, kv_len): the
   reference's slots, then -1 (width is twice a power of two, so that no XLA op cuts the
   kernel's rows). Arguments as `decode_selection_keys`; scores_num_warps: the scores kernel's
-  warps (default num_warps); select_bits: threshold bits the top-k decides a pass (1, 2, 4;
-  block_topk.kernel.select_row)."""
+  warps (default num_warps)."""
   width = reference.decode_width(cfg, kv_len)
   slots = max(16, next_power_of_2(width))
   args, options, kw = _kernel_inputs(
@@ -490,10 +488,7 @@ def select_decode_blocks(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, q
       block_windows=block_windows, splits=splits, min_out=2 * slots)
   if args is None:
     return reference.select_decode_blocks(q, kc, cfg, **kw)
-  if select_bits not in (1, 2, 4):
-    raise ValueError(f"select_decode_blocks: select_bits must be 1, 2 or 4, got {select_bits!r}")
-  _, idx = decode_keys_kernels(*args, **options,
-                               select=(cfg.topk, slots, cfg.dense_len, select_bits),
+  _, idx = decode_keys_kernels(*args, **options, select=(cfg.topk, slots, cfg.dense_len),
                                num_warps=num_warps, num_stages=num_stages,
                                scores_num_warps=scores_num_warps)
   idx = idx[:, None]

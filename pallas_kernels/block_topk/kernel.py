@@ -49,15 +49,12 @@ def _sortable(x):
   return jnp.where(bits < 0, bits ^ _MAGNITUDE, bits)
 
 
-def select_row(key, topk: int, slots: int, bits: int = 1):
+def select_row(key, topk: int, slots: int):
   """One row's top-k as a scatter: (target, value) int32 [width] such that storing value at
   target into a row of 2 * slots (slots >= topk, a power of two, <= width) leaves in [0, slots)
   the min(topk, #keys > -inf) best columns ascending, then -1; it writes only -1 to [slots,
   2 * slots), all of it when width >= 2 * slots. key float32 [width] without NaN (steps 1-4 of
-  the module docstring). bits: threshold bits a count decides (1, 2 or 4): 2^bits - 1
-  candidates a pass, counted in one [2^bits, width] reduction, for 32 / bits passes at most."""
-  if bits not in (1, 2, 4):
-    raise ValueError(f"select_row: bits must be 1, 2 or 4, got {bits!r}")
+  the module docstring)."""
   v = _sortable(key)
   neg_inf = _sortable(jnp.float32(-jnp.inf))
   eligible = v > neg_inf
@@ -80,21 +77,8 @@ def select_row(key, topk: int, slots: int, bits: int = 1):
     keep = count >= need
     return i + 1, jnp.where(keep, cand_w, t_w), jnp.where(keep, count, count_t)
 
-  def bits_step(state):
-    # Candidates t | j << shift for j < 2^bits; j = 0 is t itself, with >= need keys above it.
-    # Counts fall as j grows, so the kept candidates are a prefix: the last one is the pick.
-    i, t_w, _ = state
-    shift = 32 - bits - i
-    cand_w = t_w | jnp.left_shift(jax.lax.iota(jnp.int32, 1 << bits), shift)
-    counts = jnp.sum((v[None, :] >= (cand_w ^ _INT_MIN)[:, None]).astype(jnp.int32), axis=1)
-    keep = counts >= need
-    pick = jnp.sum(keep.astype(jnp.int32)) - 1
-    return (i + bits, t_w | jnp.left_shift(pick, shift),
-            jnp.min(jnp.where(keep, counts, jnp.iinfo(jnp.int32).max)))
-
   start = (jnp.int32(0), jnp.int32(0), jnp.int32(v.shape[0]))  # every key is >= INT_MIN
-  step = bit_step if bits == 1 else bits_step
-  threshold = jax.lax.while_loop(not_found, step, start)[1] ^ _INT_MIN
+  threshold = jax.lax.while_loop(not_found, bit_step, start)[1] ^ _INT_MIN
   above = (v > threshold) & eligible
   ties = (v == threshold) & eligible
   room = need - jnp.sum(above.astype(jnp.int32))
@@ -111,14 +95,14 @@ def select_row(key, topk: int, slots: int, bits: int = 1):
   return target, jnp.where(chosen, columns, -1)
 
 
-def _topk_kernel(key_ref, *refs, topk: int, bits: int):
+def _topk_kernel(key_ref, *refs, topk: int):
   *tail_ref, idx_ref = refs
   key = key_ref[...]                                                # [width]
   if tail_ref:  # merge_tail: each block also pools the tail windows of the block before it
     columns = jax.lax.iota(jnp.int32, key.shape[0])
     prev = plgpu.load(tail_ref[0].at[jnp.maximum(columns - 1, 0)], mask=columns > 0, other=0.0)
     key = jnp.where(key == -jnp.inf, key, jnp.maximum(key, prev))
-  target, value = select_row(key, topk, idx_ref.shape[0] // 2, bits)
+  target, value = select_row(key, topk, idx_ref.shape[0] // 2)
   plgpu.store(idx_ref.at[target], value)
 
 
@@ -127,13 +111,12 @@ def index_slots(topk: int) -> int:
   return max(16, 1 << (topk - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "interpret", "num_warps", "bits"))
-def topk_indices(key, tail=None, *, topk: int, interpret: bool = False, num_warps: int = 4,
-                 bits: int = 1):
+@functools.partial(jax.jit, static_argnames=("topk", "interpret", "num_warps"))
+def topk_indices(key, tail=None, *, topk: int, interpret: bool = False, num_warps: int = 4):
   """key float32 [rows, width] (width a power of two >= 16; -inf padding), tail None or like
   key (op.merge_tail: the keys are merged with it first) -> int32 [rows, 2 * slots] (slots =
   `index_slots(topk)`): in the first `slots`, each row's min(topk, #keys > -inf) best columns
-  ascending, then -1; the rest is scratch. bits: `select_row`'s."""
+  ascending, then -1; the rest is scratch."""
   rows, width = key.shape
   slots = index_slots(topk)
   if width < slots:  # select_row's losers must cover the kept slots: pad with losers
@@ -142,7 +125,7 @@ def topk_indices(key, tail=None, *, topk: int, interpret: bool = False, num_warp
     tail = None if tail is None else jnp.pad(tail, pad)
   operands = [key] if tail is None else [key, tail]
   return pl.pallas_call(
-      functools.partial(_topk_kernel, topk=topk, bits=bits),
+      functools.partial(_topk_kernel, topk=topk),
       grid=(rows,),
       in_specs=[pl.BlockSpec((None, key.shape[1]), lambda r: (r, 0))] * len(operands),
       out_specs=pl.BlockSpec((None, 2 * slots), lambda r: (r, 0)),

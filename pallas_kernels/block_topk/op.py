@@ -38,11 +38,10 @@ def default_num_warps(rows: int) -> int:
 
 
 def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int | None = None,
-               tail=None, bits: int = 1):
+               tail=None):
   """See the module docstring; key [..., n_blocks] float32 without NaN. tail: None, or the
   scoring kernel's tail maxima (like key): the keys are `merge_tail(key, tail)`, which the
-  kernel forms as it loads them. num_warps: per row (default `default_num_warps`); bits:
-  threshold bits decided a pass (1, 2 or 4; kernel.select_row)."""
+  kernel forms as it loads them. num_warps: per row (default `default_num_warps`)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"top_blocks: implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
@@ -51,8 +50,6 @@ def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int
   if key.ndim < 1 or key.dtype != jnp.float32:
     raise ValueError(f"top_blocks: key must be a float32 array [..., n_blocks], got "
                      f"{key.dtype} {key.shape}")
-  if bits not in (1, 2, 4):
-    raise ValueError(f"top_blocks: bits must be 1, 2 or 4, got {bits!r}")
   if tail is not None and (tail.shape != key.shape or tail.dtype != jnp.float32):
     raise ValueError(f"top_blocks: tail must be float32 like key {key.shape}, got {tail.dtype} "
                      f"{tail.shape}")
@@ -66,7 +63,7 @@ def top_blocks(key, topk: int, *, implementation: str = "pallas", num_warps: int
   if num_warps is None:
     num_warps = default_num_warps(flat.shape[0])
   idx = topk_indices(flat, flat_tail, topk=int(topk), interpret=implementation == "interpret",
-                     num_warps=num_warps, bits=bits)[:, :topk].reshape(*lead, topk)
+                     num_warps=num_warps)[:, :topk].reshape(*lead, topk)
   return idx, idx >= 0
 
 

@@ -22,10 +22,9 @@ def test_matches_xla_top_k(rows, n_blocks, topk, levels):
   cut = jax.random.randint(jax.random.key(7), (rows, 1), 0, n_blocks + 1)
   key = jnp.where(col > cut, -jnp.inf, jnp.where(col == 0, jnp.inf, key))
   want = jax.jit(lambda k: ref_ops.top_blocks(k, topk))(key)
-  for bits in (1, 2, 4):  # threshold bits decided a pass
-    got = jax.jit(lambda k: top_blocks(k, topk, implementation="pallas", bits=bits))(key)
-    for g, w in zip(got, want):
-      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  got = jax.jit(lambda k: top_blocks(k, topk, implementation="pallas"))(key)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 @pytest.mark.parametrize("packed", [True, False])
