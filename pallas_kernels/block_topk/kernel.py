@@ -17,7 +17,10 @@ exactly k keys are at or above the threshold took 128k from 4.0 to 3.26 ms (2026
 bench_topk_1207d.md); a decode step's 16 rows stayed at ~9.5 us (latency-bound). Counting 2^b candidate
 thresholds a pass (32 / b passes, fewer barriers) was slower at every size tried on the H100
 (2026-12-07, experiments/results/decode_one_pass.md): at 128k, 6.6 ms for b = 2 and 11.3 for
-b = 4 against 4.0; for a decode step's 16 rows, 20.8 us in-step for b = 4 against 9.4.
+b = 4 against 4.0; for a decode step's 16 rows, 20.8 us in-step for b = 4 against 9.4. Again,
+with the 2^b candidates counted in one [2^b, width] reduction, for the decode top-k in the
+scores kernel's tail (2026-12-07, decode_1207f.md): b = 1 9.7 us, 2 13.4, 4 21.4. The passes'
+compares, not their barriers, set the time; the option was removed again.
 
 Per row:
   1. Keys become int32 whose signed order is the float order (flip the magnitude bits of the
