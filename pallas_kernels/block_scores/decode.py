@@ -5,9 +5,16 @@
                         kv_segment_ids=None, implementation="pallas" | "interpret" | "reference")
       -> float32 [batch, 1, kv_heads, n_keys]
 
+  select_decode_blocks(... the same arguments) -> (block_idx int32, block_valid bool)
+      [batch, 1, kv_heads, width >= decode_width]
+
 Same as `decode_selection_keys` of sparsejax.ops.infllmv2 (the reference) for one query token
 per row (+inf forced, -inf ineligible, else the block score), with n_keys >= ceil(kv_len /
 block_size): the columns past the last block are -inf, so the top-k reads them as padding.
+`select_decode_blocks` is the reference's `select_decode_blocks` with the top-k (and the dense
+fallback) run by the scores kernel's last split of each row: two launches fewer a step, the
+same time on the H100 (the top-k's cost is its ~20 radix passes on one program, not its launch;
+experiments/results/decode_1207f.md). The layer uses it.
 
 Why kernels: in XLA a decode step's selection is about a dozen small fusions (logits, two
 logsumexp reductions, probabilities, group sum, max-pool, eligibility, forced blocks), each a

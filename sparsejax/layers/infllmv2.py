@@ -48,7 +48,7 @@ from sparsejax.ops.infllmv2 import (InfLLMv2Config, infllmv2_attention, infllmv2
 # dozen XLA fusions; the same blocks. On the H100 at batch 8 (4 programs per SM) a decode step
 # took 0.069 ms against XLA's 0.093 at 32k and 0.090 against 0.100 at 128k
 # (experiments/results/kernel_dkdv_run.md). With "topk_kernel" too, the second of them also
-# runs the top-k (one launch fewer).
+# runs the top-k: two launches fewer, the same time (decode_1207f.md).
 LAYER_OPTIONS = ("implementation", "kernel", "heads_per_program", "topk_kernel", "block_q",
                  "decode_keys_kernel")
 MAX_HEADS_PER_PROGRAM = 16
@@ -101,7 +101,7 @@ class InfLLMv2Attention(GroupedQueryAttention):
     self.decode_keys_fn = (functools.partial(decode_selection_keys, implementation=self.kernel)
                            if decode_keys and self.kernel != "reference" else None)
     # Both kernels on: the decode scores kernel runs the top-k too (block_scores'
-    # select_decode_blocks), one launch and one XLA op fewer a step.
+    # select_decode_blocks): the top-k kernel and the selection's pad/where fusion fewer a step.
     self.decode_select_fn = (
         functools.partial(select_decode_blocks_kernels, implementation=self.kernel)
         if self.decode_keys_fn is not None and topk_kernel else None)
