@@ -171,6 +171,7 @@ DECODE_CASES = [  # batch, kv_len, heads, kv_heads, packed, approximate_lse, spl
     (2, 333, 16, 1, True, True, 4, 16),      # GQA 16, documents, coarse normaliser, 4 splits
     (3, 256, 2, 2, True, False, 1, 32),      # GQA 1, one split, 8-block tiles
     (2, 190, 6, 2, False, True, 2, 16),      # GQA 3 (heads padded), approximate
+    (2, 2100, 4, 2, True, False, 4, 16),     # 132 blocks: rows 8x wider than the top-k's slots
 ]
 
 

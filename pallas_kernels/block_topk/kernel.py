@@ -20,7 +20,12 @@ thresholds a pass (32 / b passes, fewer barriers) was slower at every size tried
 b = 4 against 4.0; for a decode step's 16 rows, 20.8 us in-step for b = 4 against 9.4. Again,
 with the 2^b candidates counted in one [2^b, width] reduction, for the decode top-k in the
 scores kernel's tail (2026-12-07, decode_1207f.md): b = 1 9.7 us, 2 13.4, 4 21.4. The passes'
-compares, not their barriers, set the time; the option was removed again.
+compares, not their barriers, set the time; the option was removed again. Searching a short row
+instead (the finite keys at or above the need-th largest of 2 * slots group maxima, compacted
+through a scratch row in L2; two searches of 2 * slots keys, then the whole row's winners) was
+slower too (2026-12-07, seventh session, infllmv2_targets.md): the decode tail 17.4 -> 20.3 us,
+the top-k at 128k 3.21 -> 5.91 ms, at 32k 0.38 -> 0.66. Two searches' passes cost more than
+one's wider counts; it was removed.
 
 Per row:
   1. Keys become int32 whose signed order is the float order (flip the magnitude bits of the

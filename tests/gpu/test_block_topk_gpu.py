@@ -10,17 +10,19 @@ from pallas_kernels.block_topk import top_blocks
 from sparsejax.ops import infllmv2 as ref_ops
 
 
-@pytest.mark.parametrize("rows,n_blocks,topk,levels", [
-    (4096, 2048, 64, 0), (4096, 2048, 96, 0), (2048, 512, 64, 4), (1000, 333, 16, 0),
-    (512, 40, 64, 0)])
-def test_matches_xla_top_k(rows, n_blocks, topk, levels):
+@pytest.mark.parametrize("rows,n_blocks,topk,levels,local", [
+    (4096, 2048, 64, 0, 0), (4096, 2048, 64, 0, 32), (4096, 2048, 96, 0, 32), (2048, 512, 64, 4, 0),
+    (1000, 333, 16, 0, 4), (512, 40, 64, 0, 0)])
+def test_matches_xla_top_k(rows, n_blocks, topk, levels, local):
   key = jax.random.uniform(jax.random.key(rows + n_blocks), (rows, n_blocks), jnp.float32)
   if levels:  # few distinct values: ties everywhere
     key = jnp.floor(key * levels)
-  # Forced (+inf) and ineligible (-inf) columns as selection_keys makes them.
+  # Forced (+inf: block 0 and `local` blocks up to the row's last) and ineligible (-inf)
+  # columns as selection_keys makes them.
   col = jnp.arange(n_blocks)[None, :]
   cut = jax.random.randint(jax.random.key(7), (rows, 1), 0, n_blocks + 1)
-  key = jnp.where(col > cut, -jnp.inf, jnp.where(col == 0, jnp.inf, key))
+  forced = (col == 0) | ((col <= cut) & (col > cut - local))
+  key = jnp.where(col > cut, -jnp.inf, jnp.where(forced, jnp.inf, key))
   want = jax.jit(lambda k: ref_ops.top_blocks(k, topk))(key)
   got = jax.jit(lambda k: top_blocks(k, topk, implementation="pallas"))(key)
   for g, w in zip(got, want):
