@@ -9,7 +9,9 @@ layer's defaults). Knobs: splits, warps, stages (sparse_decode's programs per ro
 Triton warps, pipelining stages), topk_warps (block_topk's warps per row), keys_splits,
 keys_warps, keys_stages, keys_windows (the decode-key kernels'; keys_windows: compressed
 windows per tile, `block_windows`), fused (1: the top-k in the decode scores kernel, as the
-layer runs it; 0: the separate top-k kernel), scores_warps (the fused scores kernel's warps).
+layer runs it; 0: the separate top-k kernel), scores_warps (the fused scores kernel's warps),
+forced (forced-block programs per row and KV head in the scores kernel, with fused=1; 0: none,
+select then attend every block).
 Every variant runs the same inputs as
 experiments/bench_decode's in-step rows (`--layers` caches x `--step_reps` passes chained in one
 program); kernel time comes from a profiler trace (experiments/profiling.py), which the
@@ -49,7 +51,7 @@ _KNOBS = {"splits": "splits", "warps": "num_warps", "stages": "num_stages",
           "topk_warps": "topk_num_warps", "keys_splits": "keys_splits",
           "keys_warps": "keys_num_warps", "keys_stages": "keys_num_stages",
           "keys_windows": "keys_windows", "fused": "fused_select",
-          "scores_warps": "scores_num_warps"}
+          "scores_warps": "scores_num_warps", "forced": "forced_splits"}
 
 
 def parse_variant(text: str) -> dict:

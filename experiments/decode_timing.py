@@ -15,6 +15,7 @@ from experiments.timing import timeit
 from pallas_kernels.block_scores import decode_selection_keys
 from pallas_kernels.block_scores import select_decode_blocks as select_decode_blocks_kernels
 from pallas_kernels.block_topk import top_blocks_fn
+from pallas_kernels.infllmv2_decode import infllmv2_decode as infllmv2_decode_kernels
 from pallas_kernels.sparse_decode import default_num_splits, sparse_decode
 from pallas_kernels.sparse_decode import sparse_decode_reference
 from sparsejax.ops.infllmv2 import InfLLMv2Config, compress_keys, select_decode_blocks
@@ -97,13 +98,17 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
                  num_stages: int = 3, topk_kernel: bool = True, topk_num_warps: int | None = None,
                  keys_kernel: bool = True, keys_splits: int | None = None,
                  keys_num_warps: int = 4, keys_num_stages: int = 2, keys_windows: int = 64,
-                 fused_select: bool = True, scores_num_warps: int | None = None):
+                 fused_select: bool = True, scores_num_warps: int | None = None,
+                 forced_splits: int | None = None):
   """The decode attention as the InfLLM-V2 layer runs it, in its parts: (select(q, kc, q_start,
   seg, kv_seg) -> (idx, valid), attend(q, k, v, idx, valid, q_start, seg, kv_seg) -> out,
   step(q, k, v, kc, q_start, seg, kv_seg) -> out), kc = `compressed_cache_keys(k, cfg)`; the
   keyword arguments are the kernels' launch knobs (experiments/decode_sweep.py sweeps them).
   fused_select: with both kernels on, the top-k runs in the scores kernel (the layer's way);
-  topk_num_warps then does nothing, and scores_num_warps sets the scores kernel's warps."""
+  topk_num_warps then does nothing, and scores_num_warps sets the scores kernel's warps;
+  forced_splits: with the fused selection, `step` is pallas_kernels.infllmv2_decode (as the layer
+  runs it), whose scores kernel attends the forced blocks with that many programs per row and
+  KV head (None: its default; 0: none, select then attend every block)."""
   top = top_blocks_fn(implementation, topk_num_warps) if topk_kernel else None
   knobs = dict(implementation=implementation, splits=keys_splits, num_warps=keys_num_warps,
                num_stages=keys_num_stages, block_windows=keys_windows)
@@ -130,6 +135,13 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
     return out
 
   def step(q, k, v, kc, q_start, seg, kv_seg):
+    if fused:
+      return infllmv2_decode_kernels(
+          q, k, v, kc[0], cfg, q_start=q_start, kc_coarse=kc[1], segment_ids=seg,
+          kv_segment_ids=kv_seg, implementation=implementation, forced_splits=forced_splits,
+          num_splits=splits, num_warps=num_warps, num_stages=num_stages, keys_splits=keys_splits,
+          keys_num_warps=keys_num_warps, keys_num_stages=keys_num_stages,
+          block_windows=keys_windows, scores_num_warps=scores_num_warps)[:, 0]
     idx, valid = select(q, kc, q_start, seg, kv_seg)
     return attend(q, k, v, idx, valid, q_start, seg, kv_seg)
 
@@ -217,6 +229,9 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
           q[:, 0], k, v, idx[:, 0], valid[:, 0], lengths, block_size=cfg.block_size))(
               q, k, v, idx, valid, q_start + 1)
       err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+      # The whole step (the overlapped one included) against attending the same selection.
+      step_got = step_jit(q, k, v, kc, q_start, seg, kv_seg)
+      step_err = float(jnp.max(jnp.abs(step_got.astype(jnp.float32) - want.astype(jnp.float32))))
       agree = None
       if keys_kernel:  # the kernels' keys against XLA's: the share of identical selections
         xla_idx, _ = jax.jit(lambda q, kc, q_start, seg, kv_seg: select_decode_blocks(
@@ -248,6 +263,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "approximate_lse": approximate_lse,
              "selections_equal_to_xla_keys": agree,
              "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
+             "step_max_abs_err_vs_reference": step_err,
              "implementation": implementation}
       if profile and caches:  # per decode call: the in-step programs' kernels, by name
         where = (dict(process_prefix="/host:CPU", thread_contains="XLAPjRtCpuClient") if quick

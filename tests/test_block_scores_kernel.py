@@ -165,6 +165,7 @@ def test_bad_inputs_are_named():
 
 from pallas_kernels.block_scores.decode import (decode_selection_keys, default_splits,  # noqa: E402
                                                 select_decode_blocks)
+from pallas_kernels.infllmv2_decode import infllmv2_decode  # noqa: E402
 
 DECODE_CASES = [  # batch, kv_len, heads, kv_heads, packed, approximate_lse, splits, block_windows
     (3, 200, 4, 2, False, False, None, 16),  # ragged cache: 12.5 blocks
@@ -256,6 +257,33 @@ def test_decode_selection_in_the_scores_kernel_matches_reference(
     assert counts.max() >= cfg.topk                               # some rows selected
     if batch > 2:                                                 # the dense row's few blocks
       assert counts.min() < cfg.topk
+
+
+@pytest.mark.parametrize("batch,kv_len,heads,kv_heads,is_packed,approx,splits,block_windows",
+                         DECODE_CASES)
+def test_decode_step_with_forced_blocks_attended_by_the_scores_kernel(
+    batch, kv_len, heads, kv_heads, is_packed, approx, splits, block_windows):
+  """pallas_kernels.infllmv2_decode (the scores kernel attends the forced blocks, sparse_decode
+  the selected rest and merges) equals the reference decode step: rows that select and a dense
+  row, init blocks by document (a document that starts inside the local window: its init blocks
+  are local ones), 1 or 3 forced programs a row."""
+  for dense_len in (20, 150):
+    cfg = dataclasses.replace(CFG, approximate_lse=approx, local_blocks=2, init_blocks=2, topk=6,
+                              dense_len=dense_len)
+    q, _, _, q_start, seg, kv_seg = _decode_inputs(kv_len, batch, kv_len, heads, kv_heads,
+                                                   is_packed, cfg)
+    _, k = inputs(kv_len + 1, batch, kv_len, heads, kv_heads, 16)
+    _, v = inputs(kv_len + 2, batch, kv_len, heads, kv_heads, 16)
+    kc = ref_ops.compress_keys(k, window=cfg.compress_window, stride=cfg.compress_stride)
+    kc2 = ref_ops.compress_keys(k, window=cfg.lse_window, stride=cfg.lse_stride)
+    kw = dict(q_start=q_start, kc_coarse=kc2 if approx else None, segment_ids=seg,
+              kv_segment_ids=kv_seg)
+    want = ref_ops.infllmv2_decode(q, k, v, kc, cfg, **kw)
+    for forced_splits in (1, 3) if kv_len == 200 else (3,):
+      got = infllmv2_decode(q, k, v, kc, cfg, implementation="interpret",
+                            forced_splits=forced_splits, keys_splits=splits,
+                            block_windows=block_windows, **kw)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
 def test_decode_keys_bad_inputs_are_named():

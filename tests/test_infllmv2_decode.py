@@ -1,6 +1,7 @@
 """InfLLM-V2 decoding from compressed keys kept in the KV cache: the incremental update, the jnp
-decode against `infllmv2_attention`, the Pallas decode kernel (interpret mode) against the jnp
-decode, generation through the model, bad inputs and the benchmark's smoke mode."""
+decode against `infllmv2_attention`, the Pallas decode kernel and the whole kernel step
+(pallas_kernels/infllmv2_decode; interpret mode) against the jnp decode, generation through the
+model, bad inputs and the benchmark's smoke mode."""
 import dataclasses
 import functools
 
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.block_scores import decode_selection_keys
+from pallas_kernels.infllmv2_decode import infllmv2_decode as infllmv2_decode_kernels
 from pallas_kernels.sparse_decode import sparse_decode
 from sparsejax.model import DecoderLM
 from sparsejax.inference import generate
@@ -24,6 +26,8 @@ from tests.test_model import small_config
 infllmv2_attention = jax.jit(infllmv2.infllmv2_attention, static_argnames="cfg")
 infllmv2_decode = jax.jit(infllmv2.infllmv2_decode, static_argnames="cfg")
 select_decode_blocks = jax.jit(infllmv2.select_decode_blocks, static_argnames=("cfg", "kv_len"))
+decode_step_kernels = jax.jit(infllmv2_decode_kernels, static_argnames=(
+    "cfg", "implementation", "forced_splits", "num_splits"))
 
 # Blocks of 16 (the kernel's minimum), windows 8 every 4: a 75-slot cache spans 5 blocks.
 CFG = InfLLMv2Config(block_size=16, compress_window=8, compress_stride=4, init_blocks=1,
@@ -169,6 +173,14 @@ def test_decode_and_kernel_equal_infllmv2_attention(heads, kv_heads, dim, capaci
                              keys_kernel=keys_kernel)
     assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(lse)).all()
     np.testing.assert_allclose(out, want[:, 0], rtol=2e-5, atol=2e-5)
+  # The layer's step: the scores kernel selects and attends the forced blocks (1, 2 or 3
+  # programs a row; 3 > the 2 forced blocks: an idle program), sparse_decode the rest.
+  for forced_splits in (None, 1, 3, 0):
+    got = decode_step_kernels(q, k, v, kc, cfg, q_start=q_start, kc_coarse=kc_coarse,
+                              segment_ids=seg, kv_segment_ids=kv_seg,
+                              implementation="interpret", forced_splits=forced_splits,
+                              num_splits=num_splits)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("num_splits", [3, 11])
@@ -356,6 +368,7 @@ def test_benchmark_quick_mode(tmp_path):
   assert rows[0]["step_layers"] == 4
   assert rows[0]["step_sparsejax_ms"] > 0 and rows[0]["step_cudnn_dense_ms"] > 0
   assert rows[0]["pass"] == "decode" and rows[0]["max_abs_err_vs_reference"] < 1e-4
+  assert rows[0]["step_max_abs_err_vs_reference"] < 1e-4
   assert rows[0]["keys_kernel"] and rows[0]["selections_equal_to_xla_keys"] == 1.0
   assert rows[0]["approximate_lse"]
   # --profile: both in-step programs traced (on the CPU, the host's events stand in for kernels).

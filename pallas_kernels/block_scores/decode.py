@@ -14,7 +14,10 @@ block_size): the columns past the last block are -inf, so the top-k reads them a
 `select_decode_blocks` is the reference's `select_decode_blocks` with the top-k (and the dense
 fallback) run by the scores kernel's last split of each row: two launches fewer a step, the
 same time on the H100 (the top-k's cost is its ~20 radix passes on one program, not its launch;
-experiments/results/decode_1207f.md). The layer uses it.
+experiments/results/decode_1207f.md). The layer's decode step (pallas_kernels/infllmv2_decode)
+adds programs to the scores kernel that attend the forced blocks meanwhile
+(`decode_keys_kernels(forced=...)`, `_attend_forced`); its selection then lists only the
+unforced winners.
 
 Why kernels: in XLA a decode step's selection is about a dozen small fusions (logits, two
 logsumexp reductions, probabilities, group sum, max-pool, eligibility, forced blocks), each a
@@ -62,6 +65,7 @@ from pallas_kernels.block_scores.kernel import visible_tiles
 from pallas_kernels.block_topk.kernel import select_row
 from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
 from pallas_kernels.sparse_attention.index import next_power_of_2
+from pallas_kernels.sparse_decode.kernel import attend_blocks, write_partial
 from sparsejax.ops import infllmv2 as reference
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
@@ -160,110 +164,172 @@ def _merged_lse(m_ref, l_ref):
 
 def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overlap, heads,
                    splits, segments, approximate, init_blocks, local_blocks, block_size, select,
-                   interpret):
+                   forced_splits, interpret):
   refs = list(refs)
-  if select:  # inputs ..., the arrival counter (aliased); outputs keys, indices, the counter
+  # Outputs last: keys; with select the indices and the arrival counter; with forced_splits
+  # the forced blocks' partials (out, lse).
+  forced_out = (refs.pop(-2), refs.pop()) if forced_splits else None
+  if select:
     count_ref, idx_ref = refs.pop(), refs.pop()
   out_ref = refs.pop()
   if select:
-    refs.pop()
+    refs.pop()  # the arrival counter's aliased input
   if approximate:
     m2_ref, l2_ref = refs.pop(0), refs.pop(0)
   doc_ref = refs.pop(0) if segments else None
+  # Program ids outside the branches below (interpret mode cannot lower them inside one). The
+  # forced-block programs follow the scoring ones along the split axis, the slowest-varying of
+  # the launch grid (measured so; starting them first is untried).
   split = pl.program_id(2)
-  q_pos = pos_ref[0]
-  rows = logits_ref.shape[0]
-  tile_blocks = tile // ratio
+  row = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
 
-  # Each head's normaliser: the coarse one where it saw a window, else the exact one.
-  lse = _merged_lse(m_ref, l_ref)
-  if approximate:
-    coarse_lse = _merged_lse(m2_ref, l2_ref)
-    lse = jnp.where(jnp.isneginf(coarse_lse), lse, coarse_lse)
-  lse = jnp.where(jnp.isneginf(lse), 0.0, lse)                     # such rows see nothing
-  head_ok = jnp.arange(rows) < heads
+  def scores():
+    q_pos = pos_ref[0]
+    rows = logits_ref.shape[0]
+    tile_blocks = tile // ratio
 
-  q_block = q_pos // block_size
-  block_in_tile = jnp.arange(tile_blocks)
-  in_tail = (jnp.arange(ratio) >= ratio - (overlap - 1))[None, :]
-  follows = block_in_tile[:, None] == block_in_tile[None, :] + 1      # [j, j']: j' = j - 1
-  first_col, last_col = block_in_tile == 0, block_in_tile == tile_blocks - 1
+    # Each head's normaliser: the coarse one where it saw a window, else the exact one.
+    lse = _merged_lse(m_ref, l_ref)
+    if approximate:
+      coarse_lse = _merged_lse(m2_ref, l2_ref)
+      lse = jnp.where(jnp.isneginf(coarse_lse), lse, coarse_lse)
+    lse = jnp.where(jnp.isneginf(lse), 0.0, lse)                     # such rows see nothing
+    head_ok = jnp.arange(rows) < heads
 
-  def tile_scores(t):
-    """(pooled own-window max [tile_blocks], tail max [tile_blocks]) of tile t."""
-    s = logits_ref[:, pl.ds(t * tile, tile)]                         # -inf: invisible
-    probs = jnp.where(head_ok[:, None], jnp.exp2(s - lse[:, None]), 0.0)
-    per_block = jnp.sum(probs, axis=0).reshape(tile_blocks, ratio)
-    return jnp.max(per_block, axis=1), jnp.max(jnp.where(in_tail, per_block, 0.0), axis=1)
+    q_block = q_pos // block_size
+    block_in_tile = jnp.arange(tile_blocks)
+    in_tail = (jnp.arange(ratio) >= ratio - (overlap - 1))[None, :]
+    follows = block_in_tile[:, None] == block_in_tile[None, :] + 1      # [j, j']: j' = j - 1
+    first_col, last_col = block_in_tile == 0, block_in_tile == tile_blocks - 1
 
-  def eligible_blocks(t):
-    ok = t * tile_blocks + block_in_tile <= q_block
+    def tile_scores(t):
+      """(pooled own-window max [tile_blocks], tail max [tile_blocks]) of tile t."""
+      s = logits_ref[:, pl.ds(t * tile, tile)]                         # -inf: invisible
+      probs = jnp.where(head_ok[:, None], jnp.exp2(s - lse[:, None]), 0.0)
+      per_block = jnp.sum(probs, axis=0).reshape(tile_blocks, ratio)
+      return jnp.max(per_block, axis=1), jnp.max(jnp.where(in_tail, per_block, 0.0), axis=1)
+
+    def eligible_blocks(t):
+      ok = t * tile_blocks + block_in_tile <= q_block
+      if segments:
+        ok &= doc_ref[pl.ds(t * tile_blocks, tile_blocks)] > 0
+      return ok
+
+    # The logits kernel's shares of the visible tiles; a share starts one tile early (when it has
+    # one) for the carry of that tile's last block tail.
+    n_tiles = _block_tiles(q_pos, block_size, tile_blocks)
+    lo, hi = _share(split, splits, n_tiles)
+    previous_tail = tile_scores(jnp.maximum(lo - 1, 0))[1]
+    carry = jnp.where(lo > 0, jnp.max(jnp.where(last_col, previous_tail, 0.0)), 0.0)
+    # Eligible blocks before this share, for the init blocks' rank.
     if segments:
-      ok &= doc_ref[pl.ds(t * tile_blocks, tile_blocks)] > 0
-    return ok
+      prior_blocks = jnp.arange(doc_ref.shape[0])
+      doc = doc_ref[...]
+      before = jnp.sum(((doc > 0) & (prior_blocks < lo * tile_blocks)
+                        & (prior_blocks <= q_block)).astype(jnp.int32))
+    else:
+      before = jnp.minimum(lo * tile_blocks, q_block + 1)
 
-  # The logits kernel's shares of the visible tiles; a share starts one tile early (when it has
-  # one) for the carry of that tile's last block tail.
-  n_tiles = _block_tiles(q_pos, block_size, tile_blocks)
-  lo, hi = _share(split, splits, n_tiles)
-  previous_tail = tile_scores(jnp.maximum(lo - 1, 0))[1]
-  carry = jnp.where(lo > 0, jnp.max(jnp.where(last_col, previous_tail, 0.0)), 0.0)
-  # Eligible blocks before this share, for the init blocks' rank.
-  if segments:
-    prior_blocks = jnp.arange(doc_ref.shape[0])
-    doc = doc_ref[...]
-    before = jnp.sum(((doc > 0) & (prior_blocks < lo * tile_blocks)
-                      & (prior_blocks <= q_block)).astype(jnp.int32))
-  else:
-    before = jnp.minimum(lo * tile_blocks, q_block + 1)
+    def score_tile(t, state):
+      carry, before = state
+      pooled, tail = tile_scores(t)
+      prev_tail = jnp.max(jnp.where(follows, tail[None, :], 0.0), axis=1)
+      prev_tail = jnp.maximum(prev_tail, jnp.where(first_col, carry, 0.0))
+      score = jnp.maximum(pooled, prev_tail)
+      blocks = t * tile_blocks + block_in_tile
+      eligible = eligible_blocks(t)
+      rank = before + jnp.cumsum(eligible.astype(jnp.int32))
+      forced = eligible & ((rank <= init_blocks) | (blocks > q_block - local_blocks))
+      finite = jnp.clip(jnp.where(score == score, score, -_BIG), -_BIG, _BIG)
+      out_ref[pl.ds(t * tile_blocks, tile_blocks)] = jnp.where(
+          forced, jnp.inf, jnp.where(eligible, finite, -jnp.inf))
+      return (jnp.max(jnp.where(last_col, tail, 0.0)),
+              before + jnp.sum(eligible.astype(jnp.int32)))
 
-  def score_tile(t, state):
-    carry, before = state
-    pooled, tail = tile_scores(t)
-    prev_tail = jnp.max(jnp.where(follows, tail[None, :], 0.0), axis=1)
-    prev_tail = jnp.maximum(prev_tail, jnp.where(first_col, carry, 0.0))
-    score = jnp.maximum(pooled, prev_tail)
-    blocks = t * tile_blocks + block_in_tile
-    eligible = eligible_blocks(t)
-    rank = before + jnp.cumsum(eligible.astype(jnp.int32))
-    forced = eligible & ((rank <= init_blocks) | (blocks > q_block - local_blocks))
-    finite = jnp.clip(jnp.where(score == score, score, -_BIG), -_BIG, _BIG)
-    out_ref[pl.ds(t * tile_blocks, tile_blocks)] = jnp.where(
-        forced, jnp.inf, jnp.where(eligible, finite, -jnp.inf))
-    return (jnp.max(jnp.where(last_col, tail, 0.0)),
-            before + jnp.sum(eligible.astype(jnp.int32)))
+    lax.fori_loop(lo, hi, score_tile, (carry, before))
 
-  lax.fori_loop(lo, hi, score_tile, (carry, before))
+    # Tiles past the query's block: -inf, each split its static share.
+    total = out_ref.shape[0] // tile_blocks
+    static = (total + splits - 1) // splits
+    first = jnp.maximum(split * static, n_tiles)
 
-  # Tiles past the query's block: -inf, each split its static share.
-  total = out_ref.shape[0] // tile_blocks
-  static = (total + splits - 1) // splits
-  first = jnp.maximum(split * static, n_tiles)
+    def fill(t, c):
+      out_ref[pl.ds(t * tile_blocks, tile_blocks)] = jnp.full((tile_blocks,), -jnp.inf,
+                                                              jnp.float32)
+      return c
 
-  def fill(t, c):
-    out_ref[pl.ds(t * tile_blocks, tile_blocks)] = jnp.full((tile_blocks,), -jnp.inf,
-                                                            jnp.float32)
-    return c
+    lax.fori_loop(first, jnp.minimum((split + 1) * static, total), fill, 0)
 
-  lax.fori_loop(first, jnp.minimum((split + 1) * static, total), fill, 0)
+    if select:
+      # The split of a (row, KV head) that finishes last selects its blocks from the keys all the
+      # splits wrote (sparse_decode's combine pattern: every thread's stores come before the
+      # barrier, the counter's atomic add is acquire-release at GPU scope, the keys are read back
+      # with volatile loads): one top-k launch and its wait fewer per decode step.
+      if not interpret:
+        plgpu.debug_barrier()
+      arrived = plgpu.atomic_add(count_ref, row, jnp.ones((), jnp.int32))
+      pl.when(arrived == splits - 1)(functools.partial(
+          _select_blocks, out_ref, idx_ref, q_pos, block_size=block_size, select=select))
 
-  if select:
-    # The split of a (row, KV head) that finishes last selects its blocks from the keys all the
-    # splits wrote (sparse_decode's combine pattern: every thread's stores come before the
-    # barrier, the counter's atomic add is acquire-release at GPU scope, the keys are read back
-    # with volatile loads): one top-k launch and its wait fewer per decode step.
-    if not interpret:
-      plgpu.debug_barrier()
-    row = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
-    arrived = plgpu.atomic_add(count_ref, row, jnp.ones((), jnp.int32))
-    pl.when(arrived == splits - 1)(functools.partial(
-        _select_blocks, out_ref, idx_ref, q_pos, block_size=block_size, select=select))
+  if not forced_splits:
+    scores()
+    return
+  pl.when(split < splits)(scores)
+  # The other programs attend the forced blocks while the selection runs (q, k, v and the key
+  # segment ids are the inputs after the partials and documents).
+  q_ref, k_ref, v_ref = refs[:3]
+  kv_seg_ref = refs[3] if segments else None
+  pl.when(split >= splits)(functools.partial(
+      _attend_forced, pos_ref, q_ref, k_ref, v_ref, kv_seg_ref, doc_ref, *forced_out,
+      part=split - splits, parts=forced_splits, init_blocks=init_blocks,
+      local_blocks=local_blocks, block_size=block_size, dense_len=select[2]))
+
+
+def _attend_forced(pos_ref, q_ref, k_ref, v_ref, kv_seg_ref, doc_ref, o_ref, lse_ref, *, part,
+                   parts, init_blocks, local_blocks, block_size, dense_len):
+  """Partial `part` of `parts`: the attention of the row's query heads to its forced blocks
+  (the local window's, then the init blocks before it: the first init_blocks blocks holding a
+  key of the query's document), written as sparse_decode's partials for its combine. A row
+  below dense_len writes nothing seen (its selection lists every block)."""
+  q_pos, q_seg = pos_ref[0], pos_ref[1]
+  q_block = q_pos // block_size
+  n_local = jnp.minimum(local_blocks, q_block + 1)
+  local_first = q_block - n_local + 1
+  if doc_ref is None:
+    inits = [jnp.int32(j) for j in range(init_blocks)]
+  else:  # the scores kernel's ranks: eligible blocks in order
+    blocks = jnp.arange(doc_ref.shape[0])
+    eligible = (doc_ref[...] > 0) & (blocks <= q_block)
+    rank = jnp.cumsum(eligible.astype(jnp.int32))
+    inits = [jnp.min(jnp.where(eligible & (rank == j + 1), blocks, doc_ref.shape[0]))
+             for j in range(init_blocks)]
+  # Ascending, so the init blocks before the local window are a prefix of them.
+  n_init = sum(((b < local_first).astype(jnp.int32) for b in inits), jnp.int32(0))
+  total = jnp.where(q_pos + 1 < dense_len, 0, n_init + n_local)
+  per_part = lax.div(total + parts - 1, parts)
+  lo = jnp.minimum(part * per_part, total)
+  hi = jnp.minimum(lo + per_part, total)
+
+  def block_of(u):
+    block = local_first + u - n_init
+    for j, init in enumerate(inits):
+      block = jnp.where(u == j, init, block)
+    return block
+
+  q = q_ref[...]
+  acc, m, l = attend_blocks(q.astype(k_ref.dtype), k_ref, v_ref, block_of, lo, hi,
+                            length=q_pos + 1, scale=1.0 / math.sqrt(q.shape[-1]),
+                            block_k=block_size, capacity=k_ref.shape[0], kv_seg_ref=kv_seg_ref,
+                            q_seg=q_seg)
+  write_partial(o_ref, lse_ref, part, acc, m, l)
 
 
 def _select_blocks(keys_ref, idx_ref, q_pos, *, block_size, select):
   """One row's decode selection into idx_ref [2 * slots]: below dense_len every block up to the
-  query's, else the top-k of the keys (select_row); then -1 (select_decode_blocks' rule)."""
-  topk, slots, dense_len = select
+  query's, else the top-k of the keys (select_row); then -1 (select_decode_blocks' rule). With
+  forced programs (exclude_forced), a selecting row lists only its unforced winners: the top
+  (topk - #forced) of its finite keys."""
+  topk, slots, dense_len, exclude_forced = select
   dense = q_pos + 1 < dense_len
 
   @pl.when(dense)
@@ -274,25 +340,36 @@ def _select_blocks(keys_ref, idx_ref, q_pos, *, block_size, select):
   @pl.when(jnp.logical_not(dense))
   def _top():
     key = plgpu.load(keys_ref.at[pl.ds(0, keys_ref.shape[0])], volatile=True)
-    target, value = select_row(key, topk, slots)
+    winners = topk
+    if exclude_forced:
+      forced = key == jnp.inf
+      winners = topk - jnp.sum(forced.astype(jnp.int32))
+      key = jnp.where(forced, -jnp.inf, key)
+    target, value = select_row(key, winners, slots)
     plgpu.store(idx_ref.at[target], value)
 
 
 @functools.partial(jax.jit, static_argnames=(
     "heads", "tile", "splits", "window", "stride", "lse_window", "lse_stride", "block_size",
     "init_blocks", "local_blocks", "n_out", "select", "interpret", "num_warps", "num_stages",
-    "scores_num_warps"))
+    "scores_num_warps", "forced_splits"))
 def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, window, stride,
                         lse_window, lse_stride, block_size, init_blocks, local_blocks, n_out,
                         select=None, interpret=False, num_warps=4, num_stages=2,
-                        scores_num_warps=None):
+                        scores_num_warps=None, forced=None, forced_splits=0):
   """pos [b, 2] int32 (query position, query segment); qg [b, kv_heads, rows, d] (rows >= 16,
   `heads` real); kc [b, c, kv_heads, d]; coarse (kc2 [b, c2, kv_heads, d], wseg2 [b, c2] or None)
   or None; wseg [b, c] and doc [b, n_doc] int32 (a power of two >= n_out) or None (no segments).
   Returns float32 keys [b, kv_heads, n_out] (n_out a multiple of tile / ratio); with select =
-  (topk, slots, dense_len) (slots a power of two, 2 * slots <= n_out) the scores kernel also
-  selects, and it returns (keys, int32 block indices [b, kv_heads, 2 * slots]).
-  scores_num_warps: the scores kernel's (default num_warps)."""
+  (topk, slots, dense_len, exclude_forced) (slots a power of two, 2 * slots <= n_out) the
+  scores kernel also selects, and it returns (keys, int32 block indices [b, kv_heads, 2 *
+  slots]).
+  forced = (k, v [b, capacity, kv_heads, d], kv_seg [b, capacity] or None) with forced_splits
+  > 0 and select (exclude_forced True; init_blocks + local_blocks <= topk): forced_splits more
+  programs per (row, KV head) attend the forced blocks while the others score and select (the
+  indices then hold the unforced winners only), and it returns (keys, indices, out float32 [b,
+  kv_heads, forced_splits * rows, d], lse [b, kv_heads, forced_splits * rows]): partials for
+  sparse_decode's extra_partials. scores_num_warps: the scores kernel's (default num_warps)."""
   batch, kv_heads, rows, d = qg.shape
   ratio = block_size // stride
   segments = wseg is not None
@@ -338,6 +415,14 @@ def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, 
   if segments:
     in_specs.append(row_spec(doc.shape[1]))
     args.append(doc)
+  if forced_splits:
+    k, v, kv_seg = forced
+    capacity = k.shape[1]
+    in_specs += [q_spec, keys_spec(capacity), keys_spec(capacity)]
+    args += [qg, k, v]
+    if segments:
+      in_specs.append(row_spec(capacity))
+      args.append(kv_seg)
   out_specs = [pl.BlockSpec((None, None, n_out), lambda b, h, s: (b, h, 0))]
   out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, n_out), jnp.float32)]
   aliases = {}
@@ -351,17 +436,25 @@ def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, 
     aliases = {len(args): 2}
     in_specs.append(count_spec)
     args.append(jnp.zeros((batch * kv_heads,), jnp.int32))
+  if forced_splits:
+    width = forced_splits * rows
+    out_specs += [pl.BlockSpec((None, None, width, d), lambda b, h, s: (b, h, 0, 0)),
+                  pl.BlockSpec((None, None, width), lambda b, h, s: (b, h, 0))]
+    out_shape += [jax.ShapeDtypeStruct((batch, kv_heads, width, d), jnp.float32),
+                  jax.ShapeDtypeStruct((batch, kv_heads, width), jnp.float32)]
   keys, *selected = pl.pallas_call(
       functools.partial(_scores_kernel, tile=tile, ratio=ratio, overlap=window // stride,
                         heads=heads, splits=splits, segments=segments,
                         approximate=approximate, init_blocks=init_blocks,
                         local_blocks=local_blocks, block_size=block_size, select=select,
-                        interpret=interpret),
-      grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
+                        forced_splits=forced_splits, interpret=interpret),
+      grid=(batch, kv_heads, splits + forced_splits), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=scores_num_warps or num_warps,
                                            num_stages=num_stages),
       interpret=interpret, name="infllmv2_decode_scores")(*args)
+  if forced_splits:
+    return keys, selected[0], selected[-2], selected[-1]
   return (keys, selected[0]) if select else keys
 
 
@@ -495,7 +588,7 @@ def select_decode_blocks(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, q
       block_windows=block_windows, splits=splits, min_out=2 * slots)
   if args is None:
     return reference.select_decode_blocks(q, kc, cfg, **kw)
-  _, idx = decode_keys_kernels(*args, **options, select=(cfg.topk, slots, cfg.dense_len),
+  _, idx = decode_keys_kernels(*args, **options, select=(cfg.topk, slots, cfg.dense_len, False),
                                num_warps=num_warps, num_stages=num_stages,
                                scores_num_warps=scores_num_warps)
   idx = idx[:, None]

@@ -14,9 +14,9 @@ a few ms against XLA's 26.6. Measured on the H100 (experiments/results/bench_top
 against 27.6 for XLA (6.5x) at 128k, 0.56 against 1.72 at 32k. At 128k that is 509 GB/s of keys,
 so the 32 counting passes (compute), not the bytes, set its time. Stopping the passes once
 exactly k keys are at or above the threshold took 128k from 4.0 to 3.26 ms (2026-12-07,
-bench_topk_1207d.md); a decode step's 16 rows stayed at ~9.5 us (latency-bound). Counting 2^b candidate
-thresholds a pass (32 / b passes, fewer barriers) was slower at every size tried on the H100
-(2026-12-07, experiments/results/decode_one_pass.md): at 128k, 6.6 ms for b = 2 and 11.3 for
+bench_topk_1207d.md); a decode step's 16 rows stayed at ~9.5 us (latency-bound). Counting 2^b
+candidate thresholds a pass (32 / b passes, fewer barriers) was slower at every size tried on the
+H100 (2026-12-07, experiments/results/decode_one_pass.md): at 128k, 6.6 ms for b = 2 and 11.3 for
 b = 4 against 4.0; for a decode step's 16 rows, 20.8 us in-step for b = 4 against 9.4. Again,
 with the 2^b candidates counted in one [2^b, width] reduction, for the decode top-k in the
 scores kernel's tail (2026-12-07, decode_1207f.md): b = 1 9.7 us, 2 13.4, 4 21.4. The passes'
@@ -25,7 +25,9 @@ instead (the finite keys at or above the need-th largest of 2 * slots group maxi
 through a scratch row in L2; two searches of 2 * slots keys, then the whole row's winners) was
 slower too (2026-12-07, seventh session, infllmv2_targets.md): the decode tail 17.4 -> 20.3 us,
 the top-k at 128k 3.21 -> 5.91 ms, at 32k 0.38 -> 0.66. Two searches' passes cost more than
-one's wider counts; it was removed.
+one's wider counts; it was removed. Ranking the two short rows instead of searching them (one
+[2 * slots, 2 * slots] count each, no loop) was slower still: the decode tail 17.4 -> 48.4 us,
+128k 3.03 -> 7.13 ms (decode_sweep_1207g_forced.md, bench_topk_1207g_shortlist.md).
 
 Per row:
   1. Keys become int32 whose signed order is the float order (flip the magnitude bits of the

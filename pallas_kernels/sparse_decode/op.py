@@ -86,14 +86,18 @@ def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_i
 def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int = 64,
                   q_segment_ids=None, kv_segment_ids=None, implementation: str = "pallas",
                   num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                  poison_outputs: bool = False):
+                  poison_outputs: bool = False, extra_partials=None):
   """See the module docstring. num_splits: programs per (row, KV head) (default
   `default_num_splits`); poison_outputs: run the kernel on NaN-filled output buffers (a test of
-  full coverage)."""
+  full coverage); extra_partials: None, or partial softmaxes of the same rows over other keys
+  (kernel.sparse_decode_kernel's `extra`), merged into the result (kernels only)."""
   _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
          implementation, num_splits)
   lengths = lengths.astype(jnp.int32)
   if implementation == "reference":
+    if extra_partials is not None:
+      raise ValueError("sparse_decode: extra_partials needs a kernel implementation "
+                       "('pallas' or 'interpret')")
     return sparse_decode_reference(q, k, v, block_idx, block_valid, lengths, q_segment_ids,
                                    kv_segment_ids, block_size=block_size)
   batch, heads, d = q.shape
@@ -120,7 +124,8 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
   rows = max(16, next_power_of_2(group))  # tl.dot needs M >= 16: pad the group's rows
   qg = jnp.pad(q.reshape(batch, kv_heads, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
   kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-  out, lse = sparse_decode_kernel(idx, lengths, q_seg, qg, k, v, kv_seg, block_k=block_size,
+  out, lse = sparse_decode_kernel(idx, lengths, q_seg, qg, k, v, kv_seg, extra_partials,
+                                  block_k=block_size,
                                   num_splits=int(num_splits),
                                   interpret=implementation == "interpret", num_warps=num_warps,
                                   num_stages=num_stages, poison=poison_outputs)

@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 
 from pallas_kernels.block_scores import decode_selection_keys, score_and_select
-from pallas_kernels.block_scores import select_decode_blocks as select_decode_blocks_kernels
+from pallas_kernels.infllmv2_decode import infllmv2_decode as infllmv2_decode_kernels
 from pallas_kernels.block_topk import top_blocks_fn
 from pallas_kernels.sparse_attention import sparse_attention as sparse_attention_kernel
 from pallas_kernels.sparse_decode import sparse_decode
@@ -100,10 +100,10 @@ class InfLLMv2Attention(GroupedQueryAttention):
                        f"{decode_keys!r}")
     self.decode_keys_fn = (functools.partial(decode_selection_keys, implementation=self.kernel)
                            if decode_keys and self.kernel != "reference" else None)
-    # Both kernels on: the decode scores kernel runs the top-k too (block_scores'
-    # select_decode_blocks): the top-k kernel and the selection's pad/where fusion fewer a step.
-    self.decode_select_fn = (
-        functools.partial(select_decode_blocks_kernels, implementation=self.kernel)
+    # Both kernels on: the decode scores kernel runs the top-k too, and attends the forced
+    # blocks meanwhile (pallas_kernels/infllmv2_decode): three launches a step.
+    self.decode_step_fn = (
+        functools.partial(infllmv2_decode_kernels, implementation=self.kernel)
         if self.decode_keys_fn is not None and topk_kernel else None)
     # Query tokens per attention tile (None: the kernel's default, 64 / heads_per_program).
     self.block_q = options.get("block_q")
@@ -168,13 +168,11 @@ class InfLLMv2Attention(GroupedQueryAttention):
               kv_segment_ids=kv_segment_ids)
     if kernel == "reference":
       return infllmv2_decode(q, k, v, cache.kc, s, **kw)
-    if self.decode_select_fn is not None:
-      block_idx, _ = self.decode_select_fn(q, cache.kc, s, kv_len=k.shape[1], **kw)
-    else:
-      block_idx, _ = select_decode_blocks(
-          q, cache.kc, s, kv_len=k.shape[1],
-          top_blocks_fn=top_blocks_fn(self.topk_implementation),
-          selection_keys_fn=self.decode_keys_fn, **kw)
+    if self.decode_step_fn is not None:
+      return self.decode_step_fn(q, k, v, cache.kc, s, **kw)
+    block_idx, _ = select_decode_blocks(
+        q, cache.kc, s, kv_len=k.shape[1], top_blocks_fn=top_blocks_fn(self.topk_implementation),
+        selection_keys_fn=self.decode_keys_fn, **kw)
     # No validity mask: select_decode_blocks leaves -1 in every dead slot, which is all the
     # kernel needs (and one XLA op less a step).
     out, _ = sparse_decode(q[:, 0], k, v, block_idx[:, 0], None, q_start + 1,

@@ -1,6 +1,7 @@
 """The block-sparse decode kernel on the GPU (Triton lowering), bf16, at 32k-128k context, batch
 8, 32 query heads / 2 KV heads, head dim 128, with InfLLM-V2's shipped selection from compressed
-keys, against the jnp reference; and decode steps through the model (kernel vs jnp decode)."""
+keys, against the jnp reference; the whole kernel step (infllmv2_decode: forced blocks attended
+by the scores kernel); and decode steps through the model (kernel vs jnp decode)."""
 import functools
 
 import jax
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.block_scores import select_decode_blocks
+from pallas_kernels.infllmv2_decode import infllmv2_decode
 from pallas_kernels.sparse_decode import sparse_decode
 from sparsejax.config import ModelConfig
 from sparsejax.layers.kv_cache import KVCache
@@ -72,6 +75,27 @@ def test_pallas_decode_matches_jnp_reference(capacity, packed):
   # Rows below dense_len attend their whole prefix (dense fallback folded into the blocks).
   assert int(valid[7, 0, 0].sum()) == 2 and int(valid[6, 0, 0].sum()) == 128
   assert int(valid[0, 0, 0].sum()) == 96 and int(valid[5, 0, 0].sum()) == 96
+
+
+@pytest.mark.parametrize("capacity,packed,topk", [(32768, True, 96), (65536 + 37, False, 64),
+                                                   (131072, True, 64)])
+def test_decode_step_with_forced_blocks_matches_jnp_reference(capacity, packed, topk):
+  """pallas_kernels.infllmv2_decode: the decode scores kernel selects and attends the forced
+  blocks (init + local) meanwhile; sparse_decode attends the unforced winners and merges. Against
+  the jnp semantics on the kernels' own selection (block_scores.select_decode_blocks)."""
+  cfg = ref_ops.InfLLMv2Config(topk=topk)
+  q, k, v, q_start, seg, kv_seg = _inputs(jax.random.key(capacity + 1), capacity, packed)
+  kc = jax.jit(functools.partial(ref_ops.compress_keys, window=32, stride=16))(k)
+  kw = dict(q_start=q_start, segment_ids=seg, kv_segment_ids=kv_seg)
+  got = jax.jit(functools.partial(infllmv2_decode, cfg=cfg))(q, k, v, kc, **kw)
+  idx, valid = jax.jit(functools.partial(select_decode_blocks, cfg=cfg, kv_len=capacity))(
+      q, kc, **kw)
+  want = jax.jit(functools.partial(ref_ops.sparse_attention, cfg=cfg))(
+      q, k, v, idx, valid, kv_lengths=q_start + 1, **kw)
+  assert np.isfinite(np.asarray(got, np.float32)).all()
+  assert rel_err(got, want) < 1e-2
+  plain = jax.jit(functools.partial(infllmv2_decode, cfg=cfg, forced_splits=0))(q, k, v, kc, **kw)
+  assert rel_err(got, plain) < 1e-2
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 16])
