@@ -2,6 +2,7 @@
 reference: ragged lengths, GQA 1/2/3/16, batch 2, packed documents, the exact and approximate
 normalisers, other window/stride/block geometries, and the selection built on it."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -164,7 +165,7 @@ def test_bad_inputs_are_named():
 # Decode: selection keys of one query token per row from the cached compressed keys.
 
 from pallas_kernels.block_scores.decode import (decode_selection_keys, default_splits,  # noqa: E402
-                                                select_decode_blocks)
+                                                select_and_attend_forced, select_decode_blocks)
 from pallas_kernels.infllmv2_decode import infllmv2_decode  # noqa: E402
 
 DECODE_CASES = [  # batch, kv_len, heads, kv_heads, packed, approximate_lse, splits, block_windows
@@ -301,6 +302,18 @@ def test_decode_keys_bad_inputs_are_named():
     decode_selection_keys(q, kc, CFG, kv_len=64, q_start=q_start, block_windows=24)
   with pytest.raises(ValueError, match="splits must be None or a power of two"):
     decode_selection_keys(q, kc, CFG, kv_len=64, q_start=q_start, splits=3)
+  k = v = jnp.zeros((2, 64, 2, 16))
+  forced = functools.partial(select_and_attend_forced, q, k, v, kc, q_start=q_start,
+                             implementation="interpret")
+  with pytest.raises(ValueError, match="forced_splits must be >= 1"):
+    forced(CFG, forced_splits=0)
+  with pytest.raises(ValueError, match="needs a kernel implementation"):
+    select_and_attend_forced(q, k, v, kc, CFG, q_start=q_start, forced_splits=2,
+                             implementation="reference")
+  with pytest.raises(ValueError, match="k and v must be"):
+    select_and_attend_forced(q, k, v[:, :32], kc, CFG, q_start=q_start, forced_splits=2)
+  with pytest.raises(ValueError, match="forced_splits must be None or an int"):
+    infllmv2_decode(q, k, v, kc, CFG, q_start=q_start, forced_splits=-1)
 
 
 def test_decode_default_splits_are_powers_of_two():

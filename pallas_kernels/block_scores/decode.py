@@ -16,8 +16,7 @@ fallback) run by the scores kernel's last split of each row: two launches fewer 
 same time on the H100 (the top-k's cost is its ~20 radix passes on one program, not its launch;
 experiments/results/decode_1207f.md). The layer's decode step (pallas_kernels/infllmv2_decode)
 adds programs to the scores kernel that attend the forced blocks meanwhile
-(`decode_keys_kernels(forced=...)`, `_attend_forced`); its selection then lists only the
-unforced winners.
+(`select_and_attend_forced`); its selection then lists only the unforced winners.
 
 Why kernels: in XLA a decode step's selection is about a dozen small fusions (logits, two
 logsumexp reductions, probabilities, group sum, max-pool, eligibility, forced blocks), each a
@@ -269,7 +268,8 @@ def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overla
         plgpu.debug_barrier()
       arrived = plgpu.atomic_add(count_ref, row, jnp.ones((), jnp.int32))
       pl.when(arrived == splits - 1)(functools.partial(
-          _select_blocks, out_ref, idx_ref, q_pos, block_size=block_size, select=select))
+          _select_blocks, out_ref, idx_ref, q_pos, block_size=block_size, select=select,
+          exclude_forced=bool(forced_splits)))
 
   if not forced_splits:
     scores()
@@ -324,12 +324,12 @@ def _attend_forced(pos_ref, q_ref, k_ref, v_ref, kv_seg_ref, doc_ref, o_ref, lse
   write_partial(o_ref, lse_ref, part, acc, m, l)
 
 
-def _select_blocks(keys_ref, idx_ref, q_pos, *, block_size, select):
+def _select_blocks(keys_ref, idx_ref, q_pos, *, block_size, select, exclude_forced):
   """One row's decode selection into idx_ref [2 * slots]: below dense_len every block up to the
   query's, else the top-k of the keys (select_row); then -1 (select_decode_blocks' rule). With
   forced programs (exclude_forced), a selecting row lists only its unforced winners: the top
   (topk - #forced) of its finite keys."""
-  topk, slots, dense_len, exclude_forced = select
+  topk, slots, dense_len = select
   dense = q_pos + 1 < dense_len
 
   @pl.when(dense)
@@ -361,15 +361,14 @@ def decode_keys_kernels(pos, qg, kc, coarse, wseg, doc, *, heads, tile, splits, 
   `heads` real); kc [b, c, kv_heads, d]; coarse (kc2 [b, c2, kv_heads, d], wseg2 [b, c2] or None)
   or None; wseg [b, c] and doc [b, n_doc] int32 (a power of two >= n_out) or None (no segments).
   Returns float32 keys [b, kv_heads, n_out] (n_out a multiple of tile / ratio); with select =
-  (topk, slots, dense_len, exclude_forced) (slots a power of two, 2 * slots <= n_out) the
-  scores kernel also selects, and it returns (keys, int32 block indices [b, kv_heads, 2 *
-  slots]).
+  (topk, slots, dense_len) (slots a power of two, 2 * slots <= n_out) the scores kernel also
+  selects, and it returns (keys, int32 block indices [b, kv_heads, 2 * slots]).
   forced = (k, v [b, capacity, kv_heads, d], kv_seg [b, capacity] or None) with forced_splits
-  > 0 and select (exclude_forced True; init_blocks + local_blocks <= topk): forced_splits more
-  programs per (row, KV head) attend the forced blocks while the others score and select (the
-  indices then hold the unforced winners only), and it returns (keys, indices, out float32 [b,
-  kv_heads, forced_splits * rows, d], lse [b, kv_heads, forced_splits * rows]): partials for
-  sparse_decode's extra_partials. scores_num_warps: the scores kernel's (default num_warps)."""
+  > 0 and select: forced_splits more programs per (row, KV head) attend the forced blocks while
+  the others score and select (the indices then hold the unforced winners only), and it returns
+  (keys, indices, out float32 [b, kv_heads, forced_splits * rows, d], lse [b, kv_heads,
+  forced_splits * rows]): partials for sparse_decode's extra_partials. scores_num_warps: the
+  scores kernel's (default num_warps)."""
   batch, kv_heads, rows, d = qg.shape
   ratio = block_size // stride
   segments = wseg is not None
@@ -588,8 +587,44 @@ def select_decode_blocks(q, kc, cfg: reference.InfLLMv2Config, *, kv_len: int, q
       block_windows=block_windows, splits=splits, min_out=2 * slots)
   if args is None:
     return reference.select_decode_blocks(q, kc, cfg, **kw)
-  _, idx = decode_keys_kernels(*args, **options, select=(cfg.topk, slots, cfg.dense_len, False),
+  _, idx = decode_keys_kernels(*args, **options, select=(cfg.topk, slots, cfg.dense_len),
                                num_warps=num_warps, num_stages=num_stages,
                                scores_num_warps=scores_num_warps)
   idx = idx[:, None]
   return idx, idx >= 0
+
+
+def select_and_attend_forced(q, k, v, kc, cfg: reference.InfLLMv2Config, *, q_start,
+                             forced_splits: int, kc_coarse=None, segment_ids=None,
+                             kv_segment_ids=None, implementation: str = "pallas",
+                             block_windows: int = 64, splits: int | None = None,
+                             num_warps: int = 4, num_stages: int = 2,
+                             scores_num_warps: int | None = None):
+  """`select_decode_blocks` on the cache k, v [b, kv_len, kv_heads, d] (kv_len = k.shape[1]),
+  with forced_splits (>= 1) more programs in the scores kernel that attend each row's forced
+  blocks meanwhile (`_attend_forced`; InfLLMv2Config keeps them within topk): (block_idx
+  int32 [b, 1, kv_heads, width], (out float32 [b, kv_heads, forced_splits * rows, d], lse
+  float32 [b, kv_heads, forced_splits * rows])). A selecting row's block_idx lists its unforced
+  winners only (then -1), a row below dense_len every block up to its own (its partials see
+  nothing); the partials are sparse_decode's extra_partials. Kernels only (implementation
+  "pallas" or "interpret"); the other arguments as `select_decode_blocks`."""
+  fn = "select_and_attend_forced"
+  if implementation == "reference":
+    raise ValueError(f"{fn}: needs a kernel implementation ('pallas' or 'interpret')")
+  if forced_splits < 1:
+    raise ValueError(f"{fn}: forced_splits must be >= 1, got {forced_splits}")
+  if k.ndim != 4 or v.shape != k.shape:
+    raise ValueError(f"{fn}: k and v must be [batch, kv_len, kv_heads, head_dim] alike, got "
+                     f"k{k.shape} v{v.shape}")
+  kv_len = k.shape[1]
+  slots = max(16, next_power_of_2(reference.decode_width(cfg, kv_len)))
+  args, options, _ = _kernel_inputs(
+      fn, q, kc, cfg, kv_len=kv_len, q_start=q_start, kc_coarse=kc_coarse,
+      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, implementation=implementation,
+      block_windows=block_windows, splits=splits, min_out=2 * slots)
+  kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+  _, idx, out, lse = decode_keys_kernels(
+      *args, **options, select=(cfg.topk, slots, cfg.dense_len), num_warps=num_warps,
+      num_stages=num_stages, scores_num_warps=scores_num_warps, forced=(k, v, kv_seg),
+      forced_splits=int(forced_splits))
+  return idx[:, None], (out, lse)

@@ -21,15 +21,13 @@ softmaxes that sparse_decode merges with its own; its selection lists only the u
 H100 at batch 8, 128k (experiments/results/decode_sweep_1207g_forced.md, one process):
 sparse_decode 20.9 -> 15.7 us, the scores kernel 17.4 -> 20.4 (the forced programs outlast its
 top-k), 57.5 -> 55.4 us of kernels a step, 62.2 -> 58.1 in-step. A row below dense_len attends
-every block in sparse_decode, its forced partial empty. Configurations whose
-forced blocks can outnumber topk (init_blocks + local_blocks > topk) or forced_splits=0 run the
-plain order: select, then attend every selected block.
+every block in sparse_decode, its forced partial empty (InfLLMv2Config keeps init_blocks +
+local_blocks <= topk, so a selecting row's forced blocks always win). Without forced blocks, or
+with forced_splits=0, the step runs the plain order: select, then attend every selected block.
 """
 import jax.numpy as jnp
 
-from pallas_kernels.block_scores.decode import (_kernel_inputs, decode_keys_kernels,
-                                                select_decode_blocks)
-from pallas_kernels.sparse_attention.index import next_power_of_2
+from pallas_kernels.block_scores.decode import select_and_attend_forced, select_decode_blocks
 from pallas_kernels.sparse_decode import sparse_decode
 from sparsejax.ops import infllmv2 as reference
 
@@ -62,39 +60,25 @@ def infllmv2_decode(q, k, v, kc, cfg: reference.InfLLMv2Config, *, q_start, kc_c
             kv_segment_ids=kv_segment_ids)
   if implementation == "reference":
     return reference.infllmv2_decode(q, k, v, kc, cfg, **kw)
-  if k.ndim != 4 or v.shape != k.shape:
-    raise ValueError(f"infllmv2_decode: k and v must be [batch, kv_len, kv_heads, head_dim] "
-                     f"alike, got k{k.shape} v{v.shape}")
   if forced_splits is not None and (not isinstance(forced_splits, int)
                                     or isinstance(forced_splits, bool) or forced_splits < 0):
     raise ValueError(f"infllmv2_decode: forced_splits must be None or an int >= 0, got "
                      f"{forced_splits!r}")
-  kv_len = k.shape[1]
-  b, kv_heads = q.shape[0], k.shape[2]
+  b, kv_heads = q.shape[0], k.shape[-2]
   forced_blocks = cfg.init_blocks + cfg.local_blocks
   if forced_splits is None:
     forced_splits = default_forced_splits(b, kv_heads, forced_blocks)
-  if forced_blocks > cfg.topk or forced_blocks == 0:
+  if forced_blocks == 0:
     forced_splits = 0
   knobs = dict(implementation=implementation, block_windows=block_windows, splits=keys_splits,
                num_warps=keys_num_warps, num_stages=keys_num_stages)
-  if not forced_splits:
-    idx, _ = select_decode_blocks(q, kc, cfg, kv_len=kv_len, **kw, **knobs,
+  if forced_splits:
+    idx, extra = select_and_attend_forced(q, k, v, kc, cfg, forced_splits=forced_splits, **kw,
+                                          **knobs, scores_num_warps=scores_num_warps)
+  else:
+    idx, _ = select_decode_blocks(q, kc, cfg, kv_len=k.shape[1], **kw, **knobs,
                                   scores_num_warps=scores_num_warps)
     extra = None
-  else:
-    slots = max(16, next_power_of_2(reference.decode_width(cfg, kv_len)))
-    args, options, _ = _kernel_inputs(
-        "infllmv2_decode", q, kc, cfg, kv_len=kv_len, q_start=q_start, kc_coarse=kc_coarse,
-        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, implementation=implementation,
-        block_windows=block_windows, splits=keys_splits, min_out=2 * slots)
-    kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-    select = (cfg.topk, slots, cfg.dense_len, True)
-    _, idx, o_forced, lse_forced = decode_keys_kernels(
-        *args, **options, select=select, num_warps=keys_num_warps,
-        num_stages=keys_num_stages, scores_num_warps=scores_num_warps,
-        forced=(k, v, kv_seg), forced_splits=forced_splits)
-    idx, extra = idx[:, None], (o_forced, lse_forced)
   lengths = jnp.broadcast_to(jnp.asarray(q_start, jnp.int32).reshape(-1), (b,)) + 1
   out, _ = sparse_decode(q[:, 0], k, v, idx[:, 0], None, lengths,
                          block_size=cfg.block_size,

@@ -16,8 +16,8 @@ import jax
 from flax import nnx
 
 from pallas_kernels.block_scores import decode_selection_keys, score_and_select
-from pallas_kernels.infllmv2_decode import infllmv2_decode as infllmv2_decode_kernels
 from pallas_kernels.block_topk import top_blocks_fn
+from pallas_kernels.infllmv2_decode import infllmv2_decode as infllmv2_decode_kernels
 from pallas_kernels.sparse_attention import sparse_attention as sparse_attention_kernel
 from pallas_kernels.sparse_decode import sparse_decode
 
