@@ -64,7 +64,7 @@ from pallas_kernels.block_scores.kernel import visible_tiles
 from pallas_kernels.block_topk.kernel import select_row
 from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
 from pallas_kernels.sparse_attention.index import next_power_of_2
-from pallas_kernels.sparse_decode.kernel import attend_blocks, write_partial
+from pallas_kernels.sparse_decode.kernel import attend_blocks, last_to_arrive, write_partial
 from sparsejax.ops import infllmv2 as reference
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
@@ -261,13 +261,9 @@ def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overla
 
     if select:
       # The split of a (row, KV head) that finishes last selects its blocks from the keys all the
-      # splits wrote (sparse_decode's combine pattern: every thread's stores come before the
-      # barrier, the counter's atomic add is acquire-release at GPU scope, the keys are read back
-      # with volatile loads): one top-k launch and its wait fewer per decode step.
-      if not interpret:
-        plgpu.debug_barrier()
-      arrived = plgpu.atomic_add(count_ref, row, jnp.ones((), jnp.int32))
-      pl.when(arrived == splits - 1)(functools.partial(
+      # splits wrote (read back with volatile loads): one top-k launch and its wait fewer per
+      # decode step.
+      pl.when(last_to_arrive(count_ref, row, splits, interpret=interpret))(functools.partial(
           _select_blocks, out_ref, idx_ref, q_pos, block_size=block_size, select=select,
           exclude_forced=bool(forced_splits)))
 

@@ -83,6 +83,18 @@ def write_partial(o_part_ref, lse_part_ref, part: int, acc, m, l):
                                                      -jnp.inf)
 
 
+def last_to_arrive(count_ref, row, programs: int, *, interpret: bool):
+  """True in the one program of `programs` sharing row `row` of the (aliased, zeroed) arrival
+  counter that finishes last, after every program's stores to global memory. Every thread's
+  stores come before the CTA barrier, and the counter's atomic add is acquire-release at GPU
+  scope; the last program must read the others' results with volatile loads (from L2, never a
+  stale L1 line; Pallas' cache_modifier=".cg" does not lower in jax 0.11.2: a KeyError in its
+  lookup). Interpret mode runs programs one after another and needs no barrier."""
+  if not interpret:
+    plgpu.debug_barrier()
+  return plgpu.atomic_add(count_ref, row, jnp.ones((), jnp.int32)) == programs - 1
+
+
 def _decode_kernel(idx_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: int,
                    num_splits: int, capacity: int, segments: bool, extra_parts: int,
                    interpret: bool):
@@ -106,15 +118,8 @@ def _decode_kernel(idx_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, scale: floa
                             capacity=capacity, kv_seg_ref=kv_seg_ref,
                             q_seg=q_seg_ref[b] if segments else None)
   write_partial(o_part_ref, lse_part_ref, split, acc, m, l)
-  # Flash-decoding's combine, by the split that finishes last: every thread's partial stores
-  # come before the barrier, the counter's atomic add is acquire-release at GPU scope, and the
-  # last split reads the others' partials with volatile loads (from L2, never a stale L1 line;
-  # Pallas' cache_modifier=".cg" does not lower in jax 0.11.2: a KeyError in its lookup).
-  if not interpret:
-    plgpu.debug_barrier()
-  arrived = plgpu.atomic_add(count_ref, row, jnp.ones((), jnp.int32))
-
-  @pl.when(arrived == num_splits - 1)
+  # Flash-decoding's combine, by the split that finishes last.
+  @pl.when(last_to_arrive(count_ref, row, num_splits, interpret=interpret))
   def _combine():
     _combine_splits(o_part_ref, lse_part_ref, o_ref, lse_ref, num_splits=num_splits,
                     rows=acc.shape[0], extra=extra, extra_parts=extra_parts)
