@@ -15,6 +15,7 @@ from experiments.timing import timeit
 from pallas_kernels.block_scores import decode_selection_keys
 from pallas_kernels.block_scores import select_decode_blocks as select_decode_blocks_kernels
 from pallas_kernels.block_topk import top_blocks_fn
+from pallas_kernels.infllmv2_decode import default_forced_splits
 from pallas_kernels.infllmv2_decode import infllmv2_decode as infllmv2_decode_kernels
 from pallas_kernels.sparse_decode import default_num_splits, sparse_decode
 from pallas_kernels.sparse_decode import sparse_decode_reference
@@ -263,6 +264,10 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "approximate_lse": approximate_lse,
              "selections_equal_to_xla_keys": agree,
              "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
+             # The timed step's forced-block programs per row and KV head (0: select, then
+             # attend every block), as the layer picks them.
+             "forced_splits": (default_forced_splits(batch, kv_heads, init_blocks + local_blocks)
+                               if keys_kernel and topk_kernel and fused_select else 0),
              "step_max_abs_err_vs_reference": step_err,
              "implementation": implementation}
       if profile and caches:  # per decode call: the in-step programs' kernels, by name
@@ -307,9 +312,11 @@ def write_results(rows, out: str, *, quick: bool = False):
                         "block": 16} if quick else
                        {"heads": 32, "kv_heads": 2, "head_dim": 128, "dtype": "bfloat16",
                         "block": 64, "compress": [32, 16], "dense_len": 8192}),
-            "kernel": "pallas_kernels/sparse_decode (Triton lowering, splits combined in the "
-                      "kernel); selection by pallas_kernels/block_scores' decode kernels and "
-                      "block_topk from the cached compressed keys",
+            "kernel": "the step as the layer runs it: pallas_kernels/infllmv2_decode (Triton "
+                      "lowering): block_scores' decode kernels select from the cached "
+                      "compressed keys (top-k in the scores kernel) while its forced_splits "
+                      "programs attend the forced blocks; sparse_decode attends the rest and "
+                      "merges the partials",
             "floor": f"bytes read at {HBM_BYTES_PER_S / 1e12} TB/s",
             "rows": rows}
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -371,6 +371,8 @@ def test_benchmark_quick_mode(tmp_path):
   assert rows[0]["step_max_abs_err_vs_reference"] < 1e-4
   assert rows[0]["keys_kernel"] and rows[0]["selections_equal_to_xla_keys"] == 1.0
   assert rows[0]["approximate_lse"]
+  # The step timed is the layer's: init 1 + local 2 forced blocks, one program each at batch 2.
+  assert rows[0]["forced_splits"] == 3
   # --profile: both in-step programs traced (on the CPU, the host's events stand in for kernels).
   for kind in ("sparse", "dense"):
     summary = rows[0]["profile"][kind]["summary"]
