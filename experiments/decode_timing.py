@@ -15,7 +15,7 @@ from experiments.timing import timeit
 from pallas_kernels.block_scores import decode_selection_keys
 from pallas_kernels.block_scores import select_decode_blocks as select_decode_blocks_kernels
 from pallas_kernels.block_topk import top_blocks_fn
-from pallas_kernels.infllmv2_decode import default_forced_splits
+from pallas_kernels.infllmv2_decode import resolve_forced_splits
 from pallas_kernels.infllmv2_decode import infllmv2_decode as infllmv2_decode_kernels
 from pallas_kernels.sparse_decode import default_num_splits, sparse_decode
 from pallas_kernels.sparse_decode import sparse_decode_reference
@@ -266,7 +266,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "num_splits": splits, "segments": segments, "max_abs_err_vs_reference": err,
              # The timed step's forced-block programs per row and KV head (0: select, then
              # attend every block), as the layer picks them.
-             "forced_splits": (default_forced_splits(batch, kv_heads, init_blocks + local_blocks)
+             "forced_splits": (resolve_forced_splits(batch, kv_heads, cfg)
                                if keys_kernel and topk_kernel and fused_select else 0),
              "step_max_abs_err_vs_reference": step_err,
              "implementation": implementation}

@@ -166,7 +166,7 @@ def test_bad_inputs_are_named():
 
 from pallas_kernels.block_scores.decode import (decode_selection_keys, default_splits,  # noqa: E402
                                                 select_and_attend_forced, select_decode_blocks)
-from pallas_kernels.infllmv2_decode import infllmv2_decode  # noqa: E402
+from pallas_kernels.infllmv2_decode import infllmv2_decode, resolve_forced_splits  # noqa: E402
 
 DECODE_CASES = [  # batch, kv_len, heads, kv_heads, packed, approximate_lse, splits, block_windows
     (3, 200, 4, 2, False, False, None, 16),  # ragged cache: 12.5 blocks
@@ -314,6 +314,20 @@ def test_decode_keys_bad_inputs_are_named():
     select_and_attend_forced(q, k, v[:, :32], kc, CFG, q_start=q_start, forced_splits=2)
   with pytest.raises(ValueError, match="forced_splits must be None or an int"):
     infllmv2_decode(q, k, v, kc, CFG, q_start=q_start, forced_splits=-1)
+
+
+def test_resolve_forced_splits():
+  """The forced-program count infllmv2_decode launches (and bench rows report): about 128
+  programs in all by default, at least one and at most one per forced block."""
+  assert resolve_forced_splits(8, 2, CFG) == min(8, CFG.init_blocks + CFG.local_blocks)
+  assert resolve_forced_splits(1, 1, CFG) == CFG.init_blocks + CFG.local_blocks
+  assert resolve_forced_splits(64, 4, CFG) == 1
+  assert resolve_forced_splits(8, 2, CFG, 5) == 5
+  assert resolve_forced_splits(8, 2, CFG, 0) == 0
+  local_only = dataclasses.replace(CFG, init_blocks=0, local_blocks=3)
+  assert resolve_forced_splits(8, 2, local_only) == 3
+  with pytest.raises(ValueError, match="forced_splits must be None or an int"):
+    resolve_forced_splits(8, 2, CFG, True)
 
 
 def test_decode_default_splits_are_powers_of_two():

@@ -34,10 +34,20 @@ from sparsejax.ops import infllmv2 as reference
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
 
 
-def default_forced_splits(batch: int, kv_heads: int, forced_blocks: int) -> int:
-  """Forced-block programs per (row, KV head): about 128 in all, as sparse_decode's splits, at
-  least one forced block each."""
-  return int(max(1, min(forced_blocks, 128 // max(1, batch * kv_heads))))
+def resolve_forced_splits(batch: int, kv_heads: int, cfg: reference.InfLLMv2Config,
+                          forced_splits: int | None = None) -> int:
+  """The forced-block programs per (row, KV head) that infllmv2_decode launches for the knob
+  forced_splits: as given when an int >= 0 (0: none); for None, about 128 programs in all, as
+  sparse_decode's splits, at least one forced block each (InfLLMv2Config forces at least the
+  local block)."""
+  if forced_splits is not None and (not isinstance(forced_splits, int)
+                                    or isinstance(forced_splits, bool) or forced_splits < 0):
+    raise ValueError(f"infllmv2_decode: forced_splits must be None or an int >= 0, got "
+                     f"{forced_splits!r}")
+  if forced_splits is None:
+    forced_blocks = cfg.init_blocks + cfg.local_blocks
+    return int(max(1, min(forced_blocks, 128 // max(1, batch * kv_heads))))
+  return forced_splits
 
 
 def infllmv2_decode(q, k, v, kc, cfg: reference.InfLLMv2Config, *, q_start, kc_coarse=None,
@@ -49,7 +59,7 @@ def infllmv2_decode(q, k, v, kc, cfg: reference.InfLLMv2Config, *, q_start, kc_c
   """See the module docstring; arguments as the reference's (q [b, 1, heads, d] at q_start [b];
   k, v [b, kv_len, kv_heads, d] with keys [0, q_start] filled; kc / kc_coarse the cached
   compressed keys; segment_ids [b, 1] with kv_segment_ids [b, kv_len], or neither). Launch
-  knobs: forced_splits (forced-block programs per row and KV head; None: default_forced_splits,
+  knobs: forced_splits (forced-block programs per row and KV head, `resolve_forced_splits`;
   0: none), num_splits / num_warps / num_stages (sparse_decode's), keys_splits / keys_num_warps /
   keys_num_stages / block_windows / scores_num_warps (the decode-key kernels', as
   block_scores.select_decode_blocks takes them)."""
@@ -60,16 +70,8 @@ def infllmv2_decode(q, k, v, kc, cfg: reference.InfLLMv2Config, *, q_start, kc_c
             kv_segment_ids=kv_segment_ids)
   if implementation == "reference":
     return reference.infllmv2_decode(q, k, v, kc, cfg, **kw)
-  if forced_splits is not None and (not isinstance(forced_splits, int)
-                                    or isinstance(forced_splits, bool) or forced_splits < 0):
-    raise ValueError(f"infllmv2_decode: forced_splits must be None or an int >= 0, got "
-                     f"{forced_splits!r}")
-  b, kv_heads = q.shape[0], k.shape[-2]
-  forced_blocks = cfg.init_blocks + cfg.local_blocks
-  if forced_splits is None:
-    forced_splits = default_forced_splits(b, kv_heads, forced_blocks)
-  if forced_blocks == 0:
-    forced_splits = 0
+  b = q.shape[0]
+  forced_splits = resolve_forced_splits(b, k.shape[-2], cfg, forced_splits)
   knobs = dict(implementation=implementation, block_windows=block_windows, splits=keys_splits,
                num_warps=keys_num_warps, num_stages=keys_num_stages)
   if forced_splits:
