@@ -16,20 +16,23 @@ Every variant runs the same inputs as
 experiments/bench_decode's in-step rows (`--layers` caches x `--step_reps` passes chained in one
 program); kernel time comes from a profiler trace (experiments/profiling.py), which the
 in-step wall time of bench_decode follows within its process-to-process noise
-(experiments/results/decode_step_1207d.md). The output of every variant is checked against the
-base's (same selection, so equal up to the combine's rounding).
+(experiments/results/decode_step_1207d.md). The in-step times are sampled in --iters rounds
+of one sample per variant (median and quartiles), so a slow stretch of the process lands on
+every variant alike. The output of every variant is checked against the base's (same
+selection, so equal up to the combine's rounding).
 """
 import json
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 from experiments import profiling
 from experiments.decode_timing import (CONFIGS, GEOMETRY, SHAPES, chained,
-                                       compressed_cache_keys, decode_calls, step_inputs,
-                                       step_time)
+                                       compressed_cache_keys, decode_calls, step_inputs)
+from experiments.timing import samples
 from pallas_kernels.sparse_decode import default_num_splits
 from sparsejax.ops.infllmv2 import InfLLMv2Config
 
@@ -79,8 +82,10 @@ def main(argv):
   layers = [(k, v, cache_keys(k)) for k, v in caches]
   shared = (q_start, seg, kv_seg)  # every layer's, passed once (decode_timing.chained)
 
-  rows, reference_out = [], None
+  rows, programs, reference_out = [], [], None
   out_stem = _OUT.value
+  reps = _STEP_REPS.value
+  calls = reps * len(layers)  # decode calls per program
   for text, knobs in variants:
     knobs = {"splits": default_num_splits(batch, kv_heads, topk), **knobs}
     _, _, step = decode_calls(cfg, seq, implementation=_IMPLEMENTATION.value, **knobs)
@@ -88,24 +93,37 @@ def main(argv):
     if reference_out is None:
       reference_out = out
     diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference_out.astype(jnp.float32))))
-    reps = _STEP_REPS.value
     program = chained(step, reps)
     if _DUMP_HLO.value and not rows and out_stem:
       with open(out_stem + "_hlo.txt", "w") as f:
         f.write(program.lower(q, layers, shared).compile().as_text())
-    profile = profiling.kernel_times(program, q, layers, shared, reps=3,
-                                     calls_per_run=reps * len(layers))
-    in_step = step_time(step, q, layers, shared, reps=reps, iters=_ITERS.value, programs=4)
-    # The same with each program paying its host dispatch (bench_decode's in-step rows until
-    # 2026-12-07).
-    in_step_1 = step_time(step, q, layers, shared, reps=reps, iters=_ITERS.value)
+    profile = profiling.kernel_times(program, q, layers, shared, reps=3, calls_per_run=calls)
     row = {"variant": text, "knobs": knobs, "kernel_us": profile["summary"]["kernel_us"],
-           "launches": profile["summary"]["kernels_per_call"], "in_step_us": in_step * 1e3,
-           "in_step_us_one_program_a_sample": in_step_1 * 1e3,
+           "launches": profile["summary"]["kernels_per_call"],
            "max_abs_diff_vs_first": diff,
            "kernels": {r["name"]: r["us"] for r in profile["kernels"][:12]}}
     print(json.dumps(row), flush=True)
     rows.append(row)
+    programs.append(program)
+
+  # In-step wall time, the variants interleaved: each round takes one sample of every variant,
+  # so a slow stretch of the host or the GPU (in one process, two samples of the same step have
+  # differed by 10 us: decode_1207h.md) lands on all of them, not on whichever ran then.
+  by_variant = [([], []) for _ in programs]
+  for program in programs:
+    samples(program, q, layers, shared, iters=0)  # compile and warm up
+  for _ in range(_ITERS.value):
+    for program, (four, one) in zip(programs, by_variant):
+      four += samples(program, q, layers, shared, iters=1, reps=4, warmup=False)
+      # Each program paying its host dispatch (bench_decode's in-step rows until 2026-12-07).
+      one += samples(program, q, layers, shared, iters=1, warmup=False)
+  for row, (four, one) in zip(rows, by_variant):
+    per_call = lambda ms: np.asarray(ms) / calls * 1e3  # us per decode call
+    row["in_step_us"] = float(np.median(per_call(four)))
+    row["in_step_us_quartiles"] = [float(x) for x in np.percentile(per_call(four), [25, 75])]
+    row["in_step_us_one_program_a_sample"] = float(np.median(per_call(one)))
+    print(json.dumps({"variant": row["variant"], "in_step_us": row["in_step_us"],
+                      "in_step_us_quartiles": row["in_step_us_quartiles"]}), flush=True)
 
   if out_stem:
     os.makedirs(os.path.dirname(out_stem) or ".", exist_ok=True)
@@ -117,13 +135,14 @@ def main(argv):
       f.write(f"# Decode step launch sweep ({jax.devices()[0].device_kind}, jax {jax.__version__}"
               f"; {seq} tokens, batch {batch}, {_CONFIG.value})\n\n"
               "Per decode call; kernel times from a profiler trace of the in-step program.\n\n"
-              "| variant | kernels us | launches | in-step us | " + " | ".join(named)
+              "| variant | kernels us | launches | in-step us (quartiles) | " + " | ".join(named)
               + " | other kernels us | max diff vs first |\n" + "|---" * (len(named) + 6) + "|\n")
       for r in rows:
         parts = [r["kernels"].get(n, float("nan")) for n in named]
         other = r["kernel_us"] - sum(p for p in parts if p == p)
         f.write(f"| {r['variant']} | {r['kernel_us']:.1f} | {r['launches']:.1f} | "
-                f"{r['in_step_us']:.1f} | " + " | ".join(f"{p:.1f}" for p in parts)
+                f"{r['in_step_us']:.1f} ({r['in_step_us_quartiles'][0]:.1f}-"
+                f"{r['in_step_us_quartiles'][1]:.1f}) | " + " | ".join(f"{p:.1f}" for p in parts)
                 + f" | {other:.1f} | {r['max_abs_diff_vs_first']:.2g} |\n")
 
 

@@ -398,7 +398,7 @@ def test_decode_sweep_smoke(tmp_path):
   from tests.test_experiments import ROOT, run
   out = str(tmp_path / "sweep")
   run("experiments.decode_sweep", "--implementation=interpret", "--seq_len=1024", "--batch=2",
-      "--layers=1", "--step_reps=1", "--iters=1", "--variants=base;splits=3,fused=0,topk_warps=8",
+      "--layers=1", "--step_reps=1", "--iters=2", "--variants=base;splits=3,fused=0,topk_warps=8",
       f"--out={out}")
   with open(out + ".json") as f:
     rows = json.load(f)["rows"]
@@ -406,6 +406,9 @@ def test_decode_sweep_smoke(tmp_path):
   assert [r["variant"] for r in rows] == ["base", "splits=3,fused=0,topk_warps=8"]
   assert rows[1]["knobs"] == {"splits": 3, "fused_select": 0, "topk_num_warps": 8}
   assert rows[1]["max_abs_diff_vs_first"] < 1e-2 and rows[0]["in_step_us"] > 0
+  for r in rows:  # the interleaved rounds' spread brackets the median
+    low, high = r["in_step_us_quartiles"]
+    assert 0 < low <= r["in_step_us"] <= high and r["in_step_us_one_program_a_sample"] > 0
   with open(out + ".md") as f:
     assert f.read().count("\n| ") == 3  # header row + 2 variants
   bad = subprocess.run([sys.executable, "-m", "experiments.decode_sweep", "--variants=blocks=2"],
