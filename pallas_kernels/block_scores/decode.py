@@ -178,7 +178,9 @@ def _scores_kernel(pos_ref, logits_ref, m_ref, l_ref, *refs, tile, ratio, overla
   doc_ref = refs.pop(0) if segments else None
   # Program ids outside the branches below (interpret mode cannot lower them inside one). The
   # forced-block programs follow the scoring ones along the split axis, the slowest-varying of
-  # the launch grid (measured so; starting them first is untried).
+  # the launch grid. Launched first, they made the kernel slower (21.1-21.3 us against 20.1;
+  # experiments/results/decode_1207h.md), likely because the scoring splits, whose top-k tail
+  # is the longer chain, then start later (not profiled).
   split = pl.program_id(2)
   row = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
 
