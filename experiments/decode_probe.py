@@ -12,6 +12,10 @@ profiler trace (experiments/profiling.py), one process.
               live (random distinct blocks): does its time follow the bytes it reads?
   read        an XLA reduction reading the same bytes as a contiguous bf16 array: the practical
               HBM floor for them.
+  mosaic      sparse_decode's Mosaic GPU kernel (sparse_decode/kernel_mosaic.py: TMA loads of
+              `stages` blocks in flight, the combine by the last split) against the Triton
+              kernel on the decode rows' inputs, checked against the reference; also with 8
+              extra partials, as the decode step merges the forced blocks' partials.
 """
 import json
 import os
@@ -22,7 +26,8 @@ from absl import app, flags
 
 from experiments import profiling
 from pallas_kernels.block_topk.kernel import topk_indices
-from pallas_kernels.sparse_decode import sparse_decode
+from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
+from pallas_kernels.sparse_decode.kernel_mosaic import sparse_decode_mosaic
 
 _OUT = flags.DEFINE_string("out", "", "Output path stem (.json and .md).")
 _WIDTHS = flags.DEFINE_list("widths", ["64", "128", "256", "512", "1024", "2048"],
@@ -32,6 +37,8 @@ _NARROW_TOPK = flags.DEFINE_integer("narrow_topk", 31, "k of the rows narrower t
 _LIVE = flags.DEFINE_list("live", ["64", "48", "32", "16"], "sparse_decode's live slots.")
 _SPLITS = flags.DEFINE_list("splits", ["4", "8", "16"], "sparse_decode's splits.")
 _REPS = flags.DEFINE_integer("reps", 20, "Profiled calls per row.")
+_PROBES = flags.DEFINE_list("probes", ["topk", "decode", "mosaic"], "Which probes to run.")
+_STAGES = flags.DEFINE_list("stages", ["2", "4"], "The Mosaic probe's blocks in flight.")
 
 
 def kernel_us(fn, *args, name: str = "") -> float:
@@ -60,7 +67,9 @@ def topk_rows():
   return rows
 
 
-def decode_rows():
+def decode_inputs():
+  """The decode rows' inputs: batch 8, 128k, 32 / 2 heads, d 128; a random block order per (row,
+  KV head) whose first n blocks, ascending, are a row's n live slots (`live_idx`)."""
   batch, seq, heads, kv_heads, d, block = 8, 131072, 32, 2, 128, 64
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (batch, heads, d), jnp.bfloat16)
@@ -69,10 +78,21 @@ def decode_rows():
   lengths = jnp.full((batch,), seq, jnp.int32)
   # Random distinct blocks per (row, KV head), ascending, as selections come.
   perm = jax.random.uniform(keys[3], (batch, kv_heads, seq // block)).argsort(axis=-1)
+  return q, k, v, lengths, perm, block
+
+
+def live_idx(perm, live: int, width: int):
+  idx = jnp.sort(perm[..., :live], axis=-1).astype(jnp.int32)
+  return jnp.pad(idx, ((0, 0), (0, 0), (0, width - live)), constant_values=-1)
+
+
+def decode_rows():
+  q, k, v, lengths, perm, block = decode_inputs()
+  batch, heads, d = q.shape
+  kv_heads = k.shape[2]
   rows = []
   for live in map(int, _LIVE.value):
-    idx = jnp.sort(perm[..., :live], axis=-1).astype(jnp.int32)
-    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 64 - live)), constant_values=-1)
+    idx = live_idx(perm, live, 64)
     kv_bytes = batch * kv_heads * live * block * d * 2 * 2
     for splits in map(int, _SPLITS.value):
       fn = lambda q, k, v, idx, n=splits: sparse_decode(q, k, v, idx, None, lengths,
@@ -88,9 +108,75 @@ def decode_rows():
   return rows
 
 
+def extra_partials(q, k, v, lengths, perm, first: int, parts: int, per_part: int, block: int):
+  """Partials over blocks perm[first : first + parts * per_part], per_part a part, as the
+  forced-block programs write them (float32 out [b, kv_heads, parts * rows, d], lse)."""
+  batch, heads, d = q.shape
+  kv_heads = k.shape[2]
+  group = heads // kv_heads
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  outs, lses = [], []
+  for part in range(parts):
+    lo = first + part * per_part
+    ids = jnp.pad(perm[..., lo:lo + per_part].astype(jnp.int32),
+                  ((0, 0), (0, 0), (0, 128 - per_part)), constant_values=-1)
+    o, lse = sparse_decode_reference(*f32, ids, None, lengths, block_size=block)
+    outs.append(o.reshape(batch, kv_heads, group, d))
+    lses.append(lse.reshape(batch, kv_heads, group))
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+def mosaic_rows():
+  q, k, v, lengths, perm, block = decode_inputs()
+  batch, heads, d = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(batch, kv_heads, heads // kv_heads, d)
+  rows = []
+  # (live slots, extra parts): the plain rows, then the decode step's: 31 unforced blocks and
+  # 8 partials over 32 forced ones.
+  cases = [(live, 0) for live in map(int, _LIVE.value)] + [(31, 8)]
+  for live, parts in cases:
+    idx = live_idx(perm, live, 128)
+    kv_bytes = batch * kv_heads * live * block * d * 2 * 2
+    extra = None
+    want = sparse_decode_reference(q, k, v, idx, None, lengths, block_size=block)
+    if parts:
+      extra = extra_partials(q, k, v, lengths, perm, live, parts, 4, block)
+      want = sparse_decode_reference(q, k, v, live_idx(perm, live + 4 * parts, 128), None,
+                                     lengths, block_size=block)
+    for splits in map(int, _SPLITS.value):
+      triton = lambda q, k, v, idx, extra, n=splits: sparse_decode(
+          q, k, v, idx, None, lengths, block_size=block, num_splits=n, extra_partials=extra)[0]
+      rows.append({"probe": "mosaic", "kernel": "triton", "live_slots": live,
+                   "extra_parts": parts, "splits": splits, "stages": 3,
+                   "kv_mb": kv_bytes / 1e6,
+                   "us": kernel_us(triton, q, k, v, idx, extra, name="sparse_decode")})
+      print(json.dumps(rows[-1]), flush=True)
+      for stages in map(int, _STAGES.value):
+        fn = jax.jit(lambda qg, k, v, idx, extra, n=splits, s=stages: sparse_decode_mosaic(
+            idx, lengths, qg, k, v, extra, block_k=block, num_splits=n, stages=s))
+        out, lse = fn(qg, k, v, idx, extra)
+        err = float(jnp.max(jnp.abs(out.reshape(batch, heads, d).astype(jnp.float32)
+                                    - want[0].astype(jnp.float32))))
+        lse_err = float(jnp.max(jnp.abs(lse.reshape(batch, heads) - want[1])))
+        profile = profiling.kernel_times(fn, qg, k, v, idx, extra, reps=_REPS.value)["kernels"]
+        us = sum(r["us"] for r in profile)
+        rows.append({"probe": "mosaic", "kernel": "mosaic", "live_slots": live,
+                     "extra_parts": parts, "splits": splits, "stages": stages,
+                     "kv_mb": kv_bytes / 1e6, "us": us, "gbps": kv_bytes / us / 1e3,
+                     "kernels": [r["name"] for r in profile], "max_abs_err_out": err,
+                     "max_abs_err_lse": lse_err})
+        print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
 def main(argv):
   del argv
-  rows = topk_rows() + decode_rows()
+  probes = {"topk": topk_rows, "decode": decode_rows, "mosaic": mosaic_rows}
+  unknown = sorted(set(_PROBES.value) - set(probes))
+  if unknown:
+    raise app.UsageError(f"--probes: {unknown} not among {sorted(probes)}")
+  rows = [r for name in _PROBES.value for r in probes[name]()]
   if not _OUT.value:
     return
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
@@ -109,6 +195,15 @@ def main(argv):
       if r["probe"] == "decode":
         f.write(f"| {r['live_slots']} | {r['splits']} | {r['kv_mb']:.1f} | {r['us']:.1f} | "
                 f"{r['gbps']:.0f} |\n")
+    f.write("\n| kernel | live slots | extra parts | splits | stages | sparse_decode us | "
+            "max err out / lse |\n|---|---|---|---|---|---|---|\n")
+    for r in rows:
+      if r["probe"] == "mosaic":
+        err = (f"{r['max_abs_err_out']:.1e} / {r['max_abs_err_lse']:.1e}"
+               if "max_abs_err_out" in r else "")
+        f.write(f"| {r['kernel']} | {r['live_slots']} | {r['extra_parts']} | {r['splits']} | "
+                f"{r['stages']} | "
+                f"{r['us']:.1f} | {err} |\n")
     f.write("\n| contiguous MB | XLA sum us | GB/s |\n|---|---|---|\n")
     for r in rows:
       if r["probe"] == "read":

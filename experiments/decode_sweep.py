@@ -11,7 +11,8 @@ keys_warps, keys_stages, keys_windows (the decode-key kernels'; keys_windows: co
 windows per tile, `block_windows`), fused (1: the top-k in the decode scores kernel, as the
 layer runs it; 0: the separate top-k kernel), scores_warps (the fused scores kernel's warps),
 forced (forced-block programs per row and KV head in the scores kernel, with fused=1; 0: none,
-select then attend every block).
+select then attend every block), mosaic (1: sparse_decode's Mosaic GPU kernel; stages is then
+its blocks in flight).
 Every variant runs the same inputs as
 experiments/bench_decode's in-step rows (`--layers` caches x `--step_reps` passes chained in one
 program); kernel time comes from a profiler trace (experiments/profiling.py), which the
@@ -54,7 +55,7 @@ _KNOBS = {"splits": "splits", "warps": "num_warps", "stages": "num_stages",
           "topk_warps": "topk_num_warps", "keys_splits": "keys_splits",
           "keys_warps": "keys_num_warps", "keys_stages": "keys_num_stages",
           "keys_windows": "keys_windows", "fused": "fused_select",
-          "scores_warps": "scores_num_warps", "forced": "forced_splits"}
+          "scores_warps": "scores_num_warps", "forced": "forced_splits", "mosaic": "mosaic"}
 
 
 def parse_variant(text: str) -> dict:

@@ -100,7 +100,7 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
                  keys_kernel: bool = True, keys_splits: int | None = None,
                  keys_num_warps: int = 4, keys_num_stages: int = 2, keys_windows: int = 64,
                  fused_select: bool = True, scores_num_warps: int | None = None,
-                 forced_splits: int | None = None):
+                 forced_splits: int | None = None, mosaic: bool = False):
   """The decode attention as the InfLLM-V2 layer runs it, in its parts: (select(q, kc, q_start,
   seg, kv_seg) -> (idx, valid), attend(q, k, v, idx, valid, q_start, seg, kv_seg) -> out,
   step(q, k, v, kc, q_start, seg, kv_seg) -> out), kc = `compressed_cache_keys(k, cfg)`; the
@@ -109,7 +109,8 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
   topk_num_warps then does nothing, and scores_num_warps sets the scores kernel's warps;
   forced_splits: with the fused selection, `step` is pallas_kernels.infllmv2_decode (as the layer
   runs it), whose scores kernel attends the forced blocks with that many programs per row and
-  KV head (None: its default; 0: none, select then attend every block)."""
+  KV head (None: its default; 0: none, select then attend every block); mosaic: sparse_decode's
+  Mosaic GPU kernel (kernel="mosaic") in place of the Triton one."""
   top = top_blocks_fn(implementation, topk_num_warps) if topk_kernel else None
   knobs = dict(implementation=implementation, splits=keys_splits, num_warps=keys_num_warps,
                num_stages=keys_num_stages, block_windows=keys_windows)
@@ -132,7 +133,8 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
                            block_size=cfg.block_size,
                            q_segment_ids=None if seg is None else seg[:, 0],
                            kv_segment_ids=kv_seg, implementation=implementation,
-                           num_splits=splits, num_warps=num_warps, num_stages=num_stages)
+                           num_splits=splits, num_warps=num_warps, num_stages=num_stages,
+                           kernel="mosaic" if mosaic else "triton")
     return out
 
   def step(q, k, v, kc, q_start, seg, kv_seg):
@@ -142,7 +144,8 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
           kv_segment_ids=kv_seg, implementation=implementation, forced_splits=forced_splits,
           num_splits=splits, num_warps=num_warps, num_stages=num_stages, keys_splits=keys_splits,
           keys_num_warps=keys_num_warps, keys_num_stages=keys_num_stages,
-          block_windows=keys_windows, scores_num_warps=scores_num_warps)[:, 0]
+          block_windows=keys_windows, scores_num_warps=scores_num_warps,
+          decode_kernel="mosaic" if mosaic else "triton")[:, 0]
     idx, valid = select(q, kc, q_start, seg, kv_seg)
     return attend(q, k, v, idx, valid, q_start, seg, kv_seg)
 

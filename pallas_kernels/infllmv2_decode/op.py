@@ -55,12 +55,13 @@ def infllmv2_decode(q, k, v, kc, cfg: reference.InfLLMv2Config, *, q_start, kc_c
                     forced_splits: int | None = None, num_splits: int | None = None,
                     num_warps: int = 4, num_stages: int = 3, keys_splits: int | None = None,
                     keys_num_warps: int = 4, keys_num_stages: int = 2, block_windows: int = 64,
-                    scores_num_warps: int | None = None):
+                    scores_num_warps: int | None = None, decode_kernel: str = "triton"):
   """See the module docstring; arguments as the reference's (q [b, 1, heads, d] at q_start [b];
   k, v [b, kv_len, kv_heads, d] with keys [0, q_start] filled; kc / kc_coarse the cached
   compressed keys; segment_ids [b, 1] with kv_segment_ids [b, kv_len], or neither). Launch
   knobs: forced_splits (forced-block programs per row and KV head, `resolve_forced_splits`;
-  0: none), num_splits / num_warps / num_stages (sparse_decode's), keys_splits / keys_num_warps /
+  0: none), num_splits / num_warps / num_stages / decode_kernel (sparse_decode's: its `kernel`,
+  "triton" or "mosaic"), keys_splits / keys_num_warps /
   keys_num_stages / block_windows / scores_num_warps (the decode-key kernels', as
   block_scores.select_decode_blocks takes them)."""
   if implementation not in IMPLEMENTATIONS:
@@ -87,5 +88,5 @@ def infllmv2_decode(q, k, v, kc, cfg: reference.InfLLMv2Config, *, q_start, kc_c
                          q_segment_ids=None if segment_ids is None else segment_ids[:, 0],
                          kv_segment_ids=kv_segment_ids, implementation=implementation,
                          num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-                         extra_partials=extra)
+                         extra_partials=extra, kernel=decode_kernel)
   return out[:, None]

@@ -2,7 +2,8 @@
 
   sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size=64, q_segment_ids=None,
                 kv_segment_ids=None, implementation="pallas" | "interpret" | "reference",
-                num_splits=None) -> (out [b, heads, d] in q.dtype, lse [b, heads] float32)
+                num_splits=None, kernel="triton" | "mosaic")
+      -> (out [b, heads, d] in q.dtype, lse [b, heads] float32)
 
 q [b, heads, d]: each row's query token; k, v [b, capacity, kv_heads, d]: the cache (heads %
 kv_heads == 0; query head n reads KV head n // (heads // kv_heads)); block_idx / block_valid
@@ -18,7 +19,9 @@ Forward only: decoding needs no gradient.
 
 The kernel visits a row's slots up to its last valid one (valid slots first, as selections come,
 costs nothing for the dead tail) and splits them over `num_splits` programs per (row, KV head);
-the last split of each (row, KV head) to finish merges the partial softmaxes.
+the last split of each (row, KV head) to finish merges the partial softmaxes. Two kernels:
+"triton" (kernel.py, the default) and "mosaic" (kernel_mosaic.py: Hopper, TMA loads of several
+blocks in flight; opt-in until it has run on the GPU, experiments/results/decode_mosaic_1207i.md).
 """
 import jax
 import jax.numpy as jnp
@@ -26,9 +29,11 @@ import numpy as np
 
 from pallas_kernels.sparse_attention.index import next_power_of_2
 from pallas_kernels.sparse_decode.kernel import sparse_decode_kernel
+from pallas_kernels.sparse_decode.kernel_mosaic import sparse_decode_mosaic
 from pallas_kernels.sparse_decode.reference import sparse_decode_reference
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
+KERNELS = ("triton", "mosaic")
 
 
 def default_num_splits(batch: int, kv_heads: int, slots: int) -> int:
@@ -38,11 +43,13 @@ def default_num_splits(batch: int, kv_heads: int, slots: int) -> int:
 
 
 def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
-           implementation, num_splits):
+           implementation, num_splits, kernel="triton"):
   fn = "sparse_decode"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{fn}: implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
+  if kernel not in KERNELS:
+    raise ValueError(f"{fn}: kernel must be one of {KERNELS}, got {kernel!r}")
   if q.ndim != 3:
     raise ValueError(f"{fn}: q must be [batch, heads, head_dim] (one token per row), got {q.shape}")
   if k.ndim != 4 or v.shape != k.shape:
@@ -81,18 +88,31 @@ def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_i
   if num_splits is not None and (not isinstance(num_splits, (int, np.integer))
                                  or isinstance(num_splits, bool) or num_splits < 1):
     raise ValueError(f"{fn}: num_splits must be None or a positive int, got {num_splits!r}")
+  if kernel == "mosaic" and implementation != "reference":
+    group = q.shape[1] // k.shape[2]
+    if (q_segment_ids is not None or group > 64 or d % 64 or block_size % 64 or k.shape[1] % 8
+        or q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype):
+      raise ValueError(f"{fn}: kernel='mosaic' takes no segment ids, at most 64 query heads per "
+                       f"KV head, head_dim and block_size multiples of 64, a cache capacity "
+                       f"that is a multiple of 8 and bf16/f16 q, k, v; got segment ids: "
+                       f"{q_segment_ids is not None}, group={group}, head_dim={d}, "
+                       f"block_size={block_size}, capacity={k.shape[1]}, {q.dtype}/{k.dtype} "
+                       f"(kernel='triton' takes all of these)")
 
 
 def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int = 64,
                   q_segment_ids=None, kv_segment_ids=None, implementation: str = "pallas",
                   num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                  poison_outputs: bool = False, extra_partials=None):
+                  poison_outputs: bool = False, extra_partials=None, kernel: str = "triton"):
   """See the module docstring. num_splits: programs per (row, KV head) (default
   `default_num_splits`); poison_outputs: run the kernel on NaN-filled output buffers (a test of
   full coverage); extra_partials: None, or partial softmaxes of the same rows over other keys
-  (kernel.sparse_decode_kernel's `extra`), merged into the result (kernels only)."""
+  (kernel.sparse_decode_kernel's `extra`), merged into the result (kernels only). kernel:
+  "triton" (kernel.py; num_warps and num_stages its launch knobs) or "mosaic" (kernel_mosaic.py,
+  Hopper; num_stages the blocks whose loads are in flight at once, num_splits rounded up to a
+  multiple of 64 / rows; no segment ids)."""
   _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
-         implementation, num_splits)
+         implementation, num_splits, kernel)
   lengths = lengths.astype(jnp.int32)
   if implementation == "reference":
     if extra_partials is not None:
@@ -123,6 +143,24 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
 
   rows = max(16, next_power_of_2(group))  # tl.dot needs M >= 16: pad the group's rows
   qg = jnp.pad(q.reshape(batch, kv_heads, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+  if kernel == "mosaic":
+    # Its slot row is one vector load (a multiple of 128 wide); a 64-row tile of partials holds
+    # 64 / rows splits.
+    if width % 128:
+      idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 128 - width % 128)), constant_values=-1)
+    tiles = 64 // rows
+    if extra_partials is not None and extra_partials[1].shape[-1] % (tiles * rows):
+      # Whole tiles of extra parts too: empty parts (lse -inf) merge as nothing.
+      missing = tiles * rows - extra_partials[1].shape[-1] % (tiles * rows)
+      o_extra, lse_extra = extra_partials
+      extra_partials = (jnp.pad(o_extra, ((0, 0), (0, 0), (0, missing), (0, 0))),
+                        jnp.pad(lse_extra, ((0, 0), (0, 0), (0, missing)),
+                                constant_values=-jnp.inf))
+    out, lse = sparse_decode_mosaic(idx, lengths, qg, k, v, extra_partials, block_k=block_size,
+                                    num_splits=-(-int(num_splits) // tiles) * tiles,
+                                    stages=num_stages, interpret=implementation == "interpret")
+    return (out[:, :, :group].reshape(batch, heads, d),
+            lse[:, :, :group].reshape(batch, heads))
   kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
   out, lse = sparse_decode_kernel(idx, lengths, q_seg, qg, k, v, kv_seg, extra_partials,
                                   block_k=block_size,
