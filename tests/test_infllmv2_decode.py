@@ -398,19 +398,22 @@ def test_decode_sweep_smoke(tmp_path):
   from tests.test_experiments import ROOT, run
   out = str(tmp_path / "sweep")
   run("experiments.decode_sweep", "--implementation=interpret", "--seq_len=1024", "--batch=2",
-      "--layers=1", "--step_reps=1", "--iters=2", "--variants=base;splits=3,fused=0,topk_warps=8",
-      f"--out={out}")
+      "--layers=1", "--step_reps=1", "--iters=2",
+      "--variants=base;splits=3,fused=0,topk_warps=8;mosaic=1,stages=2", f"--out={out}")
   with open(out + ".json") as f:
     rows = json.load(f)["rows"]
-  # The second variant selects with the separate top-k kernel: the same blocks.
-  assert [r["variant"] for r in rows] == ["base", "splits=3,fused=0,topk_warps=8"]
+  # The second variant selects with the separate top-k kernel: the same blocks; the third
+  # attends them with sparse_decode's Mosaic GPU kernel (segment ids included).
+  assert [r["variant"] for r in rows] == ["base", "splits=3,fused=0,topk_warps=8",
+                                          "mosaic=1,stages=2"]
   assert rows[1]["knobs"] == {"splits": 3, "fused_select": 0, "topk_num_warps": 8}
-  assert rows[1]["max_abs_diff_vs_first"] < 1e-2 and rows[0]["in_step_us"] > 0
+  assert rows[2]["knobs"]["mosaic"] == 1
+  assert max(r["max_abs_diff_vs_first"] for r in rows[1:]) < 1e-2 and rows[0]["in_step_us"] > 0
   for r in rows:  # the interleaved rounds' spread brackets the median
     low, high = r["in_step_us_quartiles"]
     assert 0 < low <= r["in_step_us"] <= high and r["in_step_us_one_program_a_sample"] > 0
   with open(out + ".md") as f:
-    assert f.read().count("\n| ") == 3  # header row + 2 variants
+    assert f.read().count("\n| ") == 4  # header row + 3 variants
   bad = subprocess.run([sys.executable, "-m", "experiments.decode_sweep", "--variants=blocks=2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -124,7 +124,7 @@ def test_mosaic_decode_lowers_for_the_gpu(rows, extra):
 def test_op_with_the_mosaic_kernel_matches_the_triton_one():
   """sparse_decode(kernel="mosaic"): block_valid folded in, the slot row padded to 128, 3 splits
   rounded up to 4 (16 rows), extra partials of 3 parts padded to a whole tile; the same results
-  as the Triton kernel; what it cannot take is named."""
+  as the Triton kernel; segment ids against the reference; what it cannot take is named."""
   from pallas_kernels.sparse_decode import sparse_decode
   q, k, v, idx, lengths = _inputs(3, batch=2, kv_heads=2, group=16, capacity=1000, live=9)
   idx = idx[..., :16]
@@ -140,10 +140,17 @@ def test_op_with_the_mosaic_kernel_matches_the_triton_one():
   np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
                              atol=2e-2, rtol=2e-2)
   np.testing.assert_allclose(got[1], want[1], atol=1e-3)
-  seg = jnp.zeros((2,), jnp.int32), jnp.zeros((2, 1000), jnp.int32)
-  with pytest.raises(ValueError, match="kernel='mosaic' takes no segment ids"):
-    sparse_decode(q, k, v, idx, valid, lengths, kernel="mosaic", q_segment_ids=seg[0],
-                  kv_segment_ids=seg[1], block_size=64, implementation="interpret")
+  # Segment ids: row 0's query in segment 2 (keys 300-899), row 1's in segment 1 (all keys).
+  kv_seg = jnp.ones((2, 1000), jnp.int32).at[0, 300:900].set(2)
+  q_seg = jnp.array([2, 1], jnp.int32)
+  common.pop("extra_partials")
+  got = sparse_decode(q, k, v, idx, valid, lengths, kernel="mosaic", q_segment_ids=q_seg,
+                      kv_segment_ids=kv_seg, **common)
+  want = sparse_decode(q, k, v, idx, valid, lengths, implementation="reference", block_size=64,
+                       q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+  np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
+                             atol=2e-2, rtol=2e-2)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-3)
   with pytest.raises(ValueError, match="kernel must be one of"):
     sparse_decode(q, k, v, idx, valid, lengths, kernel="cuda", block_size=64)
   with pytest.raises(ValueError, match="multiple of 8"):

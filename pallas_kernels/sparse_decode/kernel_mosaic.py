@@ -13,9 +13,9 @@ semaphore for the others' and merges them with `extra` partials written elsewher
 step's forced-block programs) into the result (`_combine`).
 
 Masking as the Triton kernel: the slot's own block (dead slots, -1, see nothing), keys below the
-row's length, and a cache whose capacity is not a multiple of the block has its last block loaded
-shifted back to end at the capacity (the re-read keys masked). No segment ids (the op keeps the
-Triton kernel for those).
+row's length, equal segment ids when given (each block's ids come with its K and V by TMA), and a
+cache whose capacity is not a multiple of the block has its last block loaded shifted back to end
+at the capacity (the re-read keys masked).
 """
 import functools
 import math
@@ -40,12 +40,13 @@ def _live_end(idx_ref, batch, head):
   return jnp.max(jnp.where(slots >= 0, position, 0))
 
 
-def _attend(idx_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, end, scoped, *, rows: int,
-            block_k: int, splits: int, stages: int, capacity: int, interpret: bool):
+def _attend(idx_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, segments, end, scoped, *,
+            rows: int, block_k: int, splits: int, stages: int, capacity: int, interpret: bool):
   """This split's share of the row's live slots [0, end): its partial softmax, written at part
-  `split`."""
+  `split`. segments: None, or the (q_seg [b], kv_seg [b, capacity]) refs."""
   split, head, batch = (lax.axis_index(a) for a in ("splits", "heads", "batch"))
-  (q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem), (q_ready, k_ready, v_ready) = scoped
+  ((q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem, seg_smem),
+   (q_ready, k_ready, v_ready, seg_ready)) = scoped
   head_dim = q_smem.shape[-1]
   length = len_ref[batch]
 
@@ -60,6 +61,8 @@ def _attend(idx_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, end, scoped, 
     keys = pl.ds(block_start(idx_ref[batch, head, u]), block_k)
     plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], k_ready.at[slot])
     plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot], v_ready.at[slot])
+    if segments is not None:
+      plgpu.copy_gmem_to_smem(segments[1].at[batch, keys], seg_smem.at[slot], seg_ready.at[slot])
 
   for s in range(stages):
     pl.when(lo + s < hi)(functools.partial(load, lo + s, s))
@@ -72,6 +75,7 @@ def _attend(idx_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, end, scoped, 
   plgpu.barrier_wait(q_ready)
 
   col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=layout)
+  q_seg = None if segments is None else segments[0][batch]
   scale2 = LOG2E / math.sqrt(head_dim)
 
   def product(a, b, shape):
@@ -87,6 +91,10 @@ def _attend(idx_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, end, scoped, 
     first = block * block_k
     pos = block_start(block) + col
     visible = (block >= 0) & (pos >= first) & (pos < first + block_k) & (pos < length)
+    if segments is not None:  # the keys of the query's segment, each broadcast along its column
+      plgpu.barrier_wait(seg_ready.at[slot])
+      key_seg = plgpu.load(seg_smem.at[slot], layout=layout.reduce(0))
+      visible &= lax.broadcast_in_dim(key_seg == q_seg, visible.shape, [1])
     plgpu.barrier_wait(k_ready.at[slot])
     s = product(q_smem, k_smem.at[slot].transpose((1, 0)), (ROWS, block_k))
     s = jnp.where(visible, s * scale2, MASK_VALUE)
@@ -186,14 +194,16 @@ def _combine(sources, out_ref, lse_out_ref, scoped, *, rows: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "num_splits", "stages", "interpret"))
-def sparse_decode_mosaic(idx, lengths, q, k, v, extra=None, *, block_k: int, num_splits: int,
-                         stages: int = 4, interpret: bool = False):
+def sparse_decode_mosaic(idx, lengths, q, k, v, extra=None, q_segment_ids=None,
+                         kv_segment_ids=None, *, block_k: int, num_splits: int, stages: int = 4,
+                         interpret: bool = False):
   """idx [b, kv_heads, width] int32 (-1 dead; width a multiple of 128); lengths [b] int32; q [b,
   kv_heads, rows, d] (rows 16, 32 or 64, padding rows zero); k, v [b, capacity, kv_heads, d]
   bf16/f16 with capacity >= block_k; extra: None or (out float32 [b, kv_heads, parts * rows,
   d], lse [b, kv_heads, parts * rows]) partials computed elsewhere (`kernel.write_partial`'s
-  layout), merged in too. num_splits and the extra parts must be multiples of 64 / rows (a
-  64-row tile of partials holds that many). Returns (out [b, kv_heads, rows, d] in q.dtype, lse
+  layout), merged in too; q_segment_ids [b] with kv_segment_ids [b, capacity] int32, or
+  neither: keys of other segments are masked. num_splits and the extra parts must be multiples
+  of 64 / rows (a 64-row tile of partials holds that many). Returns (out [b, kv_heads, rows, d] in q.dtype, lse
   [b, kv_heads, rows] float32 natural log, -inf for a row that saw nothing)."""
   batch, kv_heads, rows, head_dim = q.shape
   capacity = k.shape[1]
@@ -213,6 +223,9 @@ def sparse_decode_mosaic(idx, lengths, q, k, v, extra=None, *, block_k: int, num
   if num_splits % tiles or extra_parts % tiles:
     raise ValueError(f"{fn}: num_splits ({num_splits}) and the extra parts ({extra_parts}) must "
                      f"be multiples of {tiles} (64 / rows)")
+  segmented = kv_segment_ids is not None
+  if (q_segment_ids is None) == segmented:
+    raise ValueError(f"{fn}: pass both q_segment_ids and kv_segment_ids, or neither")
   dtype = q.dtype
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   attend_smem = (
@@ -221,23 +234,27 @@ def sparse_decode_mosaic(idx, lengths, q, k, v, extra=None, *, block_k: int, num
        plgpu.SMEM((stages, block_k, head_dim), dtype, **tiled),
        plgpu.SMEM((ROWS, head_dim), jnp.float32),
        plgpu.SMEM((ROWS,), jnp.float32),
-       plgpu.SMEM((ROWS, block_k), dtype, **tiled) if interpret else None),
-      (plgpu.Barrier(), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)))
+       plgpu.SMEM((ROWS, block_k), dtype, **tiled) if interpret else None,
+       plgpu.SMEM((stages, block_k), jnp.int32) if segmented else None),
+      (plgpu.Barrier(), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+       plgpu.Barrier(num_barriers=stages) if segmented else None))
   combine_smem = (plgpu.SMEM((2 * ROWS,), jnp.float32),
                   plgpu.SMEM((2 * ROWS, head_dim), jnp.float32),
                   plgpu.SMEM((ROWS, head_dim), dtype),
                   plgpu.SMEM((ROWS,), jnp.float32))
 
   def entry(idx_ref, len_ref, q_ref, k_ref, v_ref, *refs):
-    extra_refs = refs[:2] if extra is not None else ()
-    o_part, lse_part, out_ref, lse_ref = refs[len(extra_refs):]
+    refs = list(refs)
+    segments = (refs.pop(0), refs.pop(0)) if segmented else None
+    extra_refs = (refs.pop(0), refs.pop(0)) if extra is not None else ()
+    o_part, lse_part, out_ref, lse_ref = refs
     split, head, batch_ = (lax.axis_index(a) for a in ("splits", "heads", "batch"))
     # Before the scoped allocations: Pallas notes that the strided reduction's shared-memory
     # scratch is not synchronised with run_scoped's (jax 0.11.2, mosaic_gpu/lowering.py).
     end = _live_end(idx_ref, batch_, head)
     pl.run_scoped(
-        lambda *scoped: _attend(idx_ref, len_ref, q_ref, k_ref, v_ref, o_part, lse_part, end,
-                                scoped,
+        lambda *scoped: _attend(idx_ref, len_ref, q_ref, k_ref, v_ref, o_part, lse_part,
+                                segments, end, scoped,
                                 rows=rows, block_k=block_k, splits=num_splits, stages=stages,
                                 capacity=capacity, interpret=interpret),
         *attend_smem)
@@ -277,5 +294,6 @@ def sparse_decode_mosaic(idx, lengths, q, k, v, extra=None, *, block_k: int, num
       grid_names=("splits", "heads", "batch"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **params,
-  )(idx, lengths, q, k, v, *(() if extra is None else extra))
+  )(idx, lengths, q, k, v, *((q_segment_ids, kv_segment_ids) if segmented else ()),
+    *(() if extra is None else extra))
   return out, lse

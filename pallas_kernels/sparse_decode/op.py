@@ -90,12 +90,11 @@ def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_i
     raise ValueError(f"{fn}: num_splits must be None or a positive int, got {num_splits!r}")
   if kernel == "mosaic" and implementation != "reference":
     group = q.shape[1] // k.shape[2]
-    if (q_segment_ids is not None or group > 64 or d % 64 or block_size % 64 or k.shape[1] % 8
+    if (group > 64 or d % 64 or block_size % 64 or k.shape[1] % 8
         or q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype):
-      raise ValueError(f"{fn}: kernel='mosaic' takes no segment ids, at most 64 query heads per "
-                       f"KV head, head_dim and block_size multiples of 64, a cache capacity "
-                       f"that is a multiple of 8 and bf16/f16 q, k, v; got segment ids: "
-                       f"{q_segment_ids is not None}, group={group}, head_dim={d}, "
+      raise ValueError(f"{fn}: kernel='mosaic' takes at most 64 query heads per KV head, "
+                       f"head_dim and block_size multiples of 64, a cache capacity that is a "
+                       f"multiple of 8 and bf16/f16 q, k, v; got group={group}, head_dim={d}, "
                        f"block_size={block_size}, capacity={k.shape[1]}, {q.dtype}/{k.dtype} "
                        f"(kernel='triton' takes all of these)")
 
@@ -110,7 +109,7 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
   (kernel.sparse_decode_kernel's `extra`), merged into the result (kernels only). kernel:
   "triton" (kernel.py; num_warps and num_stages its launch knobs) or "mosaic" (kernel_mosaic.py,
   Hopper; num_stages the blocks whose loads are in flight at once, num_splits rounded up to a
-  multiple of 64 / rows; no segment ids)."""
+  multiple of 64 / rows)."""
   _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
          implementation, num_splits, kernel)
   lengths = lengths.astype(jnp.int32)
@@ -156,7 +155,9 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
       extra_partials = (jnp.pad(o_extra, ((0, 0), (0, 0), (0, missing), (0, 0))),
                         jnp.pad(lse_extra, ((0, 0), (0, 0), (0, missing)),
                                 constant_values=-jnp.inf))
-    out, lse = sparse_decode_mosaic(idx, lengths, qg, k, v, extra_partials, block_k=block_size,
+    kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+    out, lse = sparse_decode_mosaic(idx, lengths, qg, k, v, extra_partials, q_seg, kv_seg,
+                                    block_k=block_size,
                                     num_splits=-(-int(num_splits) // tiles) * tiles,
                                     stages=num_stages, interpret=implementation == "interpret")
     return (out[:, :, :group].reshape(batch, heads, d),

@@ -98,27 +98,29 @@ def test_decode_step_with_forced_blocks_matches_jnp_reference(capacity, packed, 
   assert rel_err(got, plain) < 1e-2
 
 
-@pytest.mark.parametrize("capacity,forced_splits,num_splits", [
-    (65536 + 40, None, None), (131072, None, 16), (131072, 3, 5), (32768, 0, None)])
-def test_decode_step_with_the_mosaic_kernel(capacity, forced_splits, num_splits):
+@pytest.mark.parametrize("capacity,packed,forced_splits,num_splits", [
+    (65536 + 40, False, None, None), (131072, True, None, 16), (131072, False, 3, 5),
+    (32768, True, 0, None)])
+def test_decode_step_with_the_mosaic_kernel(capacity, packed, forced_splits, num_splits):
   """sparse_decode's Mosaic GPU kernel (kernel_mosaic.py: TMA loads, the combine by the last
   split after a global-memory semaphore) in the decode step, against the Triton step on the same
-  inputs and the jnp semantics on the kernels' selection; called twice, so that the semaphores
-  are back at zero after a call."""
+  inputs and the jnp semantics on the kernels' selection (packed: segment ids); called twice, the
+  second call equal to the first."""
   cfg = ref_ops.InfLLMv2Config(topk=64)
-  q, k, v, q_start, _, _ = _inputs(jax.random.key(capacity + 2), capacity, False)
+  q, k, v, q_start, seg, kv_seg = _inputs(jax.random.key(capacity + 2), capacity, packed)
   kc = jax.jit(functools.partial(ref_ops.compress_keys, window=32, stride=16))(k)
+  kw = dict(q_start=q_start, segment_ids=seg, kv_segment_ids=kv_seg)
   step = lambda kernel: jax.jit(functools.partial(
       infllmv2_decode, cfg=cfg, forced_splits=forced_splits, num_splits=num_splits,
       decode_kernel=kernel, num_stages=4 if kernel == "mosaic" else 3))
   mosaic = step("mosaic")
-  got = mosaic(q, k, v, kc, q_start=q_start)
-  again = mosaic(q, k, v, kc, q_start=q_start)
-  triton = step("triton")(q, k, v, kc, q_start=q_start)
+  got = mosaic(q, k, v, kc, **kw)
+  again = mosaic(q, k, v, kc, **kw)
+  triton = step("triton")(q, k, v, kc, **kw)
   idx, valid = jax.jit(functools.partial(select_decode_blocks, cfg=cfg, kv_len=capacity))(
-      q, kc, q_start=q_start)
+      q, kc, **kw)
   want = jax.jit(functools.partial(ref_ops.sparse_attention, cfg=cfg))(
-      q, k, v, idx, valid, kv_lengths=q_start + 1, q_start=q_start)
+      q, k, v, idx, valid, kv_lengths=q_start + 1, **kw)
   assert np.isfinite(np.asarray(got, np.float32)).all()
   assert rel_err(got, want) < 1e-2 and rel_err(got, triton) < 1e-2
   np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
