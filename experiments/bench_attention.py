@@ -66,6 +66,9 @@ _PASSES = flags.DEFINE_list("passes", ["attn_only", "fwd", "fwd_bwd", "decode"],
                             "Which rows to measure.")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 8, "Rows of the decode pass (one query "
                                      "token each, a full cache of seq_len).")
+_DECODE_KERNEL = flags.DEFINE_enum(
+    "decode_kernel", "triton", ["triton", "mosaic"],
+    "sparse_decode's kernel in the decode pass (`sparse_decode(kernel=...)`).")
 _APPROX = flags.DEFINE_bool("approximate_lse", True, "Stage-1 normaliser over the coarse keys.")
 _ATTN_BLOCK_Q = flags.DEFINE_integer(
     "attn_block_q", None, "Query tokens per program of the sparse attention kernels (fwd/fwd_bwd): "
@@ -376,7 +379,8 @@ def main(argv):
     if "decode" in _PASSES.value:
       decode = decode_timing.decode_rows(
           [seq], batch=_DECODE_BATCH.value, configs=("issue",), iters=_ITERS.value,
-          selections={"issue": (1, _LOCAL.value, _TOPK.value)}, profile=_PROFILE.value)
+          selections={"issue": (1, _LOCAL.value, _TOPK.value)}, profile=_PROFILE.value,
+          mosaic=_DECODE_KERNEL.value == "mosaic")
       rows += [decode_timing.attention_row(r) for r in decode]
     for r in rows:
       if r["seq_len"] == seq:

@@ -165,10 +165,11 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
                 keys_kernel: bool = True, keys_splits: int | None = None,
                 approximate_lse: bool = False, topk_num_warps: int | None = None,
                 fused_select: bool = True, profile: bool = False, selections: dict | None = None,
-                quick: bool = False) -> list[dict]:
+                quick: bool = False, mosaic: bool = False) -> list[dict]:
   """Times decode at each cache length and selection (a name of `CONFIGS`, or of `selections`
   when given: name -> (init_blocks, local_blocks, topk)); returns bench_decode's rows
-  (`attention_row` turns one into bench_attention.json's decode row)."""
+  (`attention_row` turns one into bench_attention.json's decode row). mosaic: sparse_decode's
+  Mosaic GPU kernel in place of the Triton one (decode_calls')."""
   if quick:
     shapes, geometry = QUICK_SHAPES, QUICK_GEOMETRY
     table, implementation, dense_impls = QUICK_CONFIGS, "interpret", ("xla",)
@@ -214,7 +215,8 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
       select, attend, step = decode_calls(
           cfg, seq, implementation=implementation, splits=splits, num_warps=num_warps,
           num_stages=num_stages, topk_kernel=topk_kernel, topk_num_warps=topk_num_warps,
-          keys_kernel=keys_kernel, keys_splits=keys_splits, fused_select=fused_select)
+          keys_kernel=keys_kernel, keys_splits=keys_splits, fused_select=fused_select,
+          mosaic=mosaic)
       select_jit, attend_jit, step_jit = jax.jit(select), jax.jit(attend), jax.jit(step)
       idx, valid = select_jit(q, kc, q_start, seg, kv_seg)
       t_select = timeit(select_jit, q, kc, q_start, seg, kv_seg, iters=iters)
@@ -272,6 +274,7 @@ def decode_rows(seq_lens=(32768, 65536, 131072), *, batch: int = 8,
              "forced_splits": (resolve_forced_splits(batch, kv_heads, cfg)
                                if keys_kernel and topk_kernel and fused_select else 0),
              "step_max_abs_err_vs_reference": step_err,
+             "decode_kernel": "mosaic" if mosaic else "triton",
              "implementation": implementation}
       if profile and caches:  # per decode call: the in-step programs' kernels, by name
         where = (dict(process_prefix="/host:CPU", thread_contains="XLAPjRtCpuClient") if quick

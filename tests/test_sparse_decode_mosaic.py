@@ -118,7 +118,12 @@ def test_mosaic_decode_lowers_for_the_gpu(rows, extra):
   lowered = fn.trace(spec((8, 2, 256), jnp.int32), spec((8,), jnp.int32),
                      spec((8, 2, rows, 128), jnp.bfloat16), kv, kv,
                      parts if extra else None).lower(lowering_platforms=("cuda",))
-  assert "mosaic_gpu" in lowered.as_text()
+  text = lowered.as_text()
+  assert "mosaic_gpu" in text
+  # One arrival semaphore per (row, KV head) for the whole grid: the kernel call takes 8 x 2 of
+  # them. (Scratch semaphores are each CTA's own: 128 CTAs x 16 here. The splits then signal
+  # their own copies and the last one waits forever, as the first GPU run did.)
+  assert "tensor<16xi32>" in text and f"tensor<{128 * 16}xi32>" not in text
 
 
 def test_op_with_the_mosaic_kernel_matches_the_triton_one():

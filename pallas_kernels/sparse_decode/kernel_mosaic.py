@@ -203,8 +203,8 @@ def sparse_decode_mosaic(idx, lengths, q, k, v, extra=None, q_segment_ids=None,
   d], lse [b, kv_heads, parts * rows]) partials computed elsewhere (`kernel.write_partial`'s
   layout), merged in too; q_segment_ids [b] with kv_segment_ids [b, capacity] int32, or
   neither: keys of other segments are masked. num_splits and the extra parts must be multiples
-  of 64 / rows (a 64-row tile of partials holds that many). Returns (out [b, kv_heads, rows, d] in q.dtype, lse
-  [b, kv_heads, rows] float32 natural log, -inf for a row that saw nothing)."""
+  of 64 / rows (a 64-row tile of partials holds that many). Returns (out [b, kv_heads, rows, d]
+  in q.dtype, lse [b, kv_heads, rows] float32 natural log, -inf for a row that saw nothing)."""
   batch, kv_heads, rows, head_dim = q.shape
   capacity = k.shape[1]
   fn = "sparse_decode_mosaic"
@@ -259,8 +259,9 @@ def sparse_decode_mosaic(idx, lengths, q, k, v, extra=None, q_segment_ids=None,
                                 capacity=capacity, interpret=interpret),
         *attend_smem)
     # The last split of a (row, KV head) merges the partials once the others have written
-    # theirs. It is the last of them launched (splits vary fastest), so its wait never holds a
-    # slot that an unstarted split needs. Interpret mode runs the programs one after another.
+    # theirs. It is the last of them launched (splits are the grid's first axis, blockIdx.x, and
+    # blocks start in index order), so its wait never holds a slot that an unstarted split
+    # needs. Interpret mode runs the programs one after another.
     last = split == num_splits - 1
     if not interpret:  # (interpret mode has no global semaphores)
       # One semaphore per (row, KV head), shared by the whole grid (a scratch semaphore would be

@@ -29,6 +29,7 @@ import numpy as np
 
 from pallas_kernels.sparse_attention.index import next_power_of_2
 from pallas_kernels.sparse_decode.kernel import sparse_decode_kernel
+from pallas_kernels.sparse_decode.kernel_mosaic import ROWS as MOSAIC_ROWS
 from pallas_kernels.sparse_decode.kernel_mosaic import sparse_decode_mosaic
 from pallas_kernels.sparse_decode.reference import sparse_decode_reference
 
@@ -147,7 +148,7 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
     # 64 / rows splits.
     if width % 128:
       idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 128 - width % 128)), constant_values=-1)
-    tiles = 64 // rows
+    tiles = MOSAIC_ROWS // rows
     if extra_partials is not None and extra_partials[1].shape[-1] % (tiles * rows):
       # Whole tiles of extra parts too: empty parts (lse -inf) merge as nothing.
       missing = tiles * rows - extra_partials[1].shape[-1] % (tiles * rows)
