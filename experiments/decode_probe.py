@@ -202,8 +202,7 @@ def main(argv):
         err = (f"{r['max_abs_err_out']:.1e} / {r['max_abs_err_lse']:.1e}"
                if "max_abs_err_out" in r else "")
         f.write(f"| {r['kernel']} | {r['live_slots']} | {r['extra_parts']} | {r['splits']} | "
-                f"{r['stages']} | "
-                f"{r['us']:.1f} | {err} |\n")
+                f"{r['stages']} | {r['us']:.1f} | {err} |\n")
     f.write("\n| contiguous MB | XLA sum us | GB/s |\n|---|---|---|\n")
     for r in rows:
       if r["probe"] == "read":

@@ -112,6 +112,7 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
   KV head (None: its default; 0: none, select then attend every block); mosaic: sparse_decode's
   Mosaic GPU kernel (kernel="mosaic") in place of the Triton one."""
   top = top_blocks_fn(implementation, topk_num_warps) if topk_kernel else None
+  decode_kernel = "mosaic" if mosaic else "triton"
   knobs = dict(implementation=implementation, splits=keys_splits, num_warps=keys_num_warps,
                num_stages=keys_num_stages, block_windows=keys_windows)
   keys_fn = functools.partial(decode_selection_keys, **knobs) if keys_kernel else None
@@ -134,7 +135,7 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
                            q_segment_ids=None if seg is None else seg[:, 0],
                            kv_segment_ids=kv_seg, implementation=implementation,
                            num_splits=splits, num_warps=num_warps, num_stages=num_stages,
-                           kernel="mosaic" if mosaic else "triton")
+                           kernel=decode_kernel)
     return out
 
   def step(q, k, v, kc, q_start, seg, kv_seg):
@@ -145,7 +146,7 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
           num_splits=splits, num_warps=num_warps, num_stages=num_stages, keys_splits=keys_splits,
           keys_num_warps=keys_num_warps, keys_num_stages=keys_num_stages,
           block_windows=keys_windows, scores_num_warps=scores_num_warps,
-          decode_kernel="mosaic" if mosaic else "triton")[:, 0]
+          decode_kernel=decode_kernel)[:, 0]
     idx, valid = select(q, kc, q_start, seg, kv_seg)
     return attend(q, k, v, idx, valid, q_start, seg, kv_seg)
 

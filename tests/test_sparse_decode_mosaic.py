@@ -65,7 +65,7 @@ def test_mosaic_decode_merges_extra_partials():
   kernel's own: the result is the reference over the union of both block sets; a part that saw
   nothing (lse -inf) adds nothing."""
   q, k, v, idx, lengths = _inputs(7, batch=2, kv_heads=2, group=16, capacity=2048, live=12)
-  own, others = idx.at[..., 6:].set(-1), jnp.full_like(idx, -1)
+  own = idx.at[..., 6:].set(-1)
   qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
   outs, lses = [], []
   for part in range(4):                            # blocks 6..11, two a part, the last empty
@@ -80,7 +80,6 @@ def test_mosaic_decode_merges_extra_partials():
   out, lse = sparse_decode_mosaic(own, lengths, _grouped(q, 2, 16), k, v, extra, block_k=64,
                                   num_splits=4, stages=2, interpret=True)
   _check(out, lse, q, 2, *sparse_decode_reference(q, k, v, idx, None, lengths, block_size=64))
-  del others
 
 
 def test_mosaic_decode_row_that_sees_nothing():

@@ -143,6 +143,7 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
 
   rows = max(16, next_power_of_2(group))  # tl.dot needs M >= 16: pad the group's rows
   qg = jnp.pad(q.reshape(batch, kv_heads, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+  kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
   if kernel == "mosaic":
     # Its slot row is one vector load (a multiple of 128 wide); a 64-row tile of partials holds
     # 64 / rows splits.
@@ -156,14 +157,12 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
       extra_partials = (jnp.pad(o_extra, ((0, 0), (0, 0), (0, missing), (0, 0))),
                         jnp.pad(lse_extra, ((0, 0), (0, 0), (0, missing)),
                                 constant_values=-jnp.inf))
-    kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
     out, lse = sparse_decode_mosaic(idx, lengths, qg, k, v, extra_partials, q_seg, kv_seg,
                                     block_k=block_size,
                                     num_splits=-(-int(num_splits) // tiles) * tiles,
                                     stages=num_stages, interpret=implementation == "interpret")
     return (out[:, :, :group].reshape(batch, heads, d),
             lse[:, :, :group].reshape(batch, heads))
-  kv_seg = None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
   out, lse = sparse_decode_kernel(idx, lengths, q_seg, qg, k, v, kv_seg, extra_partials,
                                   block_k=block_size,
                                   num_splits=int(num_splits),
