@@ -16,6 +16,13 @@ profiler trace (experiments/profiling.py), one process.
               `stages` blocks in flight, the combine by the last split) against the Triton
               kernel on the decode rows' inputs, checked against the reference; also with 8
               extra partials, as the decode step merges the forced blocks' partials.
+  cold        both kernels over 31 live slots after a 256 MB write that evicts the L2 (as in the
+              decode step, where each layer's K/V is cold), with the slots spread over the row's
+              cache (random blocks: ~31 2 MB pages a row) or clustered (31 consecutive blocks: 1-2
+              pages): the same bytes, so a gap between the two is the page (TLB) misses' cost,
+              and the warm rows' gap to the cold ones is DRAM latency. "pages touched" reads one
+              element per 2 MB (or 64 KB) of K and V between the flush and the kernel: if the
+              misses are the cost, that takes it back.
 """
 import json
 import os
@@ -164,15 +171,66 @@ def mosaic_rows():
         rows.append({"probe": "mosaic", "kernel": "mosaic", "live_slots": live,
                      "extra_parts": parts, "splits": splits, "stages": stages,
                      "kv_mb": kv_bytes / 1e6, "us": us, "gbps": kv_bytes / us / 1e3,
-                     "kernels": [r["name"] for r in profile], "max_abs_err_out": err,
+                     "kernels": {r["name"]: r["us"] for r in profile}, "max_abs_err_out": err,
                      "max_abs_err_lse": lse_err})
+        print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def cold_rows():
+  q, k, v, lengths, perm, block = decode_inputs()
+  batch, heads, d = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(batch, kv_heads, heads // kv_heads, d)
+  live, splits = 31, 8
+  n_blocks = perm.shape[-1]
+  layouts = {"spread": live_idx(perm, live, 128),
+             "clustered": jnp.pad(jnp.broadcast_to(
+                 jnp.arange(n_blocks - 64, n_blocks - 64 + live, dtype=jnp.int32),
+                 (batch, kv_heads, live)), ((0, 0), (0, 0), (0, 128 - live)),
+                 constant_values=-1)}
+  kernels = {
+      "triton": ("sparse_decode", lambda q, k, v, idx: sparse_decode(
+          q, k, v, idx, None, lengths, block_size=block, num_splits=splits)[0]),
+      "mosaic": ("mosaic", lambda q, k, v, idx: sparse_decode_mosaic(
+          idx, lengths, q.reshape(qg.shape), k, v, block_k=block, num_splits=splits,
+          stages=2)[0])}
+  flush = jnp.ones((128 * 2**20,), jnp.bfloat16)  # 256 MB, five times the H100's L2
+
+  def after_flush(attend, touch_kb):
+    """attend after the flush; with touch_kb, after a read of one element per touch_kb KB of K
+    and V too (a page's translation in the TLB, its data out of the L2)."""
+    def fn(q, k, v, idx, flush):
+      flushed, q = jax.lax.optimization_barrier((flush * 2, q))
+      outs = (flushed,)
+      if touch_kb:  # (the gather's indices depend on the flush: it runs after it)
+        page = touch_kb * 512  # bf16 elements
+        first = (flushed[0] * 0).astype(jnp.int32)
+        touched = sum(jnp.sum(x.reshape(-1)[jnp.arange(0, x.size, page) + first]
+                              .astype(jnp.float32)) for x in (k, v))
+        touched, q = jax.lax.optimization_barrier((touched, q))
+        outs += (touched,)
+      return attend(q, k, v, idx), outs
+    return fn
+
+  rows = []
+  for layout, idx in layouts.items():
+    for kernel, (name, attend) in kernels.items():
+      for cache, touch_kb in (("warm", 0), ("cold", 0), ("cold, 2 MB pages touched", 2048),
+                              ("cold, 64 KB pages touched", 64)):
+        fn = attend if cache == "warm" else after_flush(attend, touch_kb)
+        args = (q, k, v, idx) + (() if cache == "warm" else (flush,))
+        rows.append({"probe": "cold", "kernel": kernel, "slots": layout, "cache": cache,
+                     "live_slots": live, "splits": splits,
+                     "us": kernel_us(fn, *args, name=name)})
         print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
 def main(argv):
   del argv
-  probes = {"topk": topk_rows, "decode": decode_rows, "mosaic": mosaic_rows}
+  probes = {"topk": topk_rows, "decode": decode_rows, "mosaic": mosaic_rows,
+            "cold": cold_rows}
   unknown = sorted(set(_PROBES.value) - set(probes))
   if unknown:
     raise app.UsageError(f"--probes: {unknown} not among {sorted(probes)}")
@@ -203,6 +261,10 @@ def main(argv):
                if "max_abs_err_out" in r else "")
         f.write(f"| {r['kernel']} | {r['live_slots']} | {r['extra_parts']} | {r['splits']} | "
                 f"{r['stages']} | {r['us']:.1f} | {err} |\n")
+    f.write("\n| kernel | slots | K/V | sparse_decode us |\n|---|---|---|---|\n")
+    for r in rows:
+      if r["probe"] == "cold":
+        f.write(f"| {r['kernel']} | {r['slots']} | {r['cache']} | {r['us']:.1f} |\n")
     f.write("\n| contiguous MB | XLA sum us | GB/s |\n|---|---|---|\n")
     for r in rows:
       if r["probe"] == "read":

@@ -12,7 +12,8 @@ windows per tile, `block_windows`), fused (1: the top-k in the decode scores ker
 layer runs it; 0: the separate top-k kernel), scores_warps (the fused scores kernel's warps),
 forced (forced-block programs per row and KV head in the scores kernel, with fused=1; 0: none,
 select then attend every block), mosaic (1: sparse_decode's Mosaic GPU kernel; stages is then
-its blocks in flight).
+its blocks in flight), touch (an experiment: read one element per `touch` KB of the layer's K
+and V before the step, to take the attention kernels' TLB misses off their path).
 Every variant runs the same inputs as
 experiments/bench_decode's in-step rows (`--layers` caches x `--step_reps` passes chained in one
 program); kernel time comes from a profiler trace (experiments/profiling.py), which the
@@ -55,7 +56,8 @@ _KNOBS = {"splits": "splits", "warps": "num_warps", "stages": "num_stages",
           "topk_warps": "topk_num_warps", "keys_splits": "keys_splits",
           "keys_warps": "keys_num_warps", "keys_stages": "keys_num_stages",
           "keys_windows": "keys_windows", "fused": "fused_select",
-          "scores_warps": "scores_num_warps", "forced": "forced_splits", "mosaic": "mosaic"}
+          "scores_warps": "scores_num_warps", "forced": "forced_splits", "mosaic": "mosaic",
+          "touch": "touch_kb"}
 
 
 def parse_variant(text: str) -> dict:
@@ -139,7 +141,9 @@ def main(argv):
               "| variant | kernels us | launches | in-step us (quartiles) | " + " | ".join(named)
               + " | other kernels us | max diff vs first |\n" + "|---" * (len(named) + 6) + "|\n")
       for r in rows:
-        parts = [r["kernels"].get(n, float("nan")) for n in named]
+        # By name: the Mosaic kernel is sparse_decode_mosaic_gpu_kernel.
+        matches = [[us for k, us in r["kernels"].items() if n in k] for n in named]
+        parts = [sum(m) if m else float("nan") for m in matches]
         other = r["kernel_us"] - sum(p for p in parts if p == p)
         f.write(f"| {r['variant']} | {r['kernel_us']:.1f} | {r['launches']:.1f} | "
                 f"{r['in_step_us']:.1f} ({r['in_step_us_quartiles'][0]:.1f}-"

@@ -95,12 +95,19 @@ def compressed_cache_keys(k, cfg):
   return fine, coarse
 
 
+def touch_pages(x, arrays, kb: int):
+  """x, after a read of one element per `kb` KB of each of `arrays`."""
+  touched = sum(jnp.sum(a.reshape(-1)[::kb * 1024 // a.dtype.itemsize].astype(jnp.float32))
+                for a in arrays)
+  return jax.lax.optimization_barrier((touched, x))[1]
+
+
 def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: int = 4,
                  num_stages: int = 3, topk_kernel: bool = True, topk_num_warps: int | None = None,
                  keys_kernel: bool = True, keys_splits: int | None = None,
                  keys_num_warps: int = 4, keys_num_stages: int = 2, keys_windows: int = 64,
                  fused_select: bool = True, scores_num_warps: int | None = None,
-                 forced_splits: int | None = None, mosaic: bool = False):
+                 forced_splits: int | None = None, mosaic: bool = False, touch_kb: int = 0):
   """The decode attention as the InfLLM-V2 layer runs it, in its parts: (select(q, kc, q_start,
   seg, kv_seg) -> (idx, valid), attend(q, k, v, idx, valid, q_start, seg, kv_seg) -> out,
   step(q, k, v, kc, q_start, seg, kv_seg) -> out), kc = `compressed_cache_keys(k, cfg)`; the
@@ -110,7 +117,9 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
   forced_splits: with the fused selection, `step` is pallas_kernels.infllmv2_decode (as the layer
   runs it), whose scores kernel attends the forced blocks with that many programs per row and
   KV head (None: its default; 0: none, select then attend every block); mosaic: sparse_decode's
-  Mosaic GPU kernel (kernel="mosaic") in place of the Triton one."""
+  Mosaic GPU kernel (kernel="mosaic") in place of the Triton one; touch_kb (an experiment, 0:
+  off): `step` first reads one element per touch_kb KB of K and V, so that the pages'
+  translations are in the TLB when the attention kernels gather their blocks."""
   top = top_blocks_fn(implementation, topk_num_warps) if topk_kernel else None
   decode_kernel = "mosaic" if mosaic else "triton"
   knobs = dict(implementation=implementation, splits=keys_splits, num_warps=keys_num_warps,
@@ -139,6 +148,8 @@ def decode_calls(cfg, seq: int, *, implementation: str, splits: int, num_warps: 
     return out
 
   def step(q, k, v, kc, q_start, seg, kv_seg):
+    if touch_kb:
+      q = touch_pages(q, (k, v), touch_kb)
     if fused:
       return infllmv2_decode_kernels(
           q, k, v, kc[0], cfg, q_start=q_start, kc_coarse=kc[1], segment_ids=seg,

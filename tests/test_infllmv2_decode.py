@@ -399,15 +399,17 @@ def test_decode_sweep_smoke(tmp_path):
   out = str(tmp_path / "sweep")
   run("experiments.decode_sweep", "--implementation=interpret", "--seq_len=1024", "--batch=2",
       "--layers=1", "--step_reps=1", "--iters=2",
-      "--variants=base;splits=3,fused=0,topk_warps=8;mosaic=1,stages=2", f"--out={out}")
+      "--variants=base;splits=3,fused=0,topk_warps=8;mosaic=1,stages=2,touch=64",
+      f"--out={out}")
   with open(out + ".json") as f:
     rows = json.load(f)["rows"]
   # The second variant selects with the separate top-k kernel: the same blocks; the third
-  # attends them with sparse_decode's Mosaic GPU kernel (segment ids included).
+  # attends them with sparse_decode's Mosaic GPU kernel (segment ids included), after reading
+  # one element per 64 KB of the caches (the TLB experiment): the same output.
   assert [r["variant"] for r in rows] == ["base", "splits=3,fused=0,topk_warps=8",
-                                          "mosaic=1,stages=2"]
+                                          "mosaic=1,stages=2,touch=64"]
   assert rows[1]["knobs"] == {"splits": 3, "fused_select": 0, "topk_num_warps": 8}
-  assert rows[2]["knobs"]["mosaic"] == 1
+  assert rows[2]["knobs"]["mosaic"] == 1 and rows[2]["knobs"]["touch_kb"] == 64
   assert max(r["max_abs_diff_vs_first"] for r in rows[1:]) < 1e-2 and rows[0]["in_step_us"] > 0
   for r in rows:  # the interleaved rounds' spread brackets the median
     low, high = r["in_step_us_quartiles"]

@@ -243,7 +243,8 @@ def sparse_decode_mosaic(idx, lengths, q, k, v, extra=None, q_segment_ids=None,
                   plgpu.SMEM((ROWS, head_dim), dtype),
                   plgpu.SMEM((ROWS,), jnp.float32))
 
-  def entry(idx_ref, len_ref, q_ref, k_ref, v_ref, *refs):
+  # The body's name names the kernel in profiles (sparse_decode_mosaic_gpu...).
+  def sparse_decode(idx_ref, len_ref, q_ref, k_ref, v_ref, *refs):
     refs = list(refs)
     segments = (refs.pop(0), refs.pop(0)) if segmented else None
     extra_refs = (refs.pop(0), refs.pop(0)) if extra is not None else ()
@@ -286,7 +287,7 @@ def sparse_decode_mosaic(idx, lengths, q, k, v, extra=None, q_segment_ids=None,
   params = dict(interpret=plgpu.InterpretGPUParams()) if interpret else {}
   parts = num_splits * rows
   _, _, out, lse = plgpu.kernel(
-      entry,
+      sparse_decode,
       out_type=(jax.ShapeDtypeStruct((batch, kv_heads, parts, head_dim), jnp.float32),
                 jax.ShapeDtypeStruct((batch, kv_heads, parts), jnp.float32),
                 jax.ShapeDtypeStruct((batch, kv_heads, rows, head_dim), dtype),
