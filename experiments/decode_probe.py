@@ -22,7 +22,10 @@ profiler trace (experiments/profiling.py), one process.
               pages): the same bytes, so a gap between the two is the page (TLB) misses' cost,
               and the warm rows' gap to the cold ones is DRAM latency. "pages touched" reads one
               element per 2 MB (or 64 KB) of K and V between the flush and the kernel: if the
-              misses are the cost, that takes it back.
+              misses are the cost, that takes it back. First, the Triton kernel warm and cold
+              on a head-major cache (each (row, KV head) its own batch row: a block's K is 16 KB
+              in one piece, not 64 rows of 256 B every 512 B): does the [batch, capacity,
+              kv_heads, d] layout cost DRAM efficiency?
 """
 import json
 import os
@@ -214,6 +217,22 @@ def cold_rows():
     return fn
 
   rows = []
+  # The same bytes with each (row, KV head)'s cache contiguous (batch 16 of one KV head): a
+  # block is then 16 KB in one piece, not 64 rows of 256 B every 512 B.
+  rows_h = batch * kv_heads
+  contiguous = [x.transpose(0, 2, 1, 3).reshape(rows_h, -1, 1, d) for x in (k, v)]
+  lengths_h = jnp.repeat(lengths, kv_heads)
+  attend = lambda q, k, v, idx: sparse_decode(q, k, v, idx, None, lengths_h, block_size=block,
+                                              num_splits=splits)[0]
+  args = (q.reshape(rows_h, heads // kv_heads, d), *contiguous,
+          layouts["spread"].reshape(rows_h, 1, -1))
+  for cache in ("warm", "cold"):
+    fn = attend if cache == "warm" else after_flush(attend, 0)
+    rows.append({"probe": "cold", "kernel": "triton", "slots": "spread, head-major cache",
+                 "cache": cache, "live_slots": live, "splits": splits,
+                 "us": kernel_us(fn, *args + (() if cache == "warm" else (flush,)),
+                                 name="sparse_decode")})
+    print(json.dumps(rows[-1]), flush=True)
   for layout, idx in layouts.items():
     for kernel, (name, attend) in kernels.items():
       for cache, touch_kb in (("warm", 0), ("cold", 0), ("cold, 2 MB pages touched", 2048),
