@@ -12,6 +12,11 @@ kernel's `write_partial` lays it out; the last split of a (row, KV head) waits o
 semaphore for the others' and merges them with `extra` partials written elsewhere (the decode
 step's forced-block programs) into the result (`_combine`).
 
+Measured (H100, experiments/results/decode_mosaic_1207j.md): slower than the Triton kernel, 11.5
+against 9.5 us warm and 16.2 against 15.5 cold at batch 8 over 31 blocks. The bytes in flight
+were not what the Triton kernel lacked: both pay ~6 us of DRAM for the 16 MB cold, and the rest
+is a fixed chain (launch, indices, partials, arrival, combine) that this kernel does not shorten.
+
 Masking as the Triton kernel: the slot's own block (dead slots, -1, see nothing), keys below the
 row's length, equal segment ids when given (each block's ids come with its K and V by TMA), and a
 cache whose capacity is not a multiple of the block has its last block loaded shifted back to end
