@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import profiling
+from experiments.decode_timing import touch_pages
 from pallas_kernels.block_topk.kernel import topk_indices
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
 from pallas_kernels.sparse_decode.kernel_mosaic import sparse_decode_mosaic
@@ -205,15 +206,9 @@ def cold_rows():
     and V too (a page's translation in the TLB, its data out of the L2)."""
     def fn(q, k, v, idx, flush):
       flushed, q = jax.lax.optimization_barrier((flush * 2, q))
-      outs = (flushed,)
-      if touch_kb:  # (the gather's indices depend on the flush: it runs after it)
-        page = touch_kb * 512  # bf16 elements
-        first = (flushed[0] * 0).astype(jnp.int32)
-        touched = sum(jnp.sum(x.reshape(-1)[jnp.arange(0, x.size, page) + first]
-                              .astype(jnp.float32)) for x in (k, v))
-        touched, q = jax.lax.optimization_barrier((touched, q))
-        outs += (touched,)
-      return attend(q, k, v, idx), outs
+      if touch_kb:  # (q comes out of the flush's barrier: the read runs after the flush)
+        q = touch_pages(q, (k, v), touch_kb)
+      return attend(q, k, v, idx), flushed
     return fn
 
   rows = []

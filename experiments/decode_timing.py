@@ -96,9 +96,12 @@ def compressed_cache_keys(k, cfg):
 
 
 def touch_pages(x, arrays, kb: int):
-  """x, after a read of one element per `kb` KB of each of `arrays`."""
-  touched = sum(jnp.sum(a.reshape(-1)[::kb * 1024 // a.dtype.itemsize].astype(jnp.float32))
-                for a in arrays)
+  """x (float, finite), after a read of one element per `kb` KB of each of `arrays`; the read
+  comes after x is computed (its indices depend on x) and before anything that uses the
+  result."""
+  first = (x.reshape(-1)[0] * 0).astype(jnp.int32)  # (0 * float is not folded away)
+  touched = sum(jnp.sum(a.reshape(-1)[jnp.arange(0, a.size, kb * 1024 // a.dtype.itemsize)
+                                      + first].astype(jnp.float32)) for a in arrays)
   return jax.lax.optimization_barrier((touched, x))[1]
 
 
