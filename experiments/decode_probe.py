@@ -193,12 +193,10 @@ def cold_rows():
                  jnp.arange(n_blocks - 64, n_blocks - 64 + live, dtype=jnp.int32),
                  (batch, kv_heads, live)), ((0, 0), (0, 0), (0, 128 - live)),
                  constant_values=-1)}
-  kernels = {
-      "triton": ("sparse_decode", lambda q, k, v, idx: sparse_decode(
-          q, k, v, idx, None, lengths, block_size=block, num_splits=splits)[0]),
-      "mosaic": ("mosaic", lambda q, k, v, idx: sparse_decode_mosaic(
-          idx, lengths, q.reshape(qg.shape), k, v, block_k=block, num_splits=splits,
-          stages=2)[0])}
+  triton = lambda lens: lambda q, k, v, idx: sparse_decode(
+      q, k, v, idx, None, lens, block_size=block, num_splits=splits)[0]
+  mosaic = lambda q, k, v, idx: sparse_decode_mosaic(
+      idx, lengths, q.reshape(qg.shape), k, v, block_k=block, num_splits=splits, stages=2)[0]
   flush = jnp.ones((128 * 2**20,), jnp.bfloat16)  # 256 MB, five times the H100's L2
 
   def after_flush(attend, touch_kb):
@@ -211,33 +209,30 @@ def cold_rows():
       return attend(q, k, v, idx), flushed
     return fn
 
-  rows = []
-  # The same bytes with each (row, KV head)'s cache contiguous (batch 16 of one KV head): a
-  # block is then 16 KB in one piece, not 64 rows of 256 B every 512 B.
+  # First the same bytes with each (row, KV head)'s cache contiguous (batch 16 of one KV head):
+  # a block is then 16 KB in one piece, not 64 rows of 256 B every 512 B.
   rows_h = batch * kv_heads
-  contiguous = [x.transpose(0, 2, 1, 3).reshape(rows_h, -1, 1, d) for x in (k, v)]
-  lengths_h = jnp.repeat(lengths, kv_heads)
-  attend = lambda q, k, v, idx: sparse_decode(q, k, v, idx, None, lengths_h, block_size=block,
-                                              num_splits=splits)[0]
-  args = (q.reshape(rows_h, heads // kv_heads, d), *contiguous,
-          layouts["spread"].reshape(rows_h, 1, -1))
-  for cache in ("warm", "cold"):
-    fn = attend if cache == "warm" else after_flush(attend, 0)
-    rows.append({"probe": "cold", "kernel": "triton", "slots": "spread, head-major cache",
-                 "cache": cache, "live_slots": live, "splits": splits,
-                 "us": kernel_us(fn, *args + (() if cache == "warm" else (flush,)),
-                                 name="sparse_decode")})
-    print(json.dumps(rows[-1]), flush=True)
-  for layout, idx in layouts.items():
-    for kernel, (name, attend) in kernels.items():
-      for cache, touch_kb in (("warm", 0), ("cold", 0), ("cold, 2 MB pages touched", 2048),
-                              ("cold, 64 KB pages touched", 64)):
-        fn = attend if cache == "warm" else after_flush(attend, touch_kb)
-        args = (q, k, v, idx) + (() if cache == "warm" else (flush,))
-        rows.append({"probe": "cold", "kernel": kernel, "slots": layout, "cache": cache,
-                     "live_slots": live, "splits": splits,
-                     "us": kernel_us(fn, *args, name=name)})
-        print(json.dumps(rows[-1]), flush=True)
+  head_major = (q.reshape(rows_h, heads // kv_heads, d),
+                *[x.transpose(0, 2, 1, 3).reshape(rows_h, -1, 1, d) for x in (k, v)],
+                layouts["spread"].reshape(rows_h, 1, -1))
+  plain = (("warm", 0), ("cold", 0))
+  touched = plain + (("cold, 2 MB pages touched", 2048), ("cold, 64 KB pages touched", 64))
+  # (kernel, slots, profile name, attend, its (q, k, v, idx), cache states)
+  cases = [("triton", "spread, head-major cache", "sparse_decode",
+            triton(jnp.repeat(lengths, kv_heads)), head_major, plain)]
+  cases += [(kernel, layout, name, attend, (q, k, v, idx), touched)
+            for layout, idx in layouts.items()
+            for kernel, name, attend in (("triton", "sparse_decode", triton(lengths)),
+                                         ("mosaic", "mosaic", mosaic))]
+  rows = []
+  for kernel, slots, name, attend, args, caches in cases:
+    for cache, touch_kb in caches:
+      fn = attend if cache == "warm" else after_flush(attend, touch_kb)
+      rows.append({"probe": "cold", "kernel": kernel, "slots": slots, "cache": cache,
+                   "live_slots": live, "splits": splits,
+                   "us": kernel_us(fn, *args, *(() if cache == "warm" else (flush,)),
+                                   name=name)})
+      print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
