@@ -320,3 +320,133 @@ def test_query_block_unions_match_sets(block_q):
         n = unions[b, h, qb, 0]
         assert list(unions[b, h, qb, 1:1 + n]) == want
         assert not unions[b, h, qb, 1 + n:].any()
+
+
+# A per-key additive logit bias (NOSA's eviction scores): key_bias [b, seq, kv_heads].
+
+def random_selection(seed, batch, seq, kv_heads, topk, block):
+  """Per token and KV head: its own block in slot 0, then random earlier blocks (repeats, an
+  invalid slot and a -1 slot among them)."""
+  rng = np.random.default_rng(seed)
+  own = np.arange(seq) // block
+  idx = (rng.random((batch, seq, kv_heads, topk)) * (own[None, :, None, None] + 1)).astype(np.int32)
+  idx[..., 0] = own[None, :, None]
+  idx[..., -1] = np.where(rng.random(idx.shape[:3]) < 0.2, -1, idx[..., -1])
+  valid = np.ones(idx.shape, bool)
+  valid[..., 1] = rng.random(idx.shape[:3]) < 0.8
+  return jnp.asarray(idx), jnp.asarray(valid)
+
+
+def two_documents(batch, seq, cut):
+  return jnp.asarray(np.stack([np.r_[np.ones(cut), 2 * np.ones(seq - cut)]] * batch), jnp.int32)
+
+
+def key_bias_of(seed, k):
+  return 2.0 * jax.random.normal(jax.random.key(seed), k.shape[:3], jnp.float32)
+
+
+def test_reference_key_bias_is_an_extra_key_dimension():
+  """The jnp reference's key_bias, and its gradient, against the unbiased reference on one more
+  head dimension: q' = [q sqrt((d+1)/d), 1], k' = [k, b sqrt(d+1)] give q'.k'/sqrt(d+1) =
+  q.k/sqrt(d) + b (v' = [v, 0])."""
+  batch, seq, heads, kv_heads, dim = 2, 45, 4, 2, 8
+  q, k, v = inputs(11, batch, seq, heads, kv_heads, dim)
+  bias = key_bias_of(12, k)
+  idx, valid = random_selection(13, batch, seq, kv_heads, 3, 16)
+  seg = two_documents(batch, seq, 20)
+  w = jax.random.normal(jax.random.key(14), q.shape)
+  from pallas_kernels.sparse_attention import sparse_attention_reference
+
+  def biased(q, k, v, bias):
+    out, lse = sparse_attention_reference(q, k, v, idx, valid, seg, block_size=16, key_bias=bias)
+    return jnp.sum(out * w) + jnp.sum(lse)
+
+  def extra_dimension(q, k, v, bias):
+    grow = lambda x, col: jnp.concatenate([x, col[..., None]], axis=-1)
+    out, lse = sparse_attention_reference(
+        grow(q * np.sqrt((dim + 1) / dim), jnp.ones(q.shape[:3])),
+        grow(k, bias * np.sqrt(dim + 1)), grow(v, jnp.zeros(v.shape[:3])), idx, valid, seg,
+        block_size=16)
+    return jnp.sum(out[..., :dim] * w) + jnp.sum(lse)
+
+  got = jax.value_and_grad(biased, (0, 1, 2, 3))(q, k, v, bias)
+  want = jax.value_and_grad(extra_dimension, (0, 1, 2, 3))(q, k, v, bias)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, r in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,dim,hp,packed", [
+    (2, 100, 4, 2, 16, 1, True),     # ragged: 100 = 6.25 blocks of 16
+    (1, 77, 2, 2, 16, 1, True),      # GQA 1, ragged
+    (1, 128, 16, 1, 32, 16, False),  # GQA 16, one program per token's 16 heads
+    (2, 75, 16, 2, 16, 4, True)])    # heads_per_program < group
+def test_key_bias_forward_matches_reference(batch, seq, heads, kv_heads, dim, hp, packed):
+  q, k, v = inputs(seq + heads, batch, seq, heads, kv_heads, dim)
+  bias = key_bias_of(seq, k)
+  idx, valid = random_selection(seq, batch, seq, kv_heads, 4, 16)
+  seg = two_documents(batch, seq, seq // 3) if packed else None
+  got, got_lse = sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
+                                  key_bias=bias, implementation="interpret",
+                                  heads_per_program=hp, poison_outputs=True)
+  want, want_lse = sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
+                                    key_bias=bias, implementation="reference")
+  assert np.isfinite(np.asarray(got)).all() and np.isfinite(np.asarray(got_lse)).all()
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got_lse, want_lse, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,packed,hp,chunk,dq_atomic", [
+    (2, 100, 8, 2, True, 2, 1, False),   # ragged; every key block's dS summed over items
+    (1, 70, 4, 4, False, 1, 2, False),   # GQA 1
+    (2, 75, 16, 2, True, 4, 3, True)])   # hp < group (4 head chunks), dQ by atomics
+def test_key_bias_gradients_match_reference(batch, seq, heads, kv_heads, packed, hp, chunk,
+                                            dq_atomic):
+  """dq, dk, dv and d(key_bias) through the dq and dk/dv kernels, the lse cotangent included;
+  tokens 32-47 select nothing (rows without keys). chunk: query tiles per dk/dv work item, so
+  a key block's bias gradient comes from several items."""
+  q, k, v = inputs(seq, batch, seq, heads, kv_heads, 16)
+  bias = key_bias_of(seq + 1, k)
+  idx, valid = random_selection(seq, batch, seq, kv_heads, 3, 16)
+  valid = valid.at[:, 32:48].set(False)
+  seg = two_documents(batch, seq, seq // 3) if packed else None
+  w = jax.random.normal(jax.random.key(9), q.shape)
+  w_lse = jax.random.normal(jax.random.key(10), q.shape[:3])
+
+  def loss(implementation, q, k, v, bias):
+    out, lse = sparse_attention(q, k, v, idx, valid, block_size=16, segment_ids=seg,
+                                key_bias=bias, implementation=implementation,
+                                heads_per_program=hp,
+                                launch=Launch(dkdv_chunk=chunk, dq_atomic=dq_atomic))
+    return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse)
+
+  got = jax.grad(lambda *a: loss("interpret", *a), (0, 1, 2, 3))(q, k, v, bias)
+  want = jax.grad(lambda *a: loss("reference", *a), (0, 1, 2, 3))(q, k, v, bias)
+  assert np.abs(np.asarray(want[3])).max() > 0.1
+  for g, r in zip(got, want):
+    assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_key_bias_is_the_unbiased_op_and_bad_key_bias_is_named():
+  q, k, v = inputs(21, 1, 40, 4, 2, 16)
+  idx, valid = random_selection(21, 1, 40, 2, 3, 16)
+  w = jax.random.normal(jax.random.key(22), q.shape)
+
+  def run(*bias):
+    f = lambda q, k, v, *b: sparse_attention(q, k, v, idx, valid, block_size=16,
+                                             key_bias=b[0] if b else None,
+                                             implementation="interpret")
+    outputs = f(q, k, v, *bias)
+    grads = jax.grad(lambda *a: jnp.sum(f(*a)[0] * w), (0, 1, 2))(q, k, v, *bias)
+    return (*outputs, *grads)
+
+  for got, want in zip(run(jnp.zeros(k.shape[:3])), run()):
+    np.testing.assert_array_equal(got, want)
+  for bad in (jnp.zeros((1, 40, 4)), jnp.zeros((1, 40)), jnp.zeros((1, 40, 2), jnp.int32)):
+    with pytest.raises(ValueError, match=r"key_bias must be .*\(1, 40, 2\)"):
+      sparse_attention(q, k, v, idx, valid, block_size=16, key_bias=bad)
+  for name in ("forward_kernel", "dkdv_kernel"):
+    with pytest.raises(ValueError, match=f"launch.{name}='mosaic' takes no key_bias"):
+      sparse_attention(q, k, v, idx, valid, block_size=16, key_bias=jnp.zeros(k.shape[:3]),
+                       launch=Launch(**{name: "mosaic"}))

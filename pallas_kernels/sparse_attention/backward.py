@@ -17,6 +17,11 @@ on hp heads of 64 / hp tokens (which share their selections) is what keeps the w
 Both mask each row exactly as the forward does: its token's own selected blocks, causality and
 equal segment ids. delta = rowsum(dO * O) - dLSE comes from outside (one fused XLA reduction; the
 logsumexp output's own cotangent enters there, since dLSE/dlogits = P).
+
+With a key bias both kernels add it to the logits they recompute, and the dk/dv kernel also sums
+dS over its rows (every head of the group) per key: the bias's gradient, since dS is already the
+gradient of the natural-log logits (P and the kernels' base 2 only meet inside exp2). Its
+partial sums per work item are added like dK's. Without a bias no kernel takes a bias input.
 """
 import functools
 import math
@@ -32,17 +37,24 @@ from pallas_kernels.sparse_attention.forward import LOG2E, per_row, visible_tile
 from pallas_kernels.sparse_attention.index import KeyBlockIndex
 
 
-def _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale):
-  """Recomputed probabilities P and dS = P * (dP - delta) for one (query rows x key block) tile."""
-  logits2 = plgpu.dot(q, k.T) * (scale * LOG2E)
-  p = jnp.where(visible, jnp.exp2(logits2 - lse2[:, None]), 0.0)
+def _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale, bias2=None):
+  """Recomputed probabilities P and dS = P * (dP - delta) for one (query rows x key block) tile;
+  bias2: None or the block's key bias [block_k] in base 2."""
+  shifted = plgpu.dot(q, k.T) * (scale * LOG2E) - lse2[:, None]
+  if bias2 is not None:
+    # Added after the shift, not to the logits: the scale's multiply fuses into the subtraction
+    # (an FMA on the CPU at least), and this order keeps that, so a zero bias gives the
+    # unbiased P bit for bit.
+    shifted = shifted + bias2[None, :]
+  p = jnp.where(visible, jnp.exp2(shifted), 0.0)
   dp = plgpu.dot(do, v.T)
   return p, p * (dp - delta[:, None])
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, scale: float, block_q: int, block_k: int,
-               heads_per_program: int):
+               delta_ref, *refs, scale: float, block_q: int, block_k: int,
+               heads_per_program: int, biased: bool):
+  bias_ref, dq_ref = refs if biased else (None, *refs)
   query_block = pl.program_id(0)
   hp = heads_per_program
   rows = block_q * hp
@@ -63,7 +75,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, d
     v = v_ref[keys, :]
     visible = visible_tile(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
                            q_seg, kv_seg_ref[keys])
-    _, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, per_row(visible, hp), scale)
+    bias2 = bias_ref[keys] * LOG2E if biased else None
+    _, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, per_row(visible, hp), scale, bias2)
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, union_ref[0], body, jnp.zeros((rows, head_dim), jnp.float32))
@@ -75,14 +88,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, d
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, item_ref, tiles_ref,
                  do_ref, lse_ref, delta_ref, *refs, scale: float, block_q: int, block_k: int,
-                 group: int, heads_per_program: int, num_kv_blocks: int, dq_atomic: bool):
+                 group: int, heads_per_program: int, num_kv_blocks: int, dq_atomic: bool,
+                 biased: bool):
   """One work item (`index.KeyBlockIndex`): its key block's partial dK / dV (unscaled, fp32) over
   the item's query tiles. A dead item (past the last) writes zeros that no block sums. With
-  dq_atomic it also adds each tile's dS K (unscaled, fp32) into the row-major dQ accumulator."""
+  dq_atomic it also adds each tile's dS K (unscaled, fp32) into the row-major dQ accumulator;
+  biased: the block's partial d(key bias), dS summed over the item's rows of every head."""
+  # refs: inputs [dQ accumulator (aliased to its output)] [key bias], then outputs dK, dV [dQ]
+  # [d(key bias)] parts.
+  refs = list(refs)
   if dq_atomic:
-    _, dk_ref, dv_ref, dq_ref = refs  # the accumulator's input is its output (aliased)
-  else:
-    dk_ref, dv_ref = refs
+    refs.pop(0)
+  bias_ref = refs.pop(0) if biased else None
+  dk_ref, dv_ref = refs[:2]
+  dq_ref = refs[2] if dq_atomic else None
+  db_ref = refs[-1] if biased else None
   kv_head = pl.program_id(2)
   hp = heads_per_program
   rows = block_q * hp
@@ -94,6 +114,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, item_ref, 
   v = v_ref[keys, :]
   k_seg = kv_seg_ref[keys]
   k_pos = key_block * block_k + jnp.arange(block_k)
+  bias2 = bias_ref[keys] * LOG2E if biased else None
 
   def over_query_tiles(i, carry):
     query_block = tiles_ref[first + i]
@@ -104,18 +125,20 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, item_ref, 
     tile_rows = pl.ds(query_block * rows, rows)
 
     def over_head_chunks(c, carry):
-      dk, dv = carry
+      dk, dv = carry[:2]
       chunk = kv_head * chunks + c
       q = q_ref[chunk, tile_rows, :]
       do = do_ref[chunk, tile_rows, :]
       lse2 = lse_ref[chunk, tile_rows]
       delta = delta_ref[chunk, tile_rows]
-      p, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale)
+      p, ds = _probs_and_dlogits(q, k, v, do, lse2, delta, visible, scale, bias2)
       dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
       dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
       if dq_atomic:
         plgpu.atomic_add(dq_ref, (chunk, tile_rows, slice(None)),
                          plgpu.dot(ds.astype(k.dtype), k))
+      if biased:
+        return dk, dv, carry[2] + jnp.sum(ds, axis=0)
       return dk, dv
 
     if chunks == 1:  # no loop of one iteration: the tile loop stays innermost (Triton pipelines it)
@@ -123,24 +146,31 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, item_ref, 
     return lax.fori_loop(0, chunks, over_head_chunks, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, count, over_query_tiles, (zeros, zeros))
-  dk_ref[...] = dk
-  dv_ref[...] = dv
+  init = (zeros, zeros) + ((jnp.zeros((block_k,), jnp.float32),) if biased else ())
+  sums = lax.fori_loop(0, count, over_query_tiles, init)
+  dk_ref[...] = sums[0]
+  dv_ref[...] = sums[1]
+  if biased:
+    db_ref[...] = sums[2]
 
 
-def _sum_items_kernel(block_items_ref, dk_part_ref, dv_part_ref, dk_ref, dv_ref, *,
-                      scale: float):
-  """One key block: the sum of its items' partial dK / dV, in a fixed order (deterministic)."""
+def _sum_items_kernel(block_items_ref, *refs, scale: float, biased: bool):
+  """One key block: the sum of its items' partial dK / dV [/ d(key bias)], in a fixed order
+  (deterministic)."""
+  parts, outs = refs[:len(refs) // 2], refs[len(refs) // 2:]
   first, count = block_items_ref[0], block_items_ref[1]
 
   def body(j, carry):
-    dk, dv = carry
-    return dk + dk_part_ref[first + j], dv + dv_part_ref[first + j]
+    return tuple(total + part[first + j] for total, part in zip(carry, parts))
 
+  dk_ref, dv_ref = outs[:2]
   zeros = jnp.zeros(dk_ref.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  init = (zeros, zeros) + ((jnp.zeros(outs[2].shape, jnp.float32),) if biased else ())
+  sums = lax.fori_loop(0, count, body, init)
+  dk_ref[...] = (sums[0] * scale).astype(dk_ref.dtype)
+  dv_ref[...] = sums[1].astype(dv_ref.dtype)
+  if biased:
+    outs[2][...] = sums[2]
 
 
 def _row_major(x, hp: int):
@@ -168,7 +198,7 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
                               dq_launch: tuple[int, int] = (4, 2),
                               dkdv_launch: tuple[int, int] = (4, 2), heads_per_program: int = 1,
                               dq_atomic: bool = False, dkdv_kernel: str = "triton",
-                              mosaic_stages: int = 4):
+                              mosaic_stages: int = 4, key_bias=None):
   """Padded inputs as in `sparse_attention_forward` (with its block_q, heads_per_program and
   unions), the dk/dv kernel's index (`index.block_index` at the same block_q), the forward's lse
   [b, heads, t], delta [b, heads, t] (rowsum(dO * O) - dLSE) and the output cotangent.
@@ -177,7 +207,9 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
   matmul where the dq kernel recomputes P and dS for it: two more; the sum's order, so its last
   bits, then vary from run to run). dkdv_kernel: "triton", or "mosaic" for the dK/dV partial
   sums of backward_mosaic.py (Hopper; key_index built with token_bits, one document per row,
-  no dq_atomic), with `mosaic_stages` Q/dO slots. Returns (dq, dk, dv) like q, k, v."""
+  no dq_atomic), with `mosaic_stages` Q/dO slots. key_bias: None or float32 [b, kv_heads, s] as
+  in `sparse_attention_forward` (Triton dk/dv only). Returns (dq, dk, dv) like q, k, v, and with
+  a key_bias (dq, dk, dv, d_key_bias [b, kv_heads, s] float32)."""
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -185,6 +217,11 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
   topk = selected.shape[-1]
   scale = 1.0 / math.sqrt(head_dim)
   params = lambda launch: plgpu.CompilerParams(num_warps=launch[0], num_stages=launch[1])
+  biased = key_bias is not None
+  if biased and dkdv_kernel != "triton":
+    raise ValueError("sparse_attention_backward: key_bias needs the Triton dk/dv kernel (the "
+                     "Mosaic one takes no key_bias yet)")
+  bias = [key_bias.astype(jnp.float32)] if biased else []
   # A row that saw no key has lse -inf (and zero output): exp2(logits - -inf) = inf, which only
   # the mask would keep out of P and dS (inf * 0 = NaN one step off). As +inf its P is
   # exp2(-inf) = 0 by itself, so such a row contributes nothing whatever the mask.
@@ -196,9 +233,10 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
   q_tile = pl.BlockSpec((None, block_q, head_block, head_dim), lambda i, b, h: (b, i, h, 0))
   kv_all = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h), 0))
   row_vec = pl.BlockSpec((None, None, block_q * hp), lambda i, b, h: (b, h, i))
+  bias_all = [pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, kv_head(h), 0))] * biased
   dq = None if dq_atomic else pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k,
-                        heads_per_program=hp),
+                        heads_per_program=hp, biased=biased),
       grid=(q_len // block_q, batch, heads // hp),
       in_specs=[
           q_tile, kv_all, kv_all,
@@ -207,12 +245,12 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
           pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
           pl.BlockSpec((None, None, None, unions.shape[-1]),
                        lambda i, b, h: (b, kv_head(h), i, 0)),
-          q_tile, row_vec, row_vec,
+          q_tile, row_vec, row_vec, *bias_all,
       ],
       out_specs=q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params(dq_launch), interpret=interpret, name="sparse_attention_dq",
-  )(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, d_out, lse2, delta)
+  )(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, d_out, lse2, delta, *bias)
 
   # dK, dV: one program per work item writes its key block's partial sums, then one program
   # per key block adds its items' (`index.KeyBlockIndex` says why).
@@ -235,30 +273,38 @@ def sparse_attention_backward(q, k, v, selected, q_segment_ids, kv_segment_ids, 
   else:
     outputs = _dkdv_triton(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index, do_in,
                            lse2, delta, scale=scale, block_q=block_q, block_k=block_k, group=group,
-                           hp=hp, dq_atomic=dq_atomic, launch=dkdv_launch, interpret=interpret)
+                           hp=hp, dq_atomic=dq_atomic, launch=dkdv_launch, interpret=interpret,
+                           bias=bias)
+  outputs = list(outputs)
+  dk_part, dv_part = outputs[:2]
   if dq_atomic:
-    dk_part, dv_part, dq_rows = outputs
+    dq_rows = outputs[2]
     dq = jnp.swapaxes((dq_rows * scale).reshape(batch, heads // hp, q_len, hp, head_dim), 1, 2)
     dq = dq.reshape(q.shape).astype(q.dtype)
-  else:
-    dk_part, dv_part = outputs
+  db_part = outputs[-1:] if biased else []
 
   parts = pl.BlockSpec((None, None, n_items, block_k, head_dim), lambda j, b, h: (b, h, 0, 0, 0))
   kv_tile = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_sum_items_kernel, scale=scale),
+  bias_parts = [pl.BlockSpec((None, None, n_items, block_k), lambda j, b, h: (b, h, 0, 0))]
+  bias_tile = [pl.BlockSpec((None, None, block_k), lambda j, b, h: (b, h, j))]
+  grads = pl.pallas_call(
+      functools.partial(_sum_items_kernel, scale=scale, biased=biased),
       grid=(kv_len // block_k, batch, kv_heads),
-      in_specs=[pl.BlockSpec((None, None, None, 2), lambda j, b, h: (b, h, j, 0)), parts, parts],
-      out_specs=[kv_tile, kv_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      in_specs=[pl.BlockSpec((None, None, None, 2), lambda j, b, h: (b, h, j, 0)), parts, parts,
+                *bias_parts * biased],
+      out_specs=[kv_tile, kv_tile, *bias_tile * biased],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 *[jax.ShapeDtypeStruct((batch, kv_heads, kv_len), jnp.float32)] * biased],
       compiler_params=params((4, 1)), interpret=interpret, name="sparse_attention_dkdv_sum",
-  )(block_items, dk_part, dv_part)
-  return dq, dk, dv
+  )(block_items, dk_part, dv_part, *db_part)
+  return (dq, *grads)
 
 
 def _dkdv_triton(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index, do_in, lse2,
-                 delta, *, scale, block_q, block_k, group, hp, dq_atomic, launch, interpret):
-  """The Triton dk/dv kernel over the work items: (dk_parts, dv_parts[, dq rows fp32])."""
+                 delta, *, scale, block_q, block_k, group, hp, dq_atomic, launch, interpret,
+                 bias=()):
+  """The Triton dk/dv kernel over the work items: (dk_parts, dv_parts[, dq rows fp32]
+  [, d(key bias) parts fp32]); bias: () or (key bias [b, kv_heads, s] float32,)."""
   batch, _, q_len_hp, head_dim = q_in.shape
   q_len = q_len_hp // hp
   heads = q_in.shape[1] * hp
@@ -271,10 +317,15 @@ def _dkdv_triton(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index,
   part = pl.BlockSpec((None, None, None, block_k, head_dim), lambda i, b, h: (b, h, i, 0, 0))
   part_shape = jax.ShapeDtypeStruct((batch, kv_heads, n_items, block_k, head_dim), jnp.float32)
   dq_shape = jax.ShapeDtypeStruct(q_in.shape, jnp.float32)
+  biased = len(bias) > 0
+  # After the dQ accumulator, so that its aliased input index stays 11.
+  bias_all = [pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, h, 0))] * biased
+  bias_part = [pl.BlockSpec((None, None, None, block_k), lambda i, b, h: (b, h, i, 0))] * biased
+  bias_shape = [jax.ShapeDtypeStruct((batch, kv_heads, n_items, block_k), jnp.float32)] * biased
   return pl.pallas_call(
       functools.partial(_dkdv_kernel, scale=scale, block_q=block_q, block_k=block_k, group=group,
                         heads_per_program=hp, num_kv_blocks=kv_len // block_k,
-                        dq_atomic=dq_atomic),
+                        dq_atomic=dq_atomic, biased=biased),
       grid=(n_items, batch, kv_heads),
       in_specs=[
           q_all, kv_all, kv_all,
@@ -283,12 +334,12 @@ def _dkdv_triton(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index,
           pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
           pl.BlockSpec((None, None, None, 4), lambda i, b, h: (b, h, i, 0)),
           pl.BlockSpec((None, None, key_index.tiles.shape[-1]), lambda i, b, h: (b, h, 0)),
-          q_all, rows_all, rows_all, *([q_all] if dq_atomic else []),
+          q_all, rows_all, rows_all, *([q_all] if dq_atomic else []), *bias_all,
       ],
-      out_specs=[part, part, *([q_all] if dq_atomic else [])],
-      out_shape=[part_shape, part_shape, *([dq_shape] if dq_atomic else [])],
+      out_specs=[part, part, *([q_all] if dq_atomic else []), *bias_part],
+      out_shape=[part_shape, part_shape, *([dq_shape] if dq_atomic else []), *bias_shape],
       input_output_aliases={11: 2} if dq_atomic else {},
       compiler_params=plgpu.CompilerParams(num_warps=launch[0], num_stages=launch[1]),
       interpret=interpret, name="sparse_attention_dkdv",
   )(q_in, k, v, selected, q_segment_ids, kv_segment_ids, key_index.items, key_index.tiles, do_in,
-    lse2, delta, *([jnp.zeros(dq_shape.shape, jnp.float32)] if dq_atomic else []))
+    lse2, delta, *([jnp.zeros(dq_shape.shape, jnp.float32)] if dq_atomic else []), *bias)

@@ -9,6 +9,9 @@ segment ids. With per-token selections the union grows with the tokens of a prog
 group's heads as rows (all heads of a KV head share the selection) keeps tiles of 64 rows over
 only 64 / heads_per_program tokens: the layout of the InfLLM-V2 / NSA CUDA kernels. Online softmax in float32 (base 2), output in the input dtype plus the natural-log
 logsumexp per row for the backward pass.
+
+An optional per-key bias (NOSA's eviction scores, natural log) is added to the scaled logits of
+every row; without one the kernel takes no bias input at all, so the unbiased path is unchanged.
 """
 import functools
 import math
@@ -44,8 +47,11 @@ def per_row(visible, heads_per_program: int):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_ref, *refs,
-                    scale: float, block_q: int, block_k: int, heads_per_program: int):
-  o_ref, lse_ref = refs[-2:]  # (with poisoned outputs, the aliased input buffers come first)
+                    scale: float, block_q: int, block_k: int, heads_per_program: int,
+                    biased: bool):
+  # refs: the key bias [kv_len] (biased), the poisoned outputs' aliased inputs, then the outputs.
+  bias_ref = refs[0] if biased else None
+  o_ref, lse_ref = refs[-2:]
   query_block = pl.program_id(0)
   hp = heads_per_program
   rows = block_q * hp
@@ -62,6 +68,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_r
     keys = pl.ds(block * block_k, block_k)
     k = k_ref[keys, :]
     logits = plgpu.dot(q, k.T) * (scale * LOG2E)
+    if biased:  # base 2 like the logits; one bias per key, shared by every row
+      logits = logits + (bias_ref[keys] * LOG2E)[None, :]
     visible = visible_tile(selected_blocks, block, q_pos, block * block_k + jnp.arange(block_k),
                            q_seg, kv_seg_ref[keys])
     visible = per_row(visible, hp)
@@ -92,14 +100,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, sel_ref, q_seg_ref, kv_seg_ref, union_r
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret", "num_warps",
                                              "num_stages", "poison", "heads_per_program"))
-def sparse_attention_forward(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, *,
+def sparse_attention_forward(q, k, v, selected, q_segment_ids, kv_segment_ids, unions,
+                             key_bias=None, *,
                              block_q: int, block_k: int, interpret: bool = False,
                              num_warps: int = 4, num_stages: int = 2, poison: bool = False,
                              heads_per_program: int = 1):
   """Padded inputs: q [b, t, heads, d], k/v [b, s, kv_heads, d] with t % block_q == 0 and
   s % block_k == 0; selected [b, t, kv_heads, topk_pow2] int32 (-1 unused); segment ids
   [b, t] / [b, s] int32 (padding must not match real tokens); unions from query_block_unions
-  at block_q tokens; heads_per_program divides heads // kv_heads.
+  at block_q tokens; heads_per_program divides heads // kv_heads. key_bias: None or float32
+  [b, kv_heads, s], added (natural log) to the scaled logits of each KV head's query heads.
   Returns (out [b, t, heads, d], lse [b, heads, t] float32). poison=True writes into NaN-filled
   output buffers (tests: any tile the kernel fails to write stays NaN)."""
   batch, q_len, heads, head_dim = q.shape
@@ -110,7 +120,7 @@ def sparse_attention_forward(q, k, v, selected, q_segment_ids, kv_segment_ids, u
   hp = heads_per_program
   grid = (q_len // block_q, batch, heads // hp)
   kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(head_dim), block_q=block_q,
-                             block_k=block_k, heads_per_program=hp)
+                             block_k=block_k, heads_per_program=hp, biased=key_bias is not None)
   head_block = None if hp == 1 else hp  # a squeezed head axis for one head per program
   kv_head = lambda h: h * hp // group
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -119,10 +129,14 @@ def sparse_attention_forward(q, k, v, selected, q_segment_ids, kv_segment_ids, u
       pl.BlockSpec((None, block_q, head_block, head_dim), lambda i, b, h: (b, i, h, 0)),
       pl.BlockSpec((None, head_block, block_q), lambda i, b, h: (b, h, i)),
   ]
+  bias, bias_specs = [], []
+  if key_bias is not None:
+    bias = [key_bias.astype(jnp.float32)]
+    bias_specs = [pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, kv_head(h), 0))]
   poisoned, aliases = [], {}
   if poison:
     poisoned = [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
-    aliases = {7: 0, 8: 1}
+    aliases = {7 + len(bias): 0, 8 + len(bias): 1}
   return pl.pallas_call(
       kernel,
       grid=grid,
@@ -134,11 +148,11 @@ def sparse_attention_forward(q, k, v, selected, q_segment_ids, kv_segment_ids, u
           pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
           pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
           pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, kv_head(h), i, 0)),
-      ] + (out_specs if poison else []),
+      ] + bias_specs + (out_specs if poison else []),
       out_specs=out_specs,
       out_shape=out_shape,
       input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="sparse_attention_forward",
-  )(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, *poisoned)
+  )(q, k, v, selected, q_segment_ids, kv_segment_ids, unions, *bias, *poisoned)

@@ -1,7 +1,7 @@
 """The public op: per-token block-sparse causal attention with an implementation switch.
 
   sparse_attention(q, k, v, block_idx, block_valid, block_size=64, segment_ids=None,
-                   implementation="pallas" | "interpret" | "reference")
+                   key_bias=None, implementation="pallas" | "interpret" | "reference")
 
 q [b, t, heads, d]; k, v [b, t, kv_heads, d] (self-attention over a row; heads % kv_heads == 0);
 block_idx / block_valid [b, t, kv_heads, topk]: the key blocks (of `block_size` tokens) each query
@@ -9,8 +9,14 @@ token may see, per KV head. Query t sees key s when s's block is one of its vali
 s <= t, and both carry the same segment id. Returns (out [b, t, heads, d] in q.dtype,
 lse [b, t, heads] float32, natural log). Lengths need not be multiples of the block: the op pads.
 
+key_bias: None or float [b, t, kv_heads], a per-key additive logit bias (NOSA's eviction scores):
+query head n at token t weighs key s by exp(q.k / sqrt(d) + key_bias[b, s, n // group]), natural
+log, the returned lse included. Only the Triton kernels take it (the Mosaic ones do not yet), so
+with a bias launch "auto" picks them; without one no kernel gets a bias input.
+
 Differentiable (jax.custom_vjp): the "pallas" and "interpret" implementations run the dq and dk/dv
-kernels of backward.py, the "reference" one the jnp reference's VJP.
+kernels of backward.py, the "reference" one the jnp reference's VJP. With a key_bias the VJP
+returns its cotangent too (float32, from the dk/dv kernel's dS).
 """
 import functools
 from typing import NamedTuple
@@ -112,30 +118,35 @@ def _on_hopper() -> bool:
 
 
 def resolve_forward_kernel(launch: Launch, q, k, hp: int, block_size: int, *,
-                           implementation: str, packed: bool, poison: bool) -> str:
+                           implementation: str, packed: bool, poison: bool,
+                           biased: bool = False) -> str:
   """launch.forward_kernel, with "auto" made "mosaic" where that kernel applies (a Hopper GPU,
-  implementation="pallas", its shapes, one document per row) and "triton" elsewhere."""
+  implementation="pallas", its shapes, one document per row, no key bias) and "triton"
+  elsewhere."""
   if launch.forward_kernel != "auto":
     return launch.forward_kernel
   mosaic = (_on_hopper() and implementation == "pallas" and not packed and not poison
+            and not biased
             and _passes(forward_mosaic.check_shapes, q, k, hp, block_size))
   return "mosaic" if mosaic else "triton"
 
 
 def resolve_dkdv_kernel(launch: Launch, q, k, hp: int, block_size: int, block_q: int, *,
-                        implementation: str, packed: bool) -> str:
+                        implementation: str, packed: bool, biased: bool = False) -> str:
   """launch.dkdv_kernel, with "auto" made "mosaic" where backward_mosaic.py applies (a Hopper
   GPU, implementation="pallas", its shapes, tiles of 64 rows, one document per row, no
-  dq_atomic) and "triton" elsewhere."""
+  dq_atomic, no key bias) and "triton" elsewhere."""
   if launch.dkdv_kernel != "auto":
     return launch.dkdv_kernel
   mosaic = (_on_hopper() and implementation == "pallas" and not packed and not launch.dq_atomic
+            and not biased
             and block_q * hp == backward_mosaic.ROWS
             and _passes(backward_mosaic.check_shapes, q, k, hp, block_size))
   return "mosaic" if mosaic else "triton"
 
 
-def _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation):
+def _check(q, k, v, block_idx, block_valid, segment_ids, key_bias, block_size,
+           implementation):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"sparse_attention: implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
@@ -154,21 +165,28 @@ def _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementat
                      f"topk] = {want + ('topk',)}; got {block_idx.shape} and {block_valid.shape}")
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"sparse_attention: segment_ids must be {q.shape[:2]}, got {segment_ids.shape}")
+  want = tuple(k.shape[:3])
+  if key_bias is not None and (getattr(key_bias, "shape", None) != want
+                               or not jnp.issubdtype(key_bias.dtype, jnp.floating)):
+    raise ValueError(f"sparse_attention: key_bias must be None or a float array [batch, seq, "
+                     f"kv_heads] = {want}, got {getattr(key_bias, 'dtype', type(key_bias))}"
+                     f"{tuple(getattr(key_bias, 'shape', ()))}")
   if block_size < 16 or block_size & (block_size - 1):
     raise ValueError(f"sparse_attention: block_size must be a power of two >= 16, got {block_size}")
 
 
 def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
-                     segment_ids=None, implementation: str = "pallas", block_q: int | None = None,
-                     heads_per_program: int = 1, poison_outputs: bool = False,
-                     launch: Launch = Launch()):
+                     segment_ids=None, key_bias=None, implementation: str = "pallas",
+                     block_q: int | None = None, heads_per_program: int = 1,
+                     poison_outputs: bool = False, launch: Launch = Launch()):
   """See the module docstring. block_q: query tokens per forward program (default block_size,
   or 64 / heads_per_program); heads_per_program: query heads of one KV head per forward program,
   a power of two dividing num_heads / num_kv_heads (their (token, head) pairs are the tile rows,
   so a program's union spans fewer tokens); the backward kernels use the same tiles.
   poison_outputs: run the kernel on NaN-filled output buffers (a test of full coverage).
-  launch: the kernels' Triton launch parameters and the dk/dv work items (`Launch`)."""
-  _check(q, k, v, block_idx, block_valid, segment_ids, block_size, implementation)
+  launch: the kernels' Triton launch parameters and the dk/dv work items (`Launch`).
+  key_bias: None or float [batch, seq, kv_heads], added to the scaled logits (module docstring)."""
+  _check(q, k, v, block_idx, block_valid, segment_ids, key_bias, block_size, implementation)
   if not isinstance(launch, Launch):
     raise ValueError(f"sparse_attention: launch must be a Launch, got {type(launch).__name__}")
   launch.check()
@@ -178,9 +196,14 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
     raise ValueError(f"sparse_attention: heads_per_program must be a power of two dividing "
                      f"num_heads / num_kv_heads = {group}, got {heads_per_program!r}")
   packed = segment_ids is not None
+  biased = key_bias is not None
+  for name in ("forward_kernel", "dkdv_kernel"):
+    if biased and getattr(launch, name) == "mosaic":
+      raise ValueError(f"sparse_attention: launch.{name}='mosaic' takes no key_bias yet (the "
+                       "Mosaic kernels have no bias input); use 'triton' or 'auto'")
   launch = launch._replace(forward_kernel=resolve_forward_kernel(
       launch, q, k, hp, block_size, implementation=implementation, packed=packed,
-      poison=poison_outputs))
+      poison=poison_outputs, biased=biased))
   if launch.forward_kernel == "mosaic":
     forward_mosaic.check_shapes(q, k, hp, block_size)
     if poison_outputs:
@@ -197,7 +220,8 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
     raise ValueError(f"sparse_attention: a tile's rows, block_q x heads_per_program = "
                      f"{block_q} x {hp}, must be >= 16 (Triton's smallest dot)")
   launch = launch._replace(dkdv_kernel=resolve_dkdv_kernel(
-      launch, q, k, hp, block_size, block_q, implementation=implementation, packed=packed))
+      launch, q, k, hp, block_size, block_q, implementation=implementation, packed=packed,
+      biased=biased))
   if launch.dkdv_kernel == "mosaic":
     backward_mosaic.check_shapes(q, k, hp, block_size)
     if packed:
@@ -207,15 +231,18 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
       raise ValueError(f"sparse_attention: launch.dkdv_kernel='mosaic' needs tiles of "
                        f"{backward_mosaic.ROWS} rows, block_q x heads_per_program = {block_q} x "
                        f"{hp}")
+  if biased:
+    key_bias = key_bias.astype(jnp.float32)
   return _sparse_attention(q, k, v, block_idx, block_valid.astype(bool),
-                           segment_ids.astype(jnp.int32),
+                           segment_ids.astype(jnp.int32), key_bias,
                            (block_size, block_q, implementation, poison_outputs, hp, launch,
                             packed))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _sparse_attention(q, k, v, block_idx, block_valid, segment_ids, static):
-  return _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static)[0]
+# key_bias may be None (an empty pytree): its cotangent is then None too, and no kernel sees it.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _sparse_attention(q, k, v, block_idx, block_valid, segment_ids, key_bias, static):
+  return _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, key_bias, static)[0]
 
 
 def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, block_q,
@@ -240,12 +267,12 @@ def _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size, blo
   return ((pad_tokens(q), pad_tokens(k), pad_tokens(v), idx, q_seg, kv_seg, unions), key_index)
 
 
-def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
+def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, key_bias, static):
   block_size, block_q, implementation, poison, hp, launch, packed = static
   if implementation == "reference":
     out = sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids,
-                                     block_size=block_size)
-    return out, (q, k, v, block_idx, block_valid, segment_ids)
+                                     block_size=block_size, key_bias=key_bias)
+    return out, (q, k, v, block_idx, block_valid, segment_ids, key_bias)
   seq = q.shape[1]
   mosaic = launch.forward_kernel == "mosaic"
   inputs, key_index = _padded_inputs(q, k, v, block_idx, block_valid, segment_ids, block_size,
@@ -253,6 +280,10 @@ def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
                                      forward_mosaic.tile_tokens(hp) if mosaic else 1,
                                      token_bits=launch.dkdv_kernel == "mosaic")
   interpret = implementation == "interpret"
+  bias = None
+  if key_bias is not None:  # [b, kv_heads, padded]: a key block's bias is one contiguous run
+    padded = inputs[0].shape[1]
+    bias = jnp.pad(jnp.transpose(key_bias, (0, 2, 1)), ((0, 0), (0, 0), (0, padded - seq)))
   if mosaic:
     q_pad, k_pad, v_pad, idx, q_seg = inputs[:5]
     unions, bits = union_token_bits(idx, idx >= 0, num_kv_blocks=k_pad.shape[1] // block_size,
@@ -268,37 +299,39 @@ def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, static):
       out = jnp.where(runs_ok[:, None, None, None], out, jnp.nan).astype(out.dtype)
       lse = jnp.where(runs_ok[:, None, None], lse, jnp.nan)
   else:
-    out, lse = sparse_attention_forward(*inputs, block_q=block_q, block_k=block_size,
+    out, lse = sparse_attention_forward(*inputs, bias, block_q=block_q, block_k=block_size,
                                         poison=poison, interpret=interpret, heads_per_program=hp,
                                         num_warps=launch.forward[0], num_stages=launch.forward[1])
   result = (out[:, :seq], jnp.transpose(lse, (0, 2, 1))[:, :seq])
-  return result, (inputs, key_index, out, lse)
+  return result, (inputs, bias, key_index, out, lse)
 
 
 def _bwd_rule(static, residuals, cotangents):
   block_size, block_q, implementation, _, hp, launch, _ = static
   d_out, d_lse = cotangents
   if implementation == "reference":
-    q, k, v, block_idx, block_valid, segment_ids = residuals
-    reference = lambda q, k, v: sparse_attention_reference(q, k, v, block_idx, block_valid,
-                                                           segment_ids, block_size=block_size)
-    _, vjp = jax.vjp(reference, q, k, v)
-    return (*vjp(cotangents), None, None, None)
-  inputs, key_index, out, lse = residuals
+    q, k, v, block_idx, block_valid, segment_ids, key_bias = residuals
+    reference = lambda q, k, v, key_bias: sparse_attention_reference(
+        q, k, v, block_idx, block_valid, segment_ids, block_size=block_size, key_bias=key_bias)
+    _, vjp = jax.vjp(reference, q, k, v, key_bias)
+    dq, dk, dv, d_bias = vjp(cotangents)
+    return dq, dk, dv, None, None, None, d_bias
+  inputs, bias, key_index, out, lse = residuals
   seq, padded = d_out.shape[1], out.shape[1]
   pad = ((0, 0), (0, padded - seq))
   d_out = jnp.pad(d_out, pad + ((0, 0), (0, 0)))
   d_lse = jnp.pad(jnp.transpose(d_lse, (0, 2, 1)), ((0, 0), (0, 0), (0, padded - seq)))
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32)) - d_lse
-  dq, dk, dv = sparse_attention_backward(*inputs, key_index, lse, delta,
-                                         d_out.astype(inputs[0].dtype), block_q=block_q,
-                                         block_k=block_size, heads_per_program=hp,
-                                         dq_launch=launch.dq, dkdv_launch=launch.dkdv,
-                                         dq_atomic=launch.dq_atomic,
-                                         dkdv_kernel=launch.dkdv_kernel,
-                                         mosaic_stages=launch.mosaic_dkdv_stages,
-                                         interpret=implementation == "interpret")
-  return dq[:, :seq], dk[:, :seq], dv[:, :seq], None, None, None
+  grads = sparse_attention_backward(*inputs, key_index, lse, delta,
+                                    d_out.astype(inputs[0].dtype), block_q=block_q,
+                                    block_k=block_size, heads_per_program=hp,
+                                    dq_launch=launch.dq, dkdv_launch=launch.dkdv,
+                                    dq_atomic=launch.dq_atomic, dkdv_kernel=launch.dkdv_kernel,
+                                    mosaic_stages=launch.mosaic_dkdv_stages,
+                                    interpret=implementation == "interpret", key_bias=bias)
+  dq, dk, dv = grads[:3]
+  d_bias = None if bias is None else jnp.transpose(grads[3], (0, 2, 1))[:, :seq]
+  return dq[:, :seq], dk[:, :seq], dv[:, :seq], None, None, None, d_bias
 
 
 _sparse_attention.defvjp(_fwd_rule, _bwd_rule)

@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 
 
-def sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids, *, block_size: int):
-  """Same contract as `op.sparse_attention`; returns (out, lse [b, t, heads])."""
+def sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids, *, block_size: int,
+                               key_bias=None):
+  """Same contract as `op.sparse_attention`; returns (out, lse [b, t, heads]). key_bias: None or
+  [b, seq, kv_heads], added to the scaled logits of every query head of its KV head."""
   batch, seq, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   group = heads // kv_heads
@@ -19,6 +21,8 @@ def sparse_attention_reference(q, k, v, block_idx, block_valid, segment_ids, *, 
   visible &= (segment_ids[:, :, None, None] == segment_ids[:, None, None, :])
   qg = q.astype(jnp.float32).reshape(batch, seq, kv_heads, group, head_dim)
   logits = jnp.einsum("btkgd,bskd->btkgs", qg, k.astype(jnp.float32)) / math.sqrt(head_dim)
+  if key_bias is not None:
+    logits = logits + jnp.transpose(key_bias.astype(jnp.float32), (0, 2, 1))[:, None, :, None]
   logits = jnp.where(visible[:, :, :, None], logits, -jnp.inf)
   lse = jax.nn.logsumexp(logits, axis=-1)                            # [b, t, kvh, g]
   probs = jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
