@@ -36,12 +36,13 @@ from pallas_kernels.sparse_attention.forward import LOG2E, MASK_VALUE
 
 
 def attend_blocks(q, k_ref, v_ref, block_of, lo, hi, *, length, scale: float, block_k: int,
-                  capacity: int, kv_seg_ref=None, q_seg=None):
+                  capacity: int, kv_seg_ref=None, q_seg=None, bias_ref=None):
   """An online softmax (float32, base 2) of q [rows, d] over slots [lo, hi), slot u holding
   block block_of(u) (negative: dead, sees nothing) of the cache k_ref / v_ref [capacity, d]:
   (acc [rows, d], m [rows], l [rows]). Keys are masked to the slot's own block, to positions <
   length and, with kv_seg_ref, to segment q_seg; the last block of a cache whose capacity is not
-  a multiple of block_k is loaded shifted back to end at the capacity."""
+  a multiple of block_k is loaded shifted back to end at the capacity. bias_ref [capacity]
+  float32 (NOSA's eviction scores, natural log) is added to every row's scaled logits."""
   rows, head_dim = q.shape
   offsets = jnp.arange(block_k)
 
@@ -56,6 +57,8 @@ def attend_blocks(q, k_ref, v_ref, block_of, lo, hi, *, length, scale: float, bl
     if kv_seg_ref is not None:
       visible &= kv_seg_ref[keys] == q_seg
     logits = plgpu.dot(q, k_ref[keys, :].T) * (scale * LOG2E)      # [rows, block_k]
+    if bias_ref is not None:
+      logits = logits + (bias_ref[keys] * LOG2E)[None, :]
     logits = jnp.where(visible[None, :], logits, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     correction = jnp.exp2(m_prev - m_next)
@@ -97,14 +100,16 @@ def last_to_arrive(count_ref, row, programs: int, *, interpret: bool):
 
 def _decode_kernel(idx_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, scale: float, block_k: int,
                    num_splits: int, capacity: int, segments: bool, extra_parts: int,
-                   interpret: bool):
+                   biased: bool, interpret: bool):
   # The outputs come last: the splits' partials, the result, and the (aliased) arrival counter.
   o_part_ref, lse_part_ref, o_ref, lse_ref, count_ref = refs[-5:]
   refs = refs[:-5]
   q_seg_ref = kv_seg_ref = None
   if segments:
     q_seg_ref, kv_seg_ref = refs[:2]
-  extra = refs[2 if segments else 0:][:2] if extra_parts else None
+    refs = refs[2:]
+  extra = refs[:2] if extra_parts else None
+  bias_ref = refs[2 if extra_parts else 0] if biased else None
   b, split = pl.program_id(0), pl.program_id(2)
   row = b * pl.num_programs(1) + pl.program_id(1)
   # One past the last live slot: the splits share the live slots, never a dead tail.
@@ -116,7 +121,7 @@ def _decode_kernel(idx_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, scale: floa
   acc, m, l = attend_blocks(q_ref[...], k_ref, v_ref, lambda u: idx_ref[u], lo, hi,
                             length=lengths_ref[b], scale=scale, block_k=block_k,
                             capacity=capacity, kv_seg_ref=kv_seg_ref,
-                            q_seg=q_seg_ref[b] if segments else None)
+                            q_seg=q_seg_ref[b] if segments else None, bias_ref=bias_ref)
   write_partial(o_part_ref, lse_part_ref, split, acc, m, l)
   # Flash-decoding's combine, by the split that finishes last.
   @pl.when(last_to_arrive(count_ref, row, num_splits, interpret=interpret))
@@ -154,8 +159,8 @@ def _combine_splits(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits: int
 
 @functools.partial(jax.jit, static_argnames=("block_k", "num_splits", "interpret", "num_warps",
                                              "num_stages", "poison"))
-def sparse_decode_kernel(idx, lengths, q_segment_ids, q, k, v, kv_segment_ids, extra=None, *,
-                         block_k: int, num_splits: int, interpret: bool = False,
+def sparse_decode_kernel(idx, lengths, q_segment_ids, q, k, v, kv_segment_ids, extra=None,
+                         key_bias=None, *, block_k: int, num_splits: int, interpret: bool = False,
                          num_warps: int = 4, num_stages: int = 3, poison: bool = False):
   """idx [b, kv_heads, slots] int32 (the blocks to attend, -1 = dead; slots a power of two);
   lengths [b] int32 (keys [0, length) are filled); q [b, kv_heads, rows, d] (rows a power of two
@@ -165,7 +170,8 @@ def sparse_decode_kernel(idx, lengths, q_segment_ids, q, k, v, kv_segment_ids, e
   that saw no key), the splits already combined. extra: None, or partial softmaxes computed
   elsewhere over other keys of the same rows, merged in too: (out float32 [b, kv_heads, parts *
   rows, d] normalised, lse float32 [b, kv_heads, parts * rows] natural log, -inf for nothing
-  seen), part-major as `write_partial` stores them. poison=True writes into NaN-filled output
+  seen), part-major as `write_partial` stores them. key_bias: None or float32 [b, kv_heads,
+  capacity], added (natural log) to the scaled logits of the KV head's rows. poison=True writes into NaN-filled output
   buffers (tests: any tile the kernel fails to write stays NaN)."""
   batch, kv_heads, rows, head_dim = q.shape
   capacity = k.shape[1]
@@ -174,7 +180,8 @@ def sparse_decode_kernel(idx, lengths, q_segment_ids, q, k, v, kv_segment_ids, e
   extra_parts = 0 if extra is None else extra[1].shape[-1] // rows
   kernel = functools.partial(_decode_kernel, scale=1.0 / math.sqrt(head_dim), block_k=block_k,
                              num_splits=num_splits, capacity=capacity, segments=segments,
-                             extra_parts=extra_parts, interpret=interpret)
+                             extra_parts=extra_parts, biased=key_bias is not None,
+                             interpret=interpret)
   parts = num_splits * rows
   out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, parts, head_dim), jnp.float32),
                jax.ShapeDtypeStruct((batch, kv_heads, parts), jnp.float32),
@@ -207,6 +214,9 @@ def sparse_decode_kernel(idx, lengths, q_segment_ids, q, k, v, kv_segment_ids, e
     in_specs += [pl.BlockSpec((None, None, width, head_dim), lambda b, h, s: (b, h, 0, 0)),
                  pl.BlockSpec((None, None, width), lambda b, h, s: (b, h, 0))]
     args += list(extra)
+  if key_bias is not None:
+    in_specs.append(pl.BlockSpec((None, None, capacity), lambda b, h, s: (b, h, 0)))
+    args.append(key_bias.astype(jnp.float32))
   # The arrival counter starts at zero on every call; results optionally start as NaN.
   aliased = {4: jnp.zeros((batch * kv_heads,), jnp.int32)}
   if poison:

@@ -1,7 +1,8 @@
 """The public op: block-sparse attention of one query token per row to a KV cache.
 
   sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size=64, q_segment_ids=None,
-                kv_segment_ids=None, implementation="pallas" | "interpret" | "reference",
+                kv_segment_ids=None, key_bias=None,
+                implementation="pallas" | "interpret" | "reference",
                 num_splits=None, kernel="triton" | "mosaic")
       -> (out [b, heads, d] in q.dtype, lse [b, heads] float32)
 
@@ -14,8 +15,9 @@ one XLA op less before the kernel; lengths [b]:
 keys [0, lengths[b]) are filled, later slots are never read into the result (the query at
 position lengths - 1 sees itself and everything before it). Optional segment ids (q_segment_ids
 [b], kv_segment_ids [b, capacity]) restrict every row to keys of its query's segment. A query
-that sees no key gets zeros and lse -inf. lse is the natural-log logsumexp of q.k / sqrt(d).
-Forward only: decoding needs no gradient.
+that sees no key gets zeros and lse -inf. lse is the natural-log logsumexp of q.k / sqrt(d)
+(+ key_bias: None or float [b, capacity, kv_heads], NOSA's eviction scores, added to the
+scaled logits of the KV head's query heads; the Triton kernel only). Forward only: decoding needs no gradient.
 
 The kernel visits a row's slots up to its last valid one (valid slots first, as selections come,
 costs nothing for the dead tail) and splits them over `num_splits` programs per (row, KV head);
@@ -46,8 +48,17 @@ def default_num_splits(batch: int, kv_heads: int, slots: int) -> int:
 
 
 def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
-           implementation, num_splits, kernel="triton"):
+           implementation, num_splits, kernel="triton", key_bias=None):
   fn = "sparse_decode"
+  if key_bias is not None:
+    want = tuple(k.shape[:3])
+    if (getattr(key_bias, "ndim", None) != 3 or tuple(key_bias.shape) != want
+        or not jnp.issubdtype(key_bias.dtype, jnp.floating)):
+      raise ValueError(f"{fn}: key_bias must be a float array [batch, capacity, kv_heads] = "
+                       f"{want}, got {getattr(key_bias, 'dtype', type(key_bias))}"
+                       f"{tuple(getattr(key_bias, 'shape', ()))}")
+    if kernel == "mosaic" and implementation != "reference":
+      raise ValueError(f"{fn}: kernel='mosaic' takes no key_bias yet; use kernel='triton'")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{fn}: implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
@@ -105,7 +116,8 @@ def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_i
 def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int = 64,
                   q_segment_ids=None, kv_segment_ids=None, implementation: str = "pallas",
                   num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                  poison_outputs: bool = False, extra_partials=None, kernel: str = "triton"):
+                  poison_outputs: bool = False, extra_partials=None, kernel: str = "triton",
+                  key_bias=None):
   """See the module docstring. num_splits: programs per (row, KV head) (default
   `default_num_splits`); poison_outputs: run the kernel on NaN-filled output buffers (a test of
   full coverage); extra_partials: None, or partial softmaxes of the same rows over other keys
@@ -114,14 +126,14 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
   Hopper; num_stages the blocks whose loads are in flight at once, num_splits rounded up to a
   multiple of 64 / rows)."""
   _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
-         implementation, num_splits, kernel)
+         implementation, num_splits, kernel, key_bias)
   lengths = lengths.astype(jnp.int32)
   if implementation == "reference":
     if extra_partials is not None:
       raise ValueError("sparse_decode: extra_partials needs a kernel implementation "
                        "('pallas' or 'interpret')")
     return sparse_decode_reference(q, k, v, block_idx, block_valid, lengths, q_segment_ids,
-                                   kv_segment_ids, block_size=block_size)
+                                   kv_segment_ids, key_bias, block_size=block_size)
   batch, heads, d = q.shape
   capacity, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -132,6 +144,8 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
     if kv_segment_ids is not None:
       kv_segment_ids = jnp.pad(kv_segment_ids, ((0, 0), (0, block_size - capacity)))
+    if key_bias is not None:
+      key_bias = jnp.pad(key_bias, ((0, 0), (0, block_size - capacity), (0, 0)))
     lengths = jnp.minimum(lengths, capacity)
 
   # Dead slots as -1 (the selections' own convention), padded to a power of two of slots.
@@ -165,7 +179,8 @@ def sparse_decode(q, k, v, block_idx, block_valid, lengths, *, block_size: int =
                                     stages=num_stages, interpret=implementation == "interpret")
     return (out[:, :, :group].reshape(batch, heads, d),
             lse[:, :, :group].reshape(batch, heads))
-  out, lse = sparse_decode_kernel(idx, lengths, q_seg, qg, k, v, kv_seg, extra_partials,
+  bias = None if key_bias is None else jnp.swapaxes(key_bias.astype(jnp.float32), 1, 2)
+  out, lse = sparse_decode_kernel(idx, lengths, q_seg, qg, k, v, kv_seg, extra_partials, bias,
                                   block_k=block_size,
                                   num_splits=int(num_splits),
                                   interpret=implementation == "interpret", num_warps=num_warps,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 
 def sparse_decode_reference(q, k, v, block_idx, block_valid, lengths, q_segment_ids=None,
-                            kv_segment_ids=None, *, block_size: int):
+                            kv_segment_ids=None, key_bias=None, *, block_size: int):
   """Same contract as `op.sparse_decode`; returns (out [b, heads, d] in q.dtype, lse [b, heads])."""
   batch, heads, d = q.shape
   capacity, kv_heads = k.shape[1], k.shape[2]
@@ -24,6 +24,9 @@ def sparse_decode_reference(q, k, v, block_idx, block_valid, lengths, q_segment_
   keys, values = gather(k).astype(jnp.float32), gather(v).astype(jnp.float32)  # [b, kvh, n, d]
   qg = q.astype(jnp.float32).reshape(batch, kv_heads, group, d)
   logits = jnp.einsum("bkgd,bknd->bkgn", qg, keys) / math.sqrt(d)
+  if key_bias is not None:  # [b, capacity, kvh] -> the gathered keys' [b, kvh, 1, n]
+    bias = jnp.take_along_axis(jnp.swapaxes(key_bias.astype(jnp.float32), 1, 2), pos, axis=2)
+    logits = logits + bias[:, :, None]
   logits = jnp.where(visible[:, :, None], logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)

@@ -68,23 +68,26 @@ def heads_per_program(option, group: int) -> int:
   return option
 
 
-def infllmv2_config(config: ModelConfig) -> InfLLMv2Config:
-  """The InfLLMv2Config carried in ModelConfig.attention_options (unknown keys are errors)."""
+def infllmv2_config(config: ModelConfig, config_class=InfLLMv2Config) -> InfLLMv2Config:
+  """The InfLLMv2Config (or subclass, e.g. NOSAConfig) carried in ModelConfig.attention_options
+  (unknown keys are errors)."""
   options = config.attention_kwargs()
-  fields = {f.name for f in dataclasses.fields(InfLLMv2Config)}
+  fields = {f.name for f in dataclasses.fields(config_class)}
   unknown = sorted(set(options) - fields - set(LAYER_OPTIONS))
   if unknown:
     raise ValueError(f"ModelConfig.attention_options has unknown keys {unknown} for "
-                     f"attention='infllmv2'; known: {sorted(fields | set(LAYER_OPTIONS))}")
-  return InfLLMv2Config(**{k: v for k, v in options.items() if k in fields})
+                     f"attention={config.attention!r}; known: "
+                     f"{sorted(fields | set(LAYER_OPTIONS))}")
+  return config_class(**{k: v for k, v in options.items() if k in fields})
 
 
 @register_attention("infllmv2")
 class InfLLMv2Attention(GroupedQueryAttention):
+  config_class = InfLLMv2Config  # what attention_options build (NOSA's layer extends it)
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
-    self.sparse = infllmv2_config(config)
+    self.sparse = infllmv2_config(config, self.config_class)
     options = config.attention_kwargs()
     self.kernel = (options.get("kernel")
                    or ("pallas" if jax.default_backend() == "gpu" else "reference"))

@@ -272,10 +272,12 @@ def pool_geometry(cfg: InfLLMv2Config) -> tuple[int, int, int]:
   return ratio + overlap - 1, ratio, overlap - 1
 
 
-def max_pool_blocks(scores_c: jax.Array, cfg: InfLLMv2Config, *, n_blocks: int) -> jax.Array:
+def max_pool_blocks(scores_c: jax.Array, cfg: InfLLMv2Config, *, n_blocks: int,
+                    empty: float = 0.0) -> jax.Array:
   """Max over the compressed windows overlapping each block: [..., c] -> [..., n_blocks] float32.
 
-  A block that no existing window overlaps scores 0 (the CUDA reference writes -inf).
+  A block that no existing window overlaps (or only windows scored -inf) scores `empty`: 0 for
+  InfLLM-V2's probabilities, whose least value it is (the CUDA reference writes -inf).
   """
   _check_cfg("max_pool_blocks", cfg)
   kernel, stride, padding = pool_geometry(cfg)
@@ -285,7 +287,7 @@ def max_pool_blocks(scores_c: jax.Array, cfg: InfLLMv2Config, *, n_blocks: int) 
   pad = jnp.full(scores_c.shape[:-1] + (1,), -jnp.inf, jnp.float32)
   padded = jnp.concatenate([scores_c.astype(jnp.float32), pad], axis=-1)
   pooled = jnp.max(padded[..., idx], axis=-1)
-  return jnp.where(jnp.isneginf(pooled), 0.0, pooled)
+  return jnp.where(jnp.isneginf(pooled), np.float32(empty), pooled)
 
 
 def block_scores(
@@ -439,16 +441,10 @@ def selection_keys(
   _check_segments(fn, b, q_len, kv_len, segment_ids, kv_segment_ids)
   _check_batch_vector(fn, "q_start", q_start, b)
 
-  B = cfg.block_size
   j = jnp.arange(n_blocks, dtype=jnp.int32)
-  q_block = _positions(b, q_len, q_start) // B  # [b, t]
-  eligible = j[None, None, :] <= q_block[:, :, None]  # [b, t, nb]
-  if segment_ids is not None:
-    kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
-    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, n_blocks * B - kv_len))).reshape(b, n_blocks, B)
-    exists = jnp.asarray((np.arange(n_blocks * B) < kv_len).reshape(n_blocks, B))
-    same_doc = (kv_seg[:, None] == segment_ids[:, :, None, None]) & exists
-    eligible &= jnp.any(same_doc, axis=-1)
+  q_block = _positions(b, q_len, q_start) // cfg.block_size  # [b, t]
+  eligible = eligible_blocks(cfg, batch=b, q_len=q_len, kv_len=kv_len, q_start=q_start,
+                             segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
   rank = jnp.cumsum(eligible, axis=-1)
   is_init = eligible & (rank <= cfg.init_blocks)
   is_local = eligible & (j[None, None, :] > q_block[:, :, None] - cfg.local_blocks)
@@ -458,6 +454,25 @@ def selection_keys(
   big = np.finfo(np.float32).max
   finite = jnp.clip(jnp.nan_to_num(scores.astype(jnp.float32), nan=-big), -big, big)
   return jnp.where(forced, jnp.inf, jnp.where(eligible4, finite, -jnp.inf))
+
+
+def eligible_blocks(cfg: InfLLMv2Config, *, batch: int, q_len: int, kv_len: int,
+                    q_start: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                    kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """bool [batch, q_len, n_blocks]: the blocks a query may select (`select_blocks`): none after
+  its own block and, with segment ids, only blocks holding a key of its document."""
+  B = cfg.block_size
+  n_blocks = -(-kv_len // B)
+  j = jnp.arange(n_blocks, dtype=jnp.int32)
+  q_block = _positions(batch, q_len, q_start) // B  # [b, t]
+  eligible = j[None, None, :] <= q_block[:, :, None]  # [b, t, nb]
+  if segment_ids is not None:
+    kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, n_blocks * B - kv_len))).reshape(batch, n_blocks, B)
+    exists = jnp.asarray((np.arange(n_blocks * B) < kv_len).reshape(n_blocks, B))
+    same_doc = (kv_seg[:, None] == segment_ids[:, :, None, None]) & exists
+    eligible &= jnp.any(same_doc, axis=-1)
+  return eligible
 
 
 def top_blocks(key: jax.Array, topk: int) -> tuple[jax.Array, jax.Array]:
@@ -528,6 +543,7 @@ def sparse_attention(
     kv_segment_ids: jax.Array | None = None,
     q_start: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
+    key_bias: jax.Array | None = None,
     return_lse: bool = False,
 ):
   """Attention restricted to the selected blocks; [b, t, heads, d] in q.dtype (and lse).
@@ -535,7 +551,9 @@ def sparse_attention(
   Each query head attends to the keys of its KV head's valid selected blocks that the dense mask
   (`attention_mask`: causal, kv_lengths, segments) also allows. A query that sees no key gets
   zeros, and lse -inf. lse [b, t, heads] float32 is the natural-log logsumexp of the scaled logits
-  q.k / sqrt(d) over the visible keys.
+  q.k / sqrt(d) over the visible keys. key_bias (NOSA's eviction scores, `sparsejax.ops.nosa`):
+  None or float [b, kv_len, kv_heads], added to the scaled logits of every query head of the KV
+  head (so the attention weight of key s is proportional to exp(q.k_s / sqrt(d) + bias_s)).
   """
   fn = "sparse_attention"
   _check_cfg(fn, cfg)
@@ -544,6 +562,7 @@ def sparse_attention(
   kv_len, kvh = k.shape[1], k.shape[2]
   g = h // kvh
   _check_blocks(fn, block_idx, block_valid, b, t, kvh)
+  check_key_bias(fn, key_bias, k)
 
   mask = attention_mask(t, kv_len, batch=b, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                         q_start=q_start, kv_lengths=kv_lengths)
@@ -552,6 +571,8 @@ def sparse_attention(
 
   qg = q.astype(jnp.float32).reshape(b, t, kvh, g, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) / np.float32(math.sqrt(d))
+  if key_bias is not None:
+    logits = logits + jnp.transpose(key_bias.astype(jnp.float32), (0, 2, 1))[:, :, None, None, :]
   logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -564,6 +585,18 @@ def sparse_attention(
     return out
   lse = jnp.where(denom > 0, jnp.log(safe) + row_max, -jnp.inf)[..., 0]  # [b, kvh, g, t]
   return out, jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, h)
+
+
+def check_key_bias(fn, key_bias, k):
+  """key_bias is None or a float [batch, kv_len, kv_heads] matching k [b, kv_len, kv_heads, d]."""
+  if key_bias is None:
+    return
+  want = tuple(k.shape[:3])
+  if (getattr(key_bias, "ndim", None) != 3 or tuple(key_bias.shape) != want
+      or not jnp.issubdtype(key_bias.dtype, jnp.floating)):
+    raise ValueError(f"{fn}: key_bias must be a float array [batch, kv_len, kv_heads] = {want}, "
+                     f"got {getattr(key_bias, 'dtype', type(key_bias))}"
+                     f"{tuple(getattr(key_bias, 'shape', ()))}")
 
 
 def infllmv2_attention(

@@ -1,0 +1,20 @@
+#!/bin/bash
+# One device call: NOSA's GPU tests (the biased block-sparse kernels and the layer) and its
+# prefill benchmark against InfLLM-V2 and cuDNN dense.
+#   bash experiments/gpu_nosa.sh   (on the GPU machine, from the repo root, .whl carried)
+# Step time limits (seconds, 0 skips): TESTS_S, BENCH_S.
+set -u
+source experiments/gpu_env.sh
+if runs ${TESTS_S:-300}; then
+  stamp "gpu tests ${TEST_FILES:-tests/gpu/test_nosa_gpu.py tests/gpu/test_sparse_attention_gpu.py}"
+  timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider \
+    ${TEST_FILES:-tests/gpu/test_nosa_gpu.py tests/gpu/test_sparse_attention_gpu.py} 2>&1 \
+    | grep -v "Warning\|^  " | tail -30 > "$OUT/gpu_tests_nosa.txt"
+  tail -8 "$OUT/gpu_tests_nosa.txt"
+fi
+if runs ${BENCH_S:-240}; then
+  stamp "bench_nosa"
+  timeout ${BENCH_S:-240} python3 -m experiments.bench_nosa --seq_lens=${SEQ_LENS:-32768,65536} \
+    --iters=5 --out="$OUT/bench_nosa" 2>&1 | grep '^{' | cut -c1-900
+fi
+stamp done
