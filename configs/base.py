@@ -27,7 +27,11 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10, eval_every=200, eval_batches=8, checkpoint_every=500, keep_checkpoints=3,
       # Workdir of another run whose newest parameters start this one (when this run's
       # workdir has no checkpoint yet): fresh optimizer, step 0, this config's data.
-      init_from=""))
+      init_from="",
+      # Parameters (the last part of their name) that init_from's checkpoint may lack because
+      # this model adds them; they keep their random init. "evict_proj,evict_scale": NOSA's
+      # eviction head when continuing a dense or InfLLM-V2 run.
+      new_params=""))
 
   # Generated retrieval rows replacing a fraction of every batch's rows
   # (sparsejax.train.retrieval_mix; 0 = off). Tasks and haystacks are comma-separated. The

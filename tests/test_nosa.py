@@ -285,3 +285,33 @@ def test_unknown_option_is_named():
     DecoderLM(nosa_config(top_k=3), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="dense_len must be 0"):
     DecoderLM(nosa_config(dense_len=64), rngs=nnx.Rngs(0))
+
+
+def test_continues_a_dense_run_with_the_head_freshly_initialised(tmp_path):
+  from tests.test_train import micro_config
+  from sparsejax.train.trainer import Trainer
+  src = Trainer(micro_config(tmp_path / "dense"), progress=False)
+  src.params = jax.tree.map(lambda x: x + 0.5, src.params)  # weights no init would produce
+  src.save(wait=True)
+  src.close()
+  cfg = micro_config(tmp_path / "nosa")
+  cfg.model.attention, cfg.model.attention_options = "nosa", dict(OPTIONS)
+  cfg.train.init_from = str(tmp_path / "dense")
+  with pytest.raises(ValueError, match=r"train.init_from=.*missing from the checkpoint.*evict"):
+    Trainer(cfg, progress=False)
+  cfg.train.new_params = "evict_proj,evict_scale"
+  dst = Trainer(cfg, progress=False)
+  try:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(dst.params):
+      name = jax.tree_util.keystr(path)
+      if "evict_scale" in name:
+        assert not np.asarray(leaf).any()            # A = 0: the init
+      elif "evict_proj" in name:
+        assert 0 < np.abs(np.asarray(leaf)).std() < 0.1   # the normal init, not + 0.5
+      else:
+        src_leaf = src.params
+        for key in path:
+          src_leaf = src_leaf[key.key]
+        np.testing.assert_array_equal(leaf, src_leaf)
+  finally:
+    dst.close()

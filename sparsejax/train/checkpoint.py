@@ -103,13 +103,41 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params_from(workdir, params, *, argument: str = "workdir"):
+def _without(tree, names):
+  """The nested dict `tree` without the leaves whose path ("blocks/0/attn/wq") is in names."""
+  def prune(node, prefix):
+    if not isinstance(node, dict):
+      return node
+    out = {}
+    for key, child in node.items():
+      path = f"{prefix}/{key}" if prefix else str(key)
+      if path not in names:
+        out[key] = prune(child, path)
+    return out
+  return prune(tree, "")
+
+
+def _fill(tree, restored):
+  """`tree` with every leaf that `restored` also holds (same nested keys) taken from it."""
+  if not isinstance(tree, dict):
+    return tree if restored is None else restored
+  return {key: _fill(child, None if restored is None else restored.get(key))
+          for key, child in tree.items()}
+
+
+def restore_params_from(workdir, params, *, argument: str = "workdir", new_params=(),
+                        init=None):
   """The newest checkpointed parameters of the run in `workdir`, as (params, step).
 
   They are restored into the structure, shapes, dtypes and shardings of `params` (a concrete or
   abstract tree), so a run can start from another run's weights under a different attention kind
   or max_seq_len (neither changes a parameter). Raises ValueError naming `argument` when
   `workdir` holds no checkpoint or a parameter's saved shape differs from the model's.
+
+  new_params: names of parameters (the last part of their path, e.g. "evict_proj") that the
+  checkpoint may lack, because the model adds them (NOSA's eviction head on a dense run's
+  weights); those come from init(), a concrete tree like `params`. Any other missing parameter
+  is an error.
   """
   if not isinstance(workdir, str) or not workdir:
     raise ValueError(f"{argument} must be the workdir of a run (a non-empty string), got "
@@ -123,13 +151,23 @@ def restore_params_from(workdir, params, *, argument: str = "workdir"):
     step = checkpointer.latest_step()
     if step is None:
       raise ValueError(f"{argument}={workdir!r}: {ckpt_dir} holds no checkpoint")
+    added = set()
+    if new_params:
+      saved = set(_flat(checkpointer.manager.item_metadata(step).get("params") or {}))
+      added = {name for name in _flat(params)
+               if name not in saved and name.rsplit("/", 1)[-1] in set(new_params)}
     try:
-      restored = checkpointer.restore(step, params=params, with_data=False)
+      restored = checkpointer.restore(step, params=_without(params, added), with_data=False)
     except ValueError as e:  # the shape check: say which setting pointed here
       raise ValueError(f"{argument}={workdir!r}: {e}") from e
   finally:
     checkpointer.close()
-  return restored["params"], step
+  if not added:
+    return restored["params"], step
+  if init is None:
+    raise ValueError(f"{argument}={workdir!r}: the checkpoint lacks {sorted(added)[:5]}; "
+                     "restore_params_from needs init() to make them")
+  return _fill(init(), restored["params"]), step
 
 
 def load_model(workdir: str, step: int | None = None):

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sparsejax.config import ModelConfig
+from sparsejax.config import ModelConfig, comma_list
 from sparsejax.data import DataConfig, build_tokenizer, load_tokenizer, make_eval_batches
 from sparsejax.data import make_train_iterator
 from sparsejax.model import DecoderLM, matmul_flops_per_token
@@ -120,7 +120,12 @@ class Trainer:
       # state, step 0 and this run's own data pipeline follow as for a new run.
       target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             nnx.to_pure_dict(abstract_params), self.param_shardings)
-      self.params, _ = restore_params_from(init_from, target, argument="train.init_from")
+      # Parameters the checkpoint may lack (train.new_params, e.g. NOSA's eviction head on a
+      # dense run's weights) keep this run's random init.
+      init = jax.jit(lambda: self._init_params(), out_shardings=self.param_shardings)
+      self.params, _ = restore_params_from(
+          init_from, target, argument="train.init_from",
+          new_params=comma_list(train.get("new_params", ""), str, "train.new_params"), init=init)
     else:
       self.params = jax.jit(lambda: self._init_params(), out_shardings=self.param_shardings)()
     opt_state = jax.jit(self.tx.init)(self.params)
