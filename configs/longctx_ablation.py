@@ -1,8 +1,9 @@
 """Issue 4's long-context ablation, which is also issue 3's short-to-long recipe.
 
-A small model is pretrained dense at 4k on the built-in corpus. It is then continued at 16k three
-ways, from the same checkpoint with the same token budget and seed: dense, InfLLM-V2 sparse, and
-a sliding window with as many visible tokens as InfLLM-V2.
+A small model is pretrained dense at 4k on the built-in corpus. It is then continued at 16k four
+ways, from the same checkpoint with the same token budget and seed: dense, InfLLM-V2 sparse, a
+sliding window with as many visible tokens as InfLLM-V2, and NOSA at InfLLM-V2's block budget
+(its eviction head freshly initialised, `train.new_params`).
 
   python -m experiments.longctx_ablation --scale=gpu            # the whole pipeline + evaluation
   python -m experiments.pretrain --config=configs/longctx_ablation.py:gpu            # phase 1
@@ -61,6 +62,10 @@ GPU sizes and the reasoning behind them (one H100, about 11.5 minutes of wall cl
             bos token and the generated tokens, so a 4k prompt is already above it) and the 16k
             continuation run sparse. Only inputs shorter than the 4k pretraining length run dense.
             At the last token 2048 tokens are visible: 50% of a 4k prompt, 25% at 8k, 12.5% at 16k.
+  nosa      InfLLM-V2's 32 blocks split as NOSA splits its 64: 17 query-aware (1 init, 8 local, 8
+            top-k) and 15 chosen by the eviction head, whose two parameters per layer start fresh
+            (A = 0) on the pretrained weights. Always sparse, so the continuation trains its
+            head at 16k.
   sliding   window = 32 x 64 = 2048 tokens, InfLLM-V2's visible count (cuDNN's sliding window).
             `ablation.sliding_kind="local_blocks"` swaps in InfLLM-V2 with only local blocks
             (init 0, local = topk = 32). That is the same budget on the sparse kernels, as a
@@ -72,7 +77,7 @@ import ml_collections
 
 from configs.base import base_config
 
-METHODS = ("dense", "infllmv2", "sliding_window")
+METHODS = ("dense", "infllmv2", "sliding_window", "nosa")
 SCALES = ("gpu", "cpu_tiny")
 SLIDING_KINDS = ("sliding_window", "local_blocks")
 
@@ -120,6 +125,9 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
         max_seq_len=32768))
     a.sparse = ml_collections.ConfigDict(dict(
         block_size=64, init_blocks=1, local_blocks=8, topk=32, dense_len=4096))
+    # NOSA at InfLLM-V2's budget: half of the 32 blocks query-aware (1 init + 8 local + 8, the
+    # paper's 33 of 64), 15 by the eviction head; always sparse (dense_len 0).
+    a.nosa = ml_collections.ConfigDict(dict(query_topk=17, dense_len=0))
     a.eval = ml_collections.ConfigDict(dict(
         tasks=("passkey", "multi_key"), lengths=(4096, 8192, 16384),
         depths=(0.0, 0.25, 0.5, 0.75, 1.0), samples=3, max_new_tokens=12, batch_size=1,
@@ -127,6 +135,9 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
         # Also evaluate the dense continuation's weights under InfLLM-V2 attention, untrained for
         # it ("infllmv2_training_free"): what the sparse continuation bought over switching.
         training_free=True,
+        # NOSA's locality (sparsejax.eval.locality) for InfLLM-V2 and NOSA: the overlap of
+        # adjacent steps' selections over the last locality_steps tokens of a longest prompt.
+        locality_steps=256,
         # experiments.selection_probe's measurement for dense and InfLLM-V2: is the needle's
         # block selected (depth 1.0 is left out: its needle sits in the forced local window).
         probe=ml_collections.ConfigDict(dict(
@@ -151,9 +162,11 @@ def pretrain_config(scale: str = "gpu") -> ml_collections.ConfigDict:
     a.sparse = ml_collections.ConfigDict(dict(
         block_size=16, compress_window=16, compress_stride=8, lse_window=32, lse_stride=16,
         init_blocks=1, local_blocks=1, topk=4, dense_len=128))
+    a.nosa = ml_collections.ConfigDict(dict(local_blocks=2, query_topk=3, dense_len=0))
     a.eval = ml_collections.ConfigDict(dict(
         tasks=("passkey",), lengths=(192, 256), depths=(0.0, 1.0), samples=1, max_new_tokens=6,
         batch_size=2, haystack="noise", seed=0, ppl_tail=32, ppl_docs=1, training_free=True,
+        locality_steps=16,
         probe=ml_collections.ConfigDict(dict(tasks=("passkey",), lengths=(256,), depths=(0.3,),
                                              samples=1))))
   c.train.checkpoint_every = c.train.steps  # one checkpoint, at the end: what the others start from
@@ -167,6 +180,11 @@ def visible_tokens(config: ml_collections.ConfigDict) -> int:
   """Keys each query sees at most under InfLLM-V2 (and the sliding window): topk blocks."""
   s = config.ablation.sparse
   return int(s.topk * s.block_size)
+
+
+def nosa_options(config: ml_collections.ConfigDict) -> dict:
+  """attention_options of the NOSA continuation: ablation.sparse with ablation.nosa's changes."""
+  return dict(config.ablation.sparse) | dict(config.ablation.nosa)
 
 
 def continuation_config(config: ml_collections.ConfigDict,
@@ -200,6 +218,9 @@ def continuation_config(config: ml_collections.ConfigDict,
     c.model.update(attention="dense", attention_options={})
   elif method == "infllmv2":
     c.model.update(attention="infllmv2", attention_options=sparse)
+  elif method == "nosa":  # InfLLM-V2's options with NOSA's split; the eviction head starts fresh
+    c.model.update(attention="nosa", attention_options=nosa_options(c))
+    c.train.new_params = "evict_proj,evict_scale"
   elif a.sliding_kind == "sliding_window":
     c.model.update(attention="sliding_window", attention_options={"window": visible_tokens(c)})
   else:  # InfLLM-V2 with no init and no top-k blocks: a block-granular window of topk blocks

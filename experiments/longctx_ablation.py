@@ -64,7 +64,9 @@ from configs import longctx_ablation as ablation_config  # noqa: E402
 from sparsejax.eval import DEPTH_TASKS, TASKS, compare_methods, evaluate  # noqa: E402
 from sparsejax.eval import long_perplexity, paired_bootstrap, write_results  # noqa: E402
 from sparsejax.eval.harness import _jsonable  # noqa: E402
-from sparsejax.eval.selection import run_probe, table_lines  # noqa: E402
+from sparsejax.eval.locality import selection_locality  # noqa: E402
+from sparsejax.eval.selection import needle_prompt, run_probe, table_lines  # noqa: E402
+from sparsejax.eval.tasks import make_sample  # noqa: E402
 from sparsejax.model import with_config  # noqa: E402
 from sparsejax.ops.infllmv2 import InfLLMv2Config  # noqa: E402
 from sparsejax.train.trainer import Trainer  # noqa: E402
@@ -73,7 +75,8 @@ METHODS = ablation_config.METHODS
 JSON_NAME, MD_NAME = "longctx_ablation.json", "longctx_ablation.md"
 CSV_NAME, ACC_PNG, LOSS_PNG = ("longctx_ablation_metrics.csv", "longctx_ablation_vs_length.png",
                                "short_to_long_loss.png")
-COLORS = {"dense": "tab:blue", "infllmv2": "tab:red", "sliding_window": "tab:green"}
+COLORS = {"dense": "tab:blue", "infllmv2": "tab:red", "sliding_window": "tab:green",
+          "nosa": "tab:purple"}
 # The dense continuation's weights evaluated under InfLLM-V2 attention (no sparse training).
 TRAINING_FREE = "infllmv2_training_free"
 # What the paper's result looks like at this scale (issue 4): the thresholds behind "met".
@@ -301,8 +304,21 @@ def eval_phase(method: str, model, tokenizer, config) -> dict:
     say(f"{method}: selection probe, needle block selected (unforced cases) "
         + (f"{100 * min(unforced):.0f}-{100 * max(unforced):.0f}% over layers"
            if unforced else "- (every case forced)") + f" ({selection['seconds']} s)")
+  locality = None
+  if method in ("infllmv2", "nosa"):
+    start = time.time()
+    sample = make_sample(ev.tasks[0], tokenizer, max(int(x) for x in ev.lengths), depth=0.5,
+                         seed=int(ev.seed), haystack=ev.haystack)
+    tokens = needle_prompt(tokenizer, sample.prompt, sample.answers).tokens
+    steps = min(int(ev.get("locality_steps", 256)), len(tokens))
+    locality = {"steps": steps, "prompt_tokens": len(tokens),
+                "layers": selection_locality(model, tokens, steps)}
+    locality["seconds"] = round(time.time() - start, 1)
+    hits = [r["hit_rate"] for r in locality["layers"]]
+    say(f"{method}: decode locality, adjacent steps' shared blocks {100 * min(hits):.1f}-"
+        f"{100 * max(hits):.1f}% over layers ({locality['seconds']} s)")
   out = {"avg_score": results["avg_score"], "tasks": results["tasks"], "long_ppl": ppl,
-         "selection": selection,
+         "selection": selection, "locality": locality,
          "task_avg": results["task_avg"], "length_avg": results["length_avg"],
          "cells": results["cells"],
          "retrieval": window_retrieval(results["cells"], ablation_config.visible_tokens(config)),
@@ -453,7 +469,8 @@ def summarize(report: dict) -> dict:
   """Ratios against dense and the issue's expectations, from whatever methods are done."""
   m = report["methods"]
   s = {}
-  dense, sparse, window = (m.get(k, {}) for k in METHODS)
+  dense, sparse, window, nosa = (m.get(k, {}) for k in
+                                 ("dense", "infllmv2", "sliding_window", "nosa"))
   if "avg_score" in dense and "avg_score" in sparse:
     s["infllmv2_over_dense_avg_score"] = (sparse["avg_score"] / dense["avg_score"]
                                           if dense["avg_score"] > 0 else None)
@@ -467,6 +484,14 @@ def summarize(report: dict) -> dict:
     s["retrieval_beyond_window"] = {"infllmv2": a, "sliding_window": b,
                                     "dense": dense.get("retrieval", {}).get("beyond")}
     s["met_beyond_window"] = None if a is None or b is None else a - b >= MIN_BEYOND_MARGIN
+  if "avg_score" in nosa and "avg_score" in sparse:  # NOSA's claim: near-lossless vs InfLLM-V2
+    s["nosa_over_infllmv2_avg_score"] = (nosa["avg_score"] / sparse["avg_score"]
+                                         if sparse["avg_score"] > 0 else None)
+    s["nosa_over_infllmv2_long_ppl"] = {l: nosa["long_ppl"][l] / sparse["long_ppl"][l]
+                                        for l in sparse["long_ppl"] if l in nosa["long_ppl"]}
+  if sparse.get("locality") and nosa.get("locality"):  # and its cache hit rate
+    s["decode_hit_rate"] = {k: float(np.mean([r["hit_rate"] for r in m[k]["locality"]["layers"]]))
+                            for k in ("infllmv2", "nosa")}
   free = m.get(TRAINING_FREE, {})
   if "avg_score" in dense and "avg_score" in free:
     s["training_free_over_dense_avg_score"] = (free["avg_score"] / dense["avg_score"]
@@ -486,7 +511,8 @@ def markdown(report: dict) -> str:
   done = {k: v for k, v in report["methods"].items() if "avg_score" in v}
   head = (["method", "avg"] + [f"{t} {l}" for t in ev["tasks"] for l in lengths]
           + [f"beyond {sp['window']}"] + [f"ppl {l}" for l in lengths])
-  lines = [f"# Long-context ablation ({report['scale']}): dense vs InfLLM-V2 vs sliding window",
+  lines = [f"# Long-context ablation ({report['scale']}): dense vs InfLLM-V2 vs sliding window "
+           "vs NOSA",
            "", f"Scale: {report['scale_note']}", "",
            "Harness scores in percent (RULER string match, greedy); `beyond` = needle-task score "
            f"where the needle lies more than {sp['window']} tokens (the window) before the "
@@ -520,6 +546,17 @@ def markdown(report: dict) -> str:
                  f"{_fmt(r['infllmv2'])}, sliding window {_fmt(r['sliding_window'])}, dense "
                  f"{_fmt(r['dense'])} (expected InfLLM-V2 >= sliding + "
                  f"{100 * MIN_BEYOND_MARGIN:.0f} points; met: {s['met_beyond_window']})")
+  if "nosa_over_infllmv2_avg_score" in s:
+    ratio = s["nosa_over_infllmv2_avg_score"]
+    lines.append(f"- NOSA / InfLLM-V2 average score: "
+                 f"{'-' if ratio is None else f'{100 * ratio:.1f}%'}; long perplexity: "
+                 + ", ".join(f"{l}: {v:.3f}" for l, v in s["nosa_over_infllmv2_long_ppl"].items())
+                 + " (the paper: near-lossless)")
+  if "decode_hit_rate" in s:
+    h = s["decode_hit_rate"]
+    lines.append(f"- Adjacent decoding steps' shared blocks (an offloaded cache's hit rate): "
+                 f"NOSA {100 * h['nosa']:.1f}%, InfLLM-V2 {100 * h['infllmv2']:.1f}% (the paper: "
+                 "94.4% against 88.9%)")
   if "training_free_over_dense_avg_score" in s:
     ratio = s["training_free_over_dense_avg_score"]
     lines.append(f"- `{TRAINING_FREE}` (the dense continuation's weights under InfLLM-V2 "
@@ -547,6 +584,18 @@ def markdown(report: dict) -> str:
     for method, sel in probed.items():
       lines += [f"### {method} ({sel['prompts']} prompts, {sel['seconds']} s)", ""]
       lines += table_lines(sel["layers"]) + [""]
+  local = {k: v["locality"] for k, v in done.items() if v.get("locality")}
+  if local:
+    lines += ["", "## Decode locality (sparsejax.eval.locality)", "",
+              "Per layer: the share of a step's selected blocks that the step before also "
+              "selected (hit), and the blocks it adds (new: what an offloaded cache copies), "
+              "over the last teacher-forced steps of one longest prompt.", "",
+              "| method | steps | " + " | ".join(
+                  f"layer {r['layer']} hit / new" for r in next(iter(local.values()))["layers"])
+              + " |", "|" + "---|" * (2 + len(next(iter(local.values()))["layers"]))]
+    for method, loc in local.items():
+      lines.append(f"| {method} | {loc['steps']} | " + " | ".join(
+          f"{100 * r['hit_rate']:.1f}% / {r['new_blocks']:.2f}" for r in loc["layers"]) + " |")
   pre, cont = report["pretrain"], report["continuation"]
   mix = report.get("retrieval_mix", {})
   lines += ["", "## Settings", "",

@@ -79,7 +79,7 @@ def test_init_from_errors_name_the_setting(tmp_path):
     Trainer(nowhere, progress=False)
 
 
-def test_configs_derive_three_matched_continuations():
+def test_configs_derive_matched_continuations():
   pre = ablation.get_config("gpu")
   assert pre.model.attention == "dense" and pre.data.seq_len == 4096
   conts = {m: ablation.get_config(f"gpu,{m}") for m in ablation.METHODS}
@@ -96,6 +96,9 @@ def test_configs_derive_three_matched_continuations():
   visible = sparse["topk"] * sparse["block_size"]
   assert visible / 16384 < 0.15
   assert conts["sliding_window"].model.attention_options["window"] == visible
+  nosa = dict(conts["nosa"].model.attention_options)
+  assert nosa == sparse | {"query_topk": 17, "dense_len": 0}   # the same 32 blocks, split
+  assert conts["nosa"].train.new_params == "evict_proj,evict_scale"
   assert sparse["dense_len"] <= min(pre.ablation.eval.lengths)
   pre.ablation.sliding_kind = "local_blocks"
   local = ablation.continuation_config(pre, "sliding_window")
@@ -157,6 +160,14 @@ def test_binary_cpu_tiny_end_to_end(tmp_path, monkeypatch):
     assert sel["prompts"] == 1 and len(sel["layers"]) == report["model"]["num_layers"]
     assert 0.0 <= sel["layers"][0]["selected"] <= 1.0
   assert report["methods"]["sliding_window"]["selection"] is None
+  for method in ("infllmv2", "nosa"):  # decode locality, one row per layer
+    loc = report["methods"][method]["locality"]
+    assert loc["steps"] == 16 and len(loc["layers"]) == report["model"]["num_layers"]
+    assert 0.0 <= loc["layers"][0]["hit_rate"] <= 1.0
+  assert report["methods"]["dense"]["locality"] is None
+  assert set(report["summary"]["decode_hit_rate"]) == {"infllmv2", "nosa"}
+  assert "nosa_over_infllmv2_avg_score" in report["summary"]
+  assert "## Decode locality" in md and "| nosa | 16 |" in md
 
   with open(out / "longctx_ablation_metrics.csv", newline="") as f:
     rows = list(csv.DictReader(f))

@@ -315,3 +315,35 @@ def test_continues_a_dense_run_with_the_head_freshly_initialised(tmp_path):
         np.testing.assert_array_equal(leaf, src_leaf)
   finally:
     dst.close()
+
+
+def test_overlap_counts_kept_and_new_blocks():
+  from sparsejax.eval.locality import overlap
+  idx = np.array([[[0, 3, 5, -1]], [[0, 4, 5, -1]], [[0, 4, 5, 6]]])
+  valid = idx >= 0
+  o = overlap(idx, valid)
+  assert o["hits"].tolist() == [[2], [3]] and o["new"].tolist() == [[1], [1]]
+  assert o["size"].tolist() == [[3], [4]]
+
+
+def test_selection_locality_of_both_rules():
+  from sparsejax.eval.locality import selection_locality
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (120,), 0, 97))
+  # Every block selected: a step keeps all of the last one's blocks and adds its own new block
+  # when it crosses into one (steps at 104..119, blocks of 8: one crossing, at 112, in the 15
+  # transitions).
+  everything = DecoderLM(nosa_config(query_topk=15, topk=15), rngs=nnx.Rngs(0))
+  for row in selection_locality(everything, tokens, steps=16):
+    assert row["new_blocks"] == pytest.approx(1 / 15)
+    assert row["hit_rate"] == pytest.approx((14 + 14 / 15) / 15)
+  for attention, options in (("nosa", OPTIONS), ("infllmv2", dict(
+      block_size=8, compress_window=4, compress_stride=2, lse_window=8, lse_stride=4,
+      init_blocks=1, local_blocks=2, topk=5, dense_len=0))):
+    model = DecoderLM(small_config(attention=attention, max_seq_len=128,
+                                   attention_options=tuple(sorted(options.items()))),
+                      rngs=nnx.Rngs(1))
+    rows = selection_locality(model, tokens, steps=16)
+    assert len(rows) == 2
+    for row in rows:
+      assert row["selected"] == 5 and 0 <= row["hit_rate"] <= 1
+      assert row["new_blocks"] == pytest.approx(row["selected"] * (1 - row["hit_rate"]), abs=1e-6)
