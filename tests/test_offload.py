@@ -1,5 +1,7 @@
 """NOSA's offloaded decode (sparsejax.inference.offload): the diff keeps hits in place and loads
 only misses, and attention over the device buffer equals sparse decode over the whole cache."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,13 @@ def test_offloaded_steps_equal_decode_over_the_whole_cache(implementation):
 def test_offload_rejects_a_buffer_without_room_for_the_own_block():
   with pytest.raises(ValueError, match="slots must be >= 2"):
     offload(jnp.zeros((1, 64, 1, 16)), jnp.zeros((1, 64, 1, 16)), slots=1, block_size=16)
+
+
+def test_bench_offload_smoke(tmp_path):
+  from tests.test_experiments import run
+  stdout = run("experiments.bench_offload", "--capacity=8192", "--batch=1", "--steps=2",
+               "--hit_rates=1.0,0.5", "--implementation=reference", f"--out={tmp_path}/b")
+  rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+  assert [r["hit_rate"] for r in rows] == [1.0, 0.5]
+  assert rows[0]["loads"] == 0 and rows[1]["loads"] > 0       # full hits copy nothing
+  assert (tmp_path / "b.md").exists()
