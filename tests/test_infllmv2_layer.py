@@ -61,12 +61,14 @@ def test_sparse_differs_from_dense_and_decode_matches_prefill():
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=1e-4, atol=1e-4)
 
 
-def test_trains_and_generates(tmp_path):
+def trains_and_generates(tmp_path, attention: str, options: dict):
+  """Four training steps of a micro model with this attention (the loss falls), then a
+  generation; returns the trained model."""
   from tests.test_train import micro_config
   from sparsejax.train.trainer import Trainer
   c = micro_config(tmp_path, steps=4, checkpoint_every=0)
-  c.model.attention = "infllmv2"
-  c.model.attention_options = dict(SPARSE)
+  c.model.attention = attention
+  c.model.attention_options = dict(options)
   trainer = Trainer(c, progress=False)
   summary = trainer.train()
   trainer.close()
@@ -74,6 +76,11 @@ def test_trains_and_generates(tmp_path):
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   out = generate(trainer.model(), [[1, 2, 3], [4]], max_new_tokens=5)
   assert [len(o) for o in out] == [5, 5]
+  return trainer.model()
+
+
+def test_trains_and_generates(tmp_path):
+  trains_and_generates(tmp_path, "infllmv2", SPARSE)
 
 
 def test_unknown_option_is_named():

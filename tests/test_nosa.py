@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.inference import generate
 from sparsejax.layers.kv_cache import KVCache
 from sparsejax.model import DecoderLM
 from sparsejax.ops import infllmv2
 from sparsejax.ops.nosa import (NOSAConfig, block_eviction_scores, eviction_scores,
                                 nosa_attention, nosa_select_blocks)
+from tests.test_infllmv2_layer import trains_and_generates
 from tests.test_model import small_config
 
 # Blocks of 8 with windows of 4 every 2: at 56 tokens 7 blocks, 2 of them query-aware forced,
@@ -264,20 +264,9 @@ def test_sparse_decode_kernel_adds_the_bias():
 
 
 def test_trains_and_generates(tmp_path):
-  from tests.test_train import micro_config
-  from sparsejax.train.trainer import Trainer
-  c = micro_config(tmp_path, steps=4, checkpoint_every=0)
-  c.model.attention = "nosa"
-  c.model.attention_options = dict(OPTIONS)
-  trainer = Trainer(c, progress=False)
-  summary = trainer.train()
-  trainer.close()
-  losses = [h["loss"] for h in summary["history"]]
-  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-  scale = trainer.model().blocks[0].attn.evict_scale[...]
+  model = trains_and_generates(tmp_path, "nosa", OPTIONS)
+  scale = model.blocks[0].attn.evict_scale[...]
   assert np.abs(np.asarray(scale)).sum() > 0   # A moved: the head is trained
-  out = generate(trainer.model(), [[1, 2, 3], [4]], max_new_tokens=5)
-  assert [len(o) for o in out] == [5, 5]
 
 
 def test_unknown_option_is_named():

@@ -29,6 +29,7 @@ from pallas_kernels.sparse_attention.forward import sparse_attention_forward
 from pallas_kernels.sparse_attention import backward_mosaic, forward_mosaic
 from pallas_kernels.sparse_attention.index import block_index, next_power_of_2, union_token_bits
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
+from sparsejax.ops.infllmv2 import check_key_bias
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
 
@@ -165,12 +166,7 @@ def _check(q, k, v, block_idx, block_valid, segment_ids, key_bias, block_size,
                      f"topk] = {want + ('topk',)}; got {block_idx.shape} and {block_valid.shape}")
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"sparse_attention: segment_ids must be {q.shape[:2]}, got {segment_ids.shape}")
-  want = tuple(k.shape[:3])
-  if key_bias is not None and (getattr(key_bias, "shape", None) != want
-                               or not jnp.issubdtype(key_bias.dtype, jnp.floating)):
-    raise ValueError(f"sparse_attention: key_bias must be None or a float array [batch, seq, "
-                     f"kv_heads] = {want}, got {getattr(key_bias, 'dtype', type(key_bias))}"
-                     f"{tuple(getattr(key_bias, 'shape', ()))}")
+  check_key_bias("sparse_attention", key_bias, k, "seq")
   if block_size < 16 or block_size & (block_size - 1):
     raise ValueError(f"sparse_attention: block_size must be a power of two >= 16, got {block_size}")
 

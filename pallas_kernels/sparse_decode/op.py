@@ -36,6 +36,7 @@ from pallas_kernels.sparse_decode.kernel import sparse_decode_kernel
 from pallas_kernels.sparse_decode.kernel_mosaic import ROWS as MOSAIC_ROWS
 from pallas_kernels.sparse_decode.kernel_mosaic import sparse_decode_mosaic
 from pallas_kernels.sparse_decode.reference import sparse_decode_reference
+from sparsejax.ops.infllmv2 import check_key_bias
 
 IMPLEMENTATIONS = ("pallas", "interpret", "reference")
 KERNELS = ("triton", "mosaic")
@@ -50,13 +51,8 @@ def default_num_splits(batch: int, kv_heads: int, slots: int) -> int:
 def _check(q, k, v, block_idx, block_valid, lengths, q_segment_ids, kv_segment_ids, block_size,
            implementation, num_splits, kernel="triton", key_bias=None):
   fn = "sparse_decode"
+  check_key_bias(fn, key_bias, k, "capacity")
   if key_bias is not None:
-    want = tuple(k.shape[:3])
-    if (getattr(key_bias, "ndim", None) != 3 or tuple(key_bias.shape) != want
-        or not jnp.issubdtype(key_bias.dtype, jnp.floating)):
-      raise ValueError(f"{fn}: key_bias must be a float array [batch, capacity, kv_heads] = "
-                       f"{want}, got {getattr(key_bias, 'dtype', type(key_bias))}"
-                       f"{tuple(getattr(key_bias, 'shape', ()))}")
     if kernel == "mosaic" and implementation != "reference":
       raise ValueError(f"{fn}: kernel='mosaic' takes no key_bias yet; use kernel='triton'")
   if implementation not in IMPLEMENTATIONS:

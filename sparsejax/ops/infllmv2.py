@@ -587,15 +587,17 @@ def sparse_attention(
   return out, jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, h)
 
 
-def check_key_bias(fn, key_bias, k):
-  """key_bias is None or a float [batch, kv_len, kv_heads] matching k [b, kv_len, kv_heads, d]."""
+def check_key_bias(fn, key_bias, k, length_name: str = "kv_len"):
+  """key_bias is None or a float [batch, kv_len, kv_heads] matching k [b, kv_len, kv_heads, d]
+  (the ops and kernels that take NOSA's eviction scores share this check; `length_name` is what
+  the caller calls k's second axis)."""
   if key_bias is None:
     return
   want = tuple(k.shape[:3])
   if (getattr(key_bias, "ndim", None) != 3 or tuple(key_bias.shape) != want
       or not jnp.issubdtype(key_bias.dtype, jnp.floating)):
-    raise ValueError(f"{fn}: key_bias must be a float array [batch, kv_len, kv_heads] = {want}, "
-                     f"got {getattr(key_bias, 'dtype', type(key_bias))}"
+    raise ValueError(f"{fn}: key_bias must be a float array [batch, {length_name}, kv_heads] = "
+                     f"{want}, got {getattr(key_bias, 'dtype', type(key_bias))}"
                      f"{tuple(getattr(key_bias, 'shape', ()))}")
 
 
