@@ -71,6 +71,34 @@ def test_mosaic_forward_matches_reference(seq, heads, kv_heads, hp, packed):
                              atol=1.6e-2, rtol=1.6e-2)
 
 
+@pytest.mark.parametrize("seq,heads,kv_heads,hp,packed", [
+    (200, 16, 2, 8, True),     # ragged, packed
+    (256, 2, 1, 1, False),     # one head per CTA
+])
+def test_mosaic_forward_with_key_bias_matches_reference(seq, heads, kv_heads, hp, packed):
+  """NOSA's per-key bias in the Mosaic forward: out and lse against the reference, which the bias
+  really changes."""
+  block = 64
+  q, k, v, idx, valid = _inputs(seq + 1, seq, heads, kv_heads, 64, 3, block)
+  bias = 2.0 * jax.random.normal(jax.random.key(seq), (1, seq, kv_heads))
+  seg = jnp.asarray(np.searchsorted([seq // 3 + 5], np.arange(seq), side="right")[None] + 1,
+                    jnp.int32) if packed else None
+  run = lambda impl, launch=Launch(): sparse_attention(
+      q, k, v, idx, valid, block_size=block, heads_per_program=hp, segment_ids=seg,
+      key_bias=bias, implementation=impl, launch=launch)
+  got, got_lse = run("interpret", Launch(forward_kernel="mosaic", dkdv_kernel="triton",
+                                         mosaic_stages=2))
+  want, want_lse = run("reference")
+  np.testing.assert_array_equal(np.isfinite(got_lse), np.isfinite(want_lse))
+  np.testing.assert_allclose(np.where(np.isfinite(got_lse), got_lse, 0),
+                             np.where(np.isfinite(want_lse), want_lse, 0), atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=1.6e-2, rtol=1.6e-2)
+  plain = sparse_attention(q, k, v, idx, valid, block_size=block, segment_ids=seg,
+                           implementation="reference")[0]
+  assert not np.allclose(np.asarray(plain, np.float32), np.asarray(want, np.float32), atol=0.05)
+
+
 def test_mosaic_forward_bad_inputs_are_named():
   q, k, v, idx, valid = _inputs(0, 128, 4, 2, 64, 2, 64)
   with pytest.raises(ValueError, match="heads_per_program must be one of"):
@@ -110,6 +138,11 @@ def test_mosaic_forward_lowers_for_the_gpu(hp):
   for starts in ([], [spec((1, 1024 * hp))]):   # one document per row; packed documents
     lowered = forward.trace(q, kv, kv, unions, bits, *starts).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+  biased = jax.jit(lambda *a: sparse_attention_forward_mosaic(*a, block_k=64,
+                                                              heads_per_program=hp))
+  lowered = biased.trace(q, kv, kv, unions, bits, None, spec((1, 2, 1024), jnp.float32)).lower(
+      lowering_platforms=("cuda",))                 # NOSA's key bias
+  assert "mosaic_gpu" in lowered.as_text()
 
 
 @pytest.mark.parametrize("seq,heads,kv_heads,hp", [

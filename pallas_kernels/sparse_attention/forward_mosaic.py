@@ -13,7 +13,8 @@ none of a warpgroup's tokens selected costs that warpgroup only the barrier wait
 by their token's bit in `index.union_token_bits` (one int32 word per block per 32 tokens), by
 causality and, for packed documents, by their document's first position (`row_starts`): a
 document is a run of equal segment ids, which is the reference's equal-ids rule when no id
-comes back after another (the op checks that).
+comes back after another (the op checks that). An optional per-key bias (NOSA's eviction
+scores) is read one block ahead from global memory and added to the scaled logits.
 
 Shapes it takes: hp in {1, 8, 16, 32, 64} (Q and O move as hp x head_dim tiles per token, which
 the TMA's 8-row shared-memory tiling needs, or as one 64-token tile of one head), head_dim a
@@ -74,8 +75,8 @@ def fill_slots(count, stages: int, load, drain):
     drain(lax.rem(u, stages))
 
 
-def _kernel(q_ref, k_ref, v_ref, union_ref, bits_ref, start_ref, o_ref, lse_ref, scoped, *, hp: int,
-            group: int, block_k: int, stages: int):
+def _kernel(q_ref, k_ref, v_ref, union_ref, bits_ref, start_ref, bias_ref, o_ref, lse_ref, scoped,
+            *, hp: int, group: int, block_k: int, stages: int):
   batch, head_group, tile = (lax.axis_index(a) for a in ("batch", "heads", "tiles"))
   wg = lax.axis_index("wg")
   kv_head = lax.div(head_group * hp, group)
@@ -125,14 +126,21 @@ def _kernel(q_ref, k_ref, v_ref, union_ref, bits_ref, start_ref, o_ref, lse_ref,
     width = union_ref.shape[-1]
 
     def index_entry(u):
-      """Slot u's block and this warpgroup's words of token bits (past the count: zeros)."""
+      """Slot u's block, this warpgroup's words of token bits (past the count: zeros) and, with
+      a key bias, the block's biases in base 2 along the tile's columns."""
       column = jnp.minimum(1 + u, width - 1)
       words = [bits_ref[batch, kv_head, tile, word_base + j, column]
                for j in range(max(1, wt // 32))]
-      return union_ref[batch, kv_head, tile, column], words
+      block = union_ref[batch, kv_head, tile, column]
+      if bias_ref is None:
+        return block, words, None
+      # From global memory (L2), one block ahead like the rest of the entry.
+      keys = bias_ref.at[batch, kv_head, pl.ds(jnp.maximum(block, 0) * block_k, block_k)]
+      bias = plgpu.load(keys, layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+      return block, words, bias * LOG2E
 
     def body(u, carry):
-      acc, m, l, (block, words) = carry
+      acc, m, l, (block, words, bias2) = carry
       # The next slot's entry is read now, so that its global-memory latency hides behind this
       # block's work rather than stalling the next iteration's start.
       upcoming = index_entry(u + 1)
@@ -155,7 +163,10 @@ def _kernel(q_ref, k_ref, v_ref, union_ref, bits_ref, start_ref, o_ref, lse_ref,
         visible = picked & (key_pos <= q_pos)
         if start_ref is not None:
           visible &= key_pos >= doc_start
-        s = jnp.where(visible, s * (scale * LOG2E), MASK_VALUE)
+        s = s * (scale * LOG2E)
+        if bias_ref is not None:
+          s = s + lax.broadcast_in_dim(bias2, s.shape, [1])
+        s = jnp.where(visible, s, MASK_VALUE)
         m_next = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_next)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
@@ -242,13 +253,14 @@ def row_starts(starts, heads_per_program: int):
 
 @functools.partial(jax.jit, static_argnames=("block_k", "heads_per_program", "stages",
                                              "interpret"))
-def sparse_attention_forward_mosaic(q, k, v, unions, bits, row_starts=None, *, block_k: int,
-                                    heads_per_program: int, stages: int = 4,
+def sparse_attention_forward_mosaic(q, k, v, unions, bits, row_starts=None, key_bias=None, *,
+                                    block_k: int, heads_per_program: int, stages: int = 4,
                                     interpret: bool = False):
   """q [b, t, heads, d] with t a multiple of tile_tokens(hp); k, v [b, s, kv_heads, d] with s a
   multiple of block_k; (unions, bits) from index.union_token_bits at tile_tokens(hp) tokens;
-  row_starts [b, t * hp] int32 (`row_starts`) for packed documents, None for one per row.
-  Returns (out [b, t, heads, d], lse [b, heads, t] float32)."""
+  row_starts [b, t * hp] int32 (`row_starts`) for packed documents, None for one per row;
+  key_bias None or float32 [b, kv_heads, s] (NOSA's eviction scores, natural log), added to the
+  scaled logits. Returns (out [b, t, heads, d], lse [b, heads, t] float32)."""
   batch, q_len, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   hp = heads_per_program
@@ -265,11 +277,13 @@ def sparse_attention_forward_mosaic(q, k, v, unions, bits, row_starts=None, *, b
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
   def entry(q_ref, k_ref, v_ref, union_ref, bits_ref, *refs):
-    start_ref = refs[0] if len(refs) == 3 else None
+    extra = list(refs[:-2])
+    start_ref = extra.pop(0) if row_starts is not None else None
+    bias_ref = extra.pop(0) if key_bias is not None else None
     o_ref, lse_ref = refs[-2:]
     pl.run_scoped(
-        lambda *scoped: _kernel(q_ref, k_ref, v_ref, union_ref, bits_ref, start_ref, o_ref,
-                                lse_ref, scoped,
+        lambda *scoped: _kernel(q_ref, k_ref, v_ref, union_ref, bits_ref, start_ref, bias_ref,
+                                o_ref, lse_ref, scoped,
                                 hp=hp, group=group, block_k=block_k, stages=stages),
         (plgpu.SMEM((COMPUTE_WARPGROUPS, ROWS, head_dim), dtype, **tiled),
          plgpu.SMEM((stages, block_k, head_dim), dtype, **tiled),
@@ -297,7 +311,8 @@ def sparse_attention_forward_mosaic(q, k, v, unions, bits, row_starts=None, *, b
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **params,
-  )(q, k, v, unions, bits, *([] if row_starts is None else [row_starts]))
+  )(q, k, v, unions, bits, *([] if row_starts is None else [row_starts]),
+    *([] if key_bias is None else [key_bias.astype(jnp.float32)]))
   # lse rows are (token, head) pairs per head group: [b, groups, t, hp] -> [b, heads, t].
   lse = lse.reshape(batch, heads // hp, q_len, hp).transpose(0, 1, 3, 2)
   return out, lse.reshape(batch, heads, q_len)

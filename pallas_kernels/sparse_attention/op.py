@@ -11,8 +11,10 @@ lse [b, t, heads] float32, natural log). Lengths need not be multiples of the bl
 
 key_bias: None or float [b, t, kv_heads], a per-key additive logit bias (NOSA's eviction scores):
 query head n at token t weighs key s by exp(q.k / sqrt(d) + key_bias[b, s, n // group]), natural
-log, the returned lse included. Only the Triton kernels take it (the Mosaic ones do not yet), so
-with a bias launch "auto" picks them; without one no kernel gets a bias input.
+log, the returned lse included. The Triton kernels take it, and the Mosaic forward with
+launch.forward_kernel="mosaic" (checked in interpret mode and lowered for CUDA on the CPU, not yet
+timed on a GPU); the Mosaic dK/dV kernel does not yet. So with a bias "auto" picks Triton for
+both; without one no kernel gets a bias input.
 
 Differentiable (jax.custom_vjp): the "pallas" and "interpret" implementations run the dq and dk/dv
 kernels of backward.py, the "reference" one the jnp reference's VJP. With a key_bias the VJP
@@ -193,10 +195,9 @@ def sparse_attention(q, k, v, block_idx, block_valid, *, block_size: int = 64,
                      f"num_heads / num_kv_heads = {group}, got {heads_per_program!r}")
   packed = segment_ids is not None
   biased = key_bias is not None
-  for name in ("forward_kernel", "dkdv_kernel"):
-    if biased and getattr(launch, name) == "mosaic":
-      raise ValueError(f"sparse_attention: launch.{name}='mosaic' takes no key_bias yet (the "
-                       "Mosaic kernels have no bias input); use 'triton' or 'auto'")
+  if biased and launch.dkdv_kernel == "mosaic":
+    raise ValueError("sparse_attention: launch.dkdv_kernel='mosaic' takes no key_bias yet (the "
+                     "Mosaic dK/dV kernel has no bias input); use 'triton' or 'auto'")
   launch = launch._replace(forward_kernel=resolve_forward_kernel(
       launch, q, k, hp, block_size, implementation=implementation, packed=packed,
       poison=poison_outputs, biased=biased))
@@ -289,8 +290,8 @@ def _fwd_rule(q, k, v, block_idx, block_valid, segment_ids, key_bias, static):
       starts, runs_ok = forward_mosaic.document_starts(q_seg)
       starts = forward_mosaic.row_starts(starts, hp)
     out, lse = forward_mosaic.sparse_attention_forward_mosaic(
-        q_pad, k_pad, v_pad, unions, bits, starts, block_k=block_size, heads_per_program=hp,
-        stages=launch.mosaic_stages, interpret=interpret)
+        q_pad, k_pad, v_pad, unions, bits, starts, bias, block_k=block_size,
+        heads_per_program=hp, stages=launch.mosaic_stages, interpret=interpret)
     if packed:  # a segment id that comes back after another: NaN, never a silently other mask
       out = jnp.where(runs_ok[:, None, None, None], out, jnp.nan).astype(out.dtype)
       lse = jnp.where(runs_ok[:, None, None], lse, jnp.nan)
