@@ -76,9 +76,9 @@ def test_layer_kernels_match_reference_prefill_and_decode():
 
 
 def test_mosaic_forward_with_key_bias_matches_reference():
-  """The opt-in Mosaic forward with NOSA's bias, bf16 at 8k, against the float32 reference."""
+  """The opt-in Mosaic forward with NOSA's bias, bf16 at 4k, against the float32 reference."""
   from pallas_kernels.sparse_attention import Launch, sparse_attention
-  seq, block = 8192, 64
+  seq, block = 4096, 64
   keys = jax.random.split(jax.random.key(3), 5)
   q = jax.random.normal(keys[0], (1, seq, HEADS, DIM), jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, seq, KV_HEADS, DIM), jnp.bfloat16)
