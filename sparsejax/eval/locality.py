@@ -22,21 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.layers.infllmv2 import infllmv2_config
-from sparsejax.layers.registry import ATTENTION_KINDS
+from sparsejax.layers.infllmv2 import block_sparse_config
 from sparsejax.model import backbone_qkv
 from sparsejax.ops.infllmv2 import block_scores, select_blocks
 from sparsejax.ops.nosa import eviction_scores, nosa_select_blocks
 from sparsejax.ops.rope import apply_rope
-
-
-def sparse_config(model):
-  """The model's InfLLMv2Config (a NOSAConfig for attention="nosa")."""
-  cfg = model.config
-  if cfg.attention not in ("infllmv2", "nosa"):
-    raise ValueError(f"selection_locality: the model's attention must be 'infllmv2' or 'nosa', "
-                     f"got {cfg.attention!r}")
-  return infllmv2_config(cfg, ATTENTION_KINDS[cfg.attention].config_class)
 
 
 def overlap(idx: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
@@ -66,7 +56,7 @@ def selection_locality(model, tokens: np.ndarray, steps: int) -> list[dict]:
   t = len(tokens)
   if not 2 <= steps <= t:
     raise ValueError(f"selection_locality: steps must be in [2, len(tokens)={t}], got {steps}")
-  cfg = sparse_config(model)
+  cfg = block_sparse_config(model.config)
   start = jnp.asarray([t - steps], jnp.int32)
   positions = jnp.arange(t, dtype=jnp.int32)[None]
   rows = []

@@ -81,6 +81,17 @@ def infllmv2_config(config: ModelConfig, config_class=InfLLMv2Config) -> InfLLMv
   return config_class(**{k: v for k, v in options.items() if k in fields})
 
 
+def block_sparse_config(config: ModelConfig) -> InfLLMv2Config:
+  """The block-selection config of a model whose attention kind selects blocks ("infllmv2",
+  "nosa": its layer's config_class built from attention_options)."""
+  from sparsejax.layers.registry import ATTENTION_KINDS
+  kind = ATTENTION_KINDS.get(config.attention)
+  if kind is None or not issubclass(kind, InfLLMv2Attention):
+    raise ValueError(f"attention={config.attention!r} selects no blocks (want 'infllmv2' or a "
+                     "kind built on it, e.g. 'nosa')")
+  return infllmv2_config(config, kind.config_class)
+
+
 @register_attention("infllmv2")
 class InfLLMv2Attention(GroupedQueryAttention):
   config_class = InfLLMv2Config  # what attention_options build (NOSA's layer extends it)

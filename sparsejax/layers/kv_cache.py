@@ -69,9 +69,8 @@ class KVCache:
     eviction scores; plain k/v otherwise. dtype defaults to the model's compute dtype."""
     compressed = ()
     if config.attention in ("infllmv2", "nosa"):
-      from sparsejax.layers.registry import ATTENTION_KINDS  # the layers import this module
-      from sparsejax.layers.infllmv2 import infllmv2_config
-      sparse = infllmv2_config(config, ATTENTION_KINDS[config.attention].config_class)
+      from sparsejax.layers.infllmv2 import block_sparse_config  # the layer imports this module
+      sparse = block_sparse_config(config)
       compressed = ((sparse.compress_window, sparse.compress_stride),)
       if sparse.approximate_lse:
         compressed += ((sparse.lse_window, sparse.lse_stride),)
