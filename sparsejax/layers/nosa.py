@@ -14,9 +14,9 @@ Prefill and training run the scoring, top-k and block-sparse kernels (the attent
 bias on its Triton kernels). The cache (`KVCache.for_model`) keeps the compressed keys and each
 token's eviction score, so a decode step runs InfLLM-V2's decode selection kernels at
 query_topk, the query-agnostic top-k over the pooled cached scores, and the block-sparse decode
-kernel with the bias; a chunked prefill runs the jnp reference over the cache. A decode path
-over an offloaded cache is the next step (NOSA's point: few host-to-device block copies per
-step).
+kernel with the bias; a chunked prefill runs the jnp reference over the cache. The cache
+offloaded to host memory (NOSA's point: few host-to-device block copies per step) is
+`sparsejax.inference.offload`, one layer's state; generation does not use it yet.
 """
 import functools
 
