@@ -150,9 +150,13 @@ def agnostic_keys(query_idx: jax.Array, query_valid: jax.Array, evict_blocks: ja
   score (evict_blocks [b, kvh, n_blocks]) for the other eligible blocks (eligible bool
   [b, t, n_blocks]), -inf for the rest."""
   n_blocks = evict_blocks.shape[-1]
-  hit = (query_idx[..., None] == jnp.arange(n_blocks, dtype=query_idx.dtype)) \
-      & query_valid[..., None]
-  chosen = jnp.any(hit, axis=-2)                                        # [b, t, kvh, nb]
+  # A scatter of the chosen ids, not a [.., query_topk, n_blocks] compare: at 128k that compare
+  # is 131072 x 2 x 33 x 2048 = 1.8e10 elements. Unused slots land in a dropped extra column.
+  rows = query_idx.reshape(-1, query_idx.shape[-1])
+  rows = jnp.where(query_valid.reshape(rows.shape), rows, n_blocks)
+  chosen = jnp.zeros((rows.shape[0], n_blocks + 1), bool)
+  chosen = chosen.at[jnp.arange(rows.shape[0])[:, None], rows].set(True)
+  chosen = chosen[:, :n_blocks].reshape(*query_idx.shape[:-1], n_blocks)  # [b, t, kvh, nb]
   score = jnp.clip(jnp.nan_to_num(evict_blocks, nan=-_BIG), -_BIG, _BIG)[:, None]
   return jnp.where(chosen, jnp.inf, jnp.where(eligible[:, :, None], score, -jnp.inf))
 
