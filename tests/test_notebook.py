@@ -53,6 +53,12 @@ def test_sparse_methods_notebook_runs():
   (short_diff,) = printed(r"100 tokens \(dense path\): max \|logit diff\| = " + number, outputs)
   (long_diff,) = printed(r"384 tokens \(sparse path\): max \|logit diff\| = " + number, outputs)
   assert float(short_diff) == 0 and float(long_diff) > 0
+  # NOSA: its eviction head's two parameters per layer; locality measured for both rules.
+  (extra,) = printed(r"parameters: nosa [0-9,]+ \(\+([0-9]+)\)", outputs)
+  assert int(extra) == 2 * (2 * 16 * 2 + 2)   # 2 layers x (W_delta [2, 16, 2] + A [2])
+  for name in ("infllmv2", "nosa"):
+    (hit,) = printed(name + r": adjacent steps share layer 0 ([0-9.]+)%", outputs)
+    assert 0 < float(hit) <= 100
   # 3. eviction: every scorer kept exactly the budget; keeping everything equals `generate`.
   for scorer in ("streaming", "h2o", "snapkv", "locret"):
     printed(scorer + r" +entries kept per \(layer, KV head\) \[\[32, 32\], \[32, 32\]\]", outputs)
