@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from sparsejax.eval.selection import rotated_qkv
 from sparsejax.layers.infllmv2 import block_sparse_config
-from sparsejax.model import backbone_qkv
 from sparsejax.ops.infllmv2 import block_scores, select_blocks
 from sparsejax.ops.nosa import eviction_scores, nosa_select_blocks
-from sparsejax.ops.rope import apply_rope
 
 
 def overlap(idx: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
@@ -42,13 +40,6 @@ def overlap(idx: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
   return {"hits": hits, "new": size - hits, "size": size}
 
 
-@nnx.jit
-def _layer_inputs(model, tokens, positions):
-  base = model.config.rope_base
-  return [(apply_rope(q, positions, base), apply_rope(k, positions, base), v)
-          for q, k, v in backbone_qkv(model, tokens, positions)]
-
-
 def selection_locality(model, tokens: np.ndarray, steps: int) -> list[dict]:
   """Per layer {"layer", "steps", "hit_rate", "new_blocks", "selected"} for the last `steps`
   positions of `tokens` (int [t], one sequence), teacher-forced (module docstring)."""
@@ -60,7 +51,7 @@ def selection_locality(model, tokens: np.ndarray, steps: int) -> list[dict]:
   start = jnp.asarray([t - steps], jnp.int32)
   positions = jnp.arange(t, dtype=jnp.int32)[None]
   rows = []
-  layers = _layer_inputs(model, jnp.asarray(tokens, jnp.int32)[None], positions)
+  layers = rotated_qkv(model, jnp.asarray(tokens, jnp.int32)[None], positions)
   for i, (q, k, v) in enumerate(layers):
     q_tail = q[:, t - steps:]
     if model.config.attention == "nosa":

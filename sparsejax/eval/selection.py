@@ -165,17 +165,17 @@ def probe_model(model, prompt: NeedlePrompt, cfg: InfLLMv2Config,
   positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
   needle_blocks = np.unique(prompt.needle_positions // cfg.block_size)
   layers = []
-  for q, k in _rotated_qk(model, tokens, positions):
+  for q, k, _ in rotated_qkv(model, tokens, positions):
     layers.append(probe_layer(q[0], k[0], needle_blocks, prompt.query_positions, cfg))
   return layers
 
 
 @nnx.jit
-def _rotated_qk(model, tokens, positions):
-  """Post-RoPE (q, k) of every layer."""
+def rotated_qkv(model, tokens, positions):
+  """Post-RoPE q, k (and v, which RoPE leaves alone) of every layer, in one jitted pass."""
   base = model.config.rope_base
-  return [(apply_rope(q, positions, base), apply_rope(k, positions, base))
-          for q, k, _ in backbone_qkv(model, tokens, positions)]
+  return [(apply_rope(q, positions, base), apply_rope(k, positions, base), v)
+          for q, k, v in backbone_qkv(model, tokens, positions)]
 
 
 def summarize(results: list[list[dict[str, np.ndarray]]], free_slots: int) -> list[dict]:
